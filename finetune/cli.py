@@ -1,0 +1,82 @@
+"""The ``finetune`` command: train, evaluate, and inspect recipes and models."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from finetune.config import ConfigError, list_recipes, load_config, to_yaml
+from finetune.data import DataError
+from finetune.export import ExportError
+from finetune.models import WeightsError
+
+USAGE = """finetune COMMAND [ARGS]
+
+commands:
+  train recipe=NAME [key=value ...]   train, evaluate and export (also: accelerate launch
+                                      finetune/run.py recipe=NAME ...)
+  evaluate RUN_DIR [data.key=value]   rebuild an exported model and print its test accuracy
+  show recipe=NAME [key=value ...]    print the resolved config
+  recipes                             list recipes
+  models                              list registered models
+"""
+
+
+def _setup_logging() -> None:
+    # Only the main process talks; the others would repeat every line.
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(message)s")
+
+
+def _models() -> None:
+    from finetune.models import create_model, list_models
+    from finetune.models.pretrained import PRETRAINED
+
+    for name in list_models():
+        params = sum(p.numel() for p in create_model(name).parameters())
+        weights = "ImageNet weights" if name in PRETRAINED else ""
+        print(f"{name:<14} {params:>12,d} params  {weights}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="finetune", usage=USAGE)
+    parser.add_argument("command", choices=["train", "evaluate", "show", "recipes", "models"])
+    parser.add_argument("args", nargs="*")
+    if not argv:
+        parser.print_usage()
+        return 2
+    ns = parser.parse_args(argv[:1])
+    args = argv[1:]
+    _setup_logging()
+    try:
+        if ns.command == "train":
+            from finetune.train import main as train_main
+
+            train_main(load_config(args))
+        elif ns.command == "evaluate":
+            if not args or "=" in args[0]:
+                raise ConfigError("usage: finetune evaluate RUN_DIR [data.key=value ...]")
+            from finetune.train import evaluate_run
+
+            evaluate_run(args[0], args[1:])
+        elif ns.command == "show":
+            print(to_yaml(load_config(args)), end="")
+        elif ns.command == "recipes":
+            for name, description in list_recipes().items():
+                print(f"{name:<28} {description}")
+        elif ns.command == "models":
+            _models()
+        else:
+            raise ConfigError(f"unknown command {ns.command}")
+    except (ConfigError, DataError, WeightsError, ExportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

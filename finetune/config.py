@@ -1,0 +1,251 @@
+"""Typed run configuration: recipe YAML + dotted ``key=value`` overrides, validated up front.
+
+A run is described by one :class:`Config`. ``load_config(["recipe=resnet18_fmnist",
+"train.epochs=2"])`` reads ``recipes/resnet18_fmnist.yaml``, applies the overrides and checks
+every key, type and value before any data or weights are touched.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.resources
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot describe a valid run."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet18"
+    # Start from pretrained weights (ImageNet unless `weights` says otherwise).
+    pretrained: bool = False
+    # Where pretrained weights come from: a local .safetensors/.pth file, "torchvision[:TAG]"
+    # or "timm:NAME" (a timm model on the Hugging Face hub). None: the model's default source.
+    weights: str | None = None
+    # Input channels of the network; None: as many as the data has.
+    in_chans: int | None = None
+
+
+@dataclass
+class DataConfig:
+    # auto: data.root if given (IDX files or an ImageFolder tree), else a local copy of
+    # Fashion-MNIST, else the Hugging Face hub.
+    source: str = "auto"
+    root: str | None = None
+    hf_name: str = "zalando-datasets/fashion_mnist"
+    image_size: int = 28
+    # Use only the first N training / test images (None: all).
+    train_limit: int | None = None
+    eval_limit: int | None = None
+    # auto: the pretrained weights' mean/std, else statistics of the training images.
+    normalize: str = "auto"
+    # On-device augmentation of training batches.
+    hflip: bool = False
+    crop_pad: int = 0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    # Global batch size: split evenly across processes, so a recipe means the same on 1 or 8 GPUs.
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    seed: int = 0
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    # Progress-bar refresh interval in steps; reading the loss syncs the device, so not every step.
+    log_every: int = 25
+
+
+@dataclass
+class Config:
+    recipe: str | None = None
+    description: str = ""
+    # None: runs/<recipe>/<timestamp>.
+    output_dir: str | None = None
+    overwrite: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.source": ("auto", "hf", "idx", "imagefolder"),
+    "data.normalize": ("auto", "imagenet", "dataset", "none"),
+    "train.optimizer": ("sgd", "adamw"),
+    "train.schedule": ("constant", "cosine", "onecycle"),
+}
+POSITIVE = ("data.image_size", "data.train_limit", "data.eval_limit", "model.in_chans",
+            "train.epochs", "train.batch_size", "train.eval_batch_size", "train.log_every")
+NON_NEGATIVE = ("data.crop_pad", "train.lr", "train.momentum", "train.weight_decay",
+                "train.warmup_epochs", "train.label_smoothing")
+
+
+def _schema_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """All dotted keys of the schema, e.g. ``["recipe", ..., "train.epochs", ...]``."""
+    keys = []
+    for f in fields(cls):
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        if is_dataclass(default):
+            keys += _schema_keys(type(default), f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+SCHEMA_KEYS = _schema_keys()
+_SECTIONS = {k.split(".")[0] for k in SCHEMA_KEYS if "." in k}
+
+
+def _did_you_mean(key: str) -> str:
+    close = difflib.get_close_matches(key, SCHEMA_KEYS, n=1, cutoff=0.6)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _check_keys(keys: list[str], where: str) -> None:
+    for key in keys:
+        if key in SCHEMA_KEYS:
+            continue
+        section = key.split(".")[0]
+        valid = [k for k in SCHEMA_KEYS if k.startswith(section + ".")] if section in _SECTIONS \
+            else sorted({k.split(".")[0] for k in SCHEMA_KEYS})
+        raise ConfigError(f"unknown config key '{key}' in {where}.{_did_you_mean(key)} "
+                          f"Valid keys: {', '.join(valid)}.")
+
+
+def _flat_keys(node: Any, prefix: str = "") -> list[str]:
+    if isinstance(node, DictConfig):
+        out = []
+        for k in node.keys():
+            child = node._get_node(k)
+            if isinstance(child, DictConfig) and f"{prefix}{k}" in _SECTIONS:
+                out += _flat_keys(child, f"{prefix}{k}.")
+            else:
+                out.append(f"{prefix}{k}")
+        return out
+    return []
+
+
+def recipe_dir() -> Path:
+    """Folder holding the bundled recipes (the repository's ``recipes/``)."""
+    checkout = Path(__file__).resolve().parent.parent / "recipes"
+    if checkout.is_dir():
+        return checkout
+    return Path(str(importlib.resources.files("finetune.recipes")))
+
+
+def list_recipes() -> dict[str, str]:
+    """Recipe name -> one-line description."""
+    out = {}
+    for path in sorted(recipe_dir().glob("*.yaml")):
+        out[path.stem] = str(OmegaConf.load(path).get("description", "")).strip()
+    return out
+
+
+def _recipe_path(name: str) -> Path:
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"recipe file '{name}' does not exist.")
+        return path
+    path = recipe_dir() / f"{name}.yaml"
+    if path.is_file():
+        return path
+    names = list(list_recipes())
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(f"unknown recipe '{name}'.{hint} Available: {', '.join(names)} "
+                      f"(see `finetune recipes`), or pass a path to a .yaml file.")
+
+
+def parse_overrides(args: list[str]) -> list[str]:
+    """Check that every argument looks like ``key=value``; return them unchanged."""
+    for arg in args:
+        key, eq, _ = arg.partition("=")
+        if not eq or not key or key != key.strip():
+            raise ConfigError(f"cannot parse argument '{arg}': expected key=value, "
+                              f"e.g. train.epochs=3 (keys: see `finetune show`).")
+    return args
+
+
+def load_config(args: list[str]) -> Config:
+    """Build a validated :class:`Config` from ``recipe=NAME`` and ``key=value`` arguments."""
+    overrides = parse_overrides(list(args))
+    recipe = None
+    rest = []
+    for arg in overrides:
+        key, _, value = arg.partition("=")
+        if key == "recipe":
+            recipe = value
+        else:
+            rest.append(arg)
+
+    layers = [OmegaConf.structured(Config)]
+    if recipe:
+        path = _recipe_path(recipe)
+        recipe_cfg = OmegaConf.load(path)
+        _check_keys(_flat_keys(recipe_cfg), f"recipe {path}")
+        recipe_cfg.recipe = Path(recipe).stem
+        layers.append(recipe_cfg)
+    _check_keys([a.partition("=")[0] for a in rest], "the command line")
+    try:
+        layers.append(OmegaConf.from_dotlist(rest))
+        merged = OmegaConf.merge(*layers)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise ConfigError(f"invalid value for '{key}': {e.msg if hasattr(e, 'msg') else e}"
+                          .splitlines()[0]) from None
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Reject values the schema's types allow but a run cannot use."""
+    from finetune.models import list_models
+
+    def get(key: str) -> Any:
+        section, _, name = key.partition(".")
+        return getattr(getattr(cfg, section), name)
+
+    for key, choices in CHOICES.items():
+        if get(key) not in choices:
+            raise ConfigError(f"invalid value {get(key)!r} for '{key}'. "
+                              f"Valid values: {', '.join(choices)}.")
+    for key in POSITIVE:
+        value = get(key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"'{key}' must be a positive integer, got {value}.")
+    for key in NON_NEGATIVE:
+        if get(key) < 0:
+            raise ConfigError(f"'{key}' must be >= 0, got {get(key)}.")
+    if cfg.model.name not in list_models():
+        close = difflib.get_close_matches(cfg.model.name, list_models(), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown model '{cfg.model.name}' for 'model.name'.{hint} "
+                          f"Valid values: {', '.join(list_models())} (see `finetune models`).")
+    if cfg.train.label_smoothing >= 1:
+        raise ConfigError(f"'train.label_smoothing' must be < 1, got {cfg.train.label_smoothing}.")
+    if cfg.data.source == "imagefolder" and not cfg.data.root:
+        raise ConfigError("data.source=imagefolder needs data.root=PATH "
+                          "(a folder with one subfolder of images per class).")
+    if cfg.model.weights and not cfg.model.pretrained:
+        raise ConfigError(f"model.weights={cfg.model.weights} is set but model.pretrained=false; "
+                          "set model.pretrained=true to load it, or drop model.weights.")
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,71 @@
+"""Data: choose a source from the config and return the train and test splits in memory."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from finetune.config import DataConfig
+from finetune.data.idx import DataError
+from finetune.data.sources import (
+    DEFAULT_IDX_DIRS,
+    ImageData,
+    find_idx_dir,
+    load_hf,
+    load_idx,
+    load_imagefolder,
+)
+
+__all__ = ["DataError", "ImageData", "load_data"]
+log = logging.getLogger(__name__)
+
+_FIX = ("Fix: install the Debian package (apt-get install dataset-fashion-mnist), pass "
+        "data.root=PATH (a folder with the four IDX files, .gz or raw, flat or in "
+        "FashionMNIST/raw), or go online for the Hugging Face hub.")
+
+
+def _load_from_root(cfg: DataConfig, root: Path) -> tuple[ImageData, ImageData, str]:
+    if not root.is_dir():
+        raise DataError(f"data.root={cfg.root} is not a folder.")
+    idx_dir = find_idx_dir(root)
+    if cfg.source in ("auto", "idx") and idx_dir is not None:
+        return (*load_idx(idx_dir), f"idx:{idx_dir}")
+    elif cfg.source == "idx":
+        raise DataError(f"data.root={cfg.root}: no IDX files (train-images-idx3-ubyte[.gz], "
+                        f"train-labels-idx1-ubyte[.gz], t10k-images-idx3-ubyte[.gz], "
+                        f"t10k-labels-idx1-ubyte[.gz]) in {root}, {root}/FashionMNIST/raw or "
+                        f"{root}/raw.")
+    else:  # auto without IDX files, or imagefolder
+        return (*load_imagefolder(root, cfg.image_size), f"imagefolder:{root}")
+
+
+def load_data(cfg: DataConfig) -> tuple[ImageData, ImageData, str]:
+    """Return ``(train, test, source)`` for the data config, with limits applied."""
+    if cfg.source == "hf":
+        train, test = load_hf(cfg.hf_name)
+        source = f"hf:{cfg.hf_name}"
+    elif cfg.root:
+        train, test, source = _load_from_root(cfg, Path(cfg.root).expanduser())
+    elif cfg.source in ("auto", "idx"):
+        local = next((d for d in map(find_idx_dir, DEFAULT_IDX_DIRS) if d), None)
+        if local is not None:
+            train, test = load_idx(local)
+            source = f"idx:{local}"
+        elif cfg.source == "idx":
+            raise DataError(f"data.source=idx: no IDX files found in "
+                            f"{', '.join(map(str, DEFAULT_IDX_DIRS))}. {_FIX}")
+        else:
+            log.info("no local Fashion-MNIST in %s; trying Hugging Face %s",
+                     ", ".join(map(str, DEFAULT_IDX_DIRS)), cfg.hf_name)
+            try:
+                train, test = load_hf(cfg.hf_name)
+            except DataError as e:
+                raise DataError(f"no data found: looked in {', '.join(map(str, DEFAULT_IDX_DIRS))}"
+                                f" (no IDX files) and {e} {_FIX}") from None
+            source = f"hf:{cfg.hf_name}"
+    else:
+        raise DataError("data.source=imagefolder needs data.root=PATH.")
+    train, test = train.limit(cfg.train_limit), test.limit(cfg.eval_limit)
+    if len(train) == 0 or len(test) == 0:
+        raise DataError(f"{source}: empty split ({len(train)} train, {len(test)} test images).")
+    return train, test, source

@@ -1,0 +1,65 @@
+"""Exported models: ``model.safetensors`` (weights) + ``model.json`` (how to rebuild and feed it).
+
+Both files are written atomically; ``load_model`` needs nothing else to rebuild the model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from finetune.files import atomic_write, atomic_write_text
+from finetune.registry import create_model
+
+REQUIRED_META = ("architecture", "num_classes", "in_chans", "image_size", "mean", "std",
+                 "class_names")
+
+
+class ExportError(RuntimeError):
+    """An exported model that cannot be read back."""
+
+
+def save_model(model: nn.Module, meta: dict, out_dir: str | Path) -> None:
+    """Write ``out_dir/model.safetensors`` and ``out_dir/model.json``."""
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise ValueError(f"model metadata lacks {missing}")
+    out_dir = Path(out_dir)
+    # torch.compile wraps the module; its state-dict keys carry an _orig_mod. prefix.
+    model = getattr(model, "_orig_mod", model)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    atomic_write(out_dir / "model.safetensors",
+                 lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    atomic_write_text(out_dir / "model.json", json.dumps(meta, indent=2) + "\n")
+
+
+def read_meta(path: str | Path) -> tuple[Path, dict]:
+    """``(weights_file, metadata)`` for a run folder or a ``model.safetensors`` path."""
+    path = Path(path)
+    weights = path / "model.safetensors" if path.is_dir() else path
+    meta_file = weights.with_name("model.json")
+    if not weights.is_file() or not meta_file.is_file():
+        raise ExportError(f"{path}: no exported model here (need model.safetensors and "
+                          f"model.json side by side, as a finished `finetune train` writes).")
+    meta = json.loads(meta_file.read_text())
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise ExportError(f"{meta_file}: missing fields {missing}.")
+    return weights, meta
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild an exported model in eval mode; returns ``(model, metadata)``."""
+    weights, meta = read_meta(path)
+    model = create_model(meta["architecture"], num_classes=meta["num_classes"],
+                         in_chans=meta["in_chans"])
+    try:
+        model.load_state_dict(load_file(weights, device=str(device)))
+    except RuntimeError as e:
+        raise ExportError(f"{weights} does not match model.json "
+                          f"({meta['architecture']}): {str(e).splitlines()[0]}") from None
+    return model.to(device).eval(), meta

@@ -1,0 +1,278 @@
+"""The training loop on Accelerate: ``main(cfg)`` trains, evaluates every epoch and exports.
+
+Device, process count and mixed precision come from ``accelerate launch`` (or its config);
+nothing here picks a device.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, set_seed
+from torch import nn
+from tqdm.auto import tqdm
+
+from finetune import __version__
+from finetune.config import Config, ConfigError, TrainConfig, to_yaml
+from finetune.data import ImageData, load_data
+from finetune.data.loader import BatchTransform, index_loader, train_batches
+from finetune.export import save_model
+from finetune.files import atomic_write_text
+from finetune.models import LoadedWeights, build_model
+
+log = logging.getLogger(__name__)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD or AdamW; weight decay only on weights of convs and linears (not norms, biases)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+                               nesterov=cfg.nesterov and cfg.momentum > 0)
+    elif cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    else:
+        raise ConfigError(f"unknown train.optimizer '{cfg.optimizer}'; valid: sgd, adamw")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int
+                   ) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-step learning-rate schedule over the whole run."""
+    total = cfg.epochs * steps_per_epoch
+    warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total - 1)
+    if cfg.schedule == "onecycle":
+        pct = warmup / total if warmup else 0.25
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=cfg.lr, total_steps=total, pct_start=pct, cycle_momentum=False)
+    elif cfg.schedule in ("cosine", "constant"):
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            if cfg.schedule == "constant":
+                return 1.0
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    else:
+        raise ConfigError(f"unknown train.schedule '{cfg.schedule}'; "
+                          f"valid: constant, cosine, onecycle")
+
+
+def normalization(mode: str, loaded: LoadedWeights | None, train: ImageData, in_chans: int
+                  ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean/std the model sees: the pretrained weights', the training images', or none."""
+    if mode == "none":
+        return (0.0,) * in_chans, (1.0,) * in_chans
+    elif mode in ("auto", "imagenet") and loaded is not None:
+        return loaded.mean, loaded.std
+    elif mode == "imagenet":
+        from finetune.models.pretrained import IMAGENET_MEAN, IMAGENET_STD, channel_stats
+
+        return channel_stats(IMAGENET_MEAN, in_chans), channel_stats(IMAGENET_STD, in_chans)
+    elif mode in ("auto", "dataset"):
+        from finetune.data.loader import match_channels
+
+        sample = match_channels(train.images[:10_000].float().div(255), in_chans)
+        mean = sample.mean(dim=(0, 2, 3))
+        std = sample.std(dim=(0, 2, 3)).clamp_min(1e-3)
+        return tuple(round(v, 6) for v in mean.tolist()), tuple(round(v, 6) for v in std.tolist())
+    else:
+        raise ConfigError(f"unknown data.normalize '{mode}'; valid: auto, imagenet, dataset, none")
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, data: ImageData, transform: BatchTransform, loader,
+             accelerator: Accelerator) -> dict:
+    """Accuracy and mean loss over every sample of ``data`` exactly once, across processes.
+
+    ``data`` lives on the device; ``loader`` is an Accelerate-prepared index loader.
+    """
+    model.eval()
+    correct = torch.zeros((), dtype=torch.long, device=accelerator.device)
+    total = torch.zeros((), dtype=torch.long, device=accelerator.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    for idx in loader:
+        logits = model(transform(data.images[idx]))
+        labels = data.labels[idx]
+        loss = F.cross_entropy(logits.float(), labels, reduction="none")
+        preds, labels, loss = accelerator.gather_for_metrics((logits.argmax(1), labels, loss))
+        correct += (preds == labels).sum()
+        total += len(labels)
+        loss_sum += loss.sum()
+    n = int(total)
+    return {"test_acc": int(correct) / n, "test_loss": float(loss_sum) / n,
+            "test_correct": int(correct), "test_total": n}
+
+
+def train_one_epoch(model: nn.Module, data: ImageData, transform: BatchTransform,
+                    optimizer: torch.optim.Optimizer, scheduler, accelerator: Accelerator,
+                    cfg: TrainConfig, epoch: int, gen: torch.Generator) -> dict:
+    """One pass over the training data; metrics are accumulated on the device and read once."""
+    model.train()
+    steps = len(data) // cfg.batch_size
+    losses = torch.zeros(steps, device=accelerator.device)
+    correct = torch.zeros((), dtype=torch.long, device=accelerator.device)
+    batches = train_batches(len(data), cfg.batch_size, epoch, cfg.seed,
+                            accelerator.process_index, accelerator.num_processes,
+                            accelerator.device)
+    bar = tqdm(batches, total=steps, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
+               disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    for step, idx in enumerate(bar):
+        x, y = transform(data.images[idx], train=True, gen=gen), data.labels[idx]
+        logits = model(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        optimizer.step()
+        scheduler.step()
+        losses[step] = loss.detach()
+        correct += (logits.argmax(1) == y).sum()
+        if step % cfg.log_every == 0:  # .item() waits for the device: only now and then
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    # Each process saw its slice of every global batch: average / sum across processes.
+    batch_loss = accelerator.reduce(losses, "mean")
+    correct = accelerator.reduce(correct, "sum")
+    return {"train_loss": float(batch_loss.mean()), "train_acc": int(correct) / (steps *
+            cfg.batch_size), "batch_loss": [round(v, 5) for v in batch_loss.tolist()]}
+
+
+def prepare_output_dir(cfg: Config, accelerator: Accelerator) -> Path:
+    """The run folder: ``output_dir``, or runs/<recipe>/<timestamp> agreed by all processes."""
+    if cfg.output_dir:
+        out = Path(cfg.output_dir)
+    else:
+        stamp = broadcast_object_list([time.strftime("%Y%m%d-%H%M%S")])[0]
+        out = Path("runs") / (cfg.recipe or "run") / stamp
+    held = [name for name in ("metrics.jsonl", "model.safetensors") if (out / name).exists()]
+    if held and not cfg.overwrite:
+        raise ConfigError(f"output_dir {out} already holds a run ({', '.join(held)}); "
+                          f"pass another output_dir=PATH, or overwrite=true to replace it.")
+    return out
+
+
+def use_cpu_cores(accelerator: Accelerator) -> None:
+    """On CPU, give each local process its share of the cores.
+
+    ``accelerate launch`` without a config sets OMP_NUM_THREADS=1, which halves CPU speed on a
+    2-core machine; a process that got one thread takes its share instead.
+    """
+    if accelerator.device.type != "cpu" or torch.get_num_threads() > 1:
+        return
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    share = max(1, len(os.sched_getaffinity(0)) // max(1, local))
+    if share > 1:
+        torch.set_num_threads(share)
+        log.info("using %d CPU threads per process (OMP_NUM_THREADS was 1)", share)
+
+
+def main(cfg: Config) -> dict:
+    """Train, evaluate after every epoch, export; return the last epoch's metrics."""
+    accelerator = Accelerator()
+    use_cpu_cores(accelerator)
+    out = prepare_output_dir(cfg, accelerator)
+    set_seed(cfg.train.seed)
+    tcfg = cfg.train
+    if tcfg.batch_size % accelerator.num_processes:
+        raise ConfigError(f"train.batch_size={tcfg.batch_size} is the global batch and must "
+                          f"divide evenly over {accelerator.num_processes} processes.")
+
+    with accelerator.main_process_first():  # the main process fills any download cache first
+        train_data, test_data, source = load_data(cfg.data)
+    if len(train_data) < tcfg.batch_size:
+        raise ConfigError(f"train.batch_size={tcfg.batch_size} exceeds the {len(train_data)} "
+                          f"training images; lower train.batch_size or raise data.train_limit.")
+    in_chans = cfg.model.in_chans or train_data.images.shape[1]
+    model, loaded = build_model(cfg.model.name, num_classes=len(train_data.classes),
+                                in_chans=in_chans, pretrained=cfg.model.pretrained,
+                                weights=cfg.model.weights)
+    mean, std = normalization(cfg.data.normalize, loaded, train_data, in_chans)
+    transform = BatchTransform(cfg.data.image_size, in_chans, mean, std,
+                               hflip=cfg.data.hflip, crop_pad=cfg.data.crop_pad)
+    log.info("data %s: %d train / %d test images, %d classes; model %s (%s), %d parameters",
+             source, len(train_data), len(test_data), len(train_data.classes), cfg.model.name,
+             loaded.source if loaded else "random init",
+             sum(p.numel() for p in model.parameters()))
+
+    # The whole dataset moves to the device once; batches are indexed from it.
+    device = accelerator.device
+    train_dev = ImageData(train_data.images.to(device), train_data.labels.to(device),
+                          train_data.classes)
+    test_dev = ImageData(test_data.images.to(device), test_data.labels.to(device),
+                         test_data.classes)
+    optimizer = make_optimizer(model, tcfg)
+    scheduler = make_scheduler(optimizer, tcfg, len(train_data) // tcfg.batch_size)
+    model, optimizer, eval_loader = accelerator.prepare(
+        model, optimizer, index_loader(len(test_data), tcfg.eval_batch_size))
+    gen = torch.Generator(device=device).manual_seed(tcfg.seed * 7919 + accelerator.process_index)
+
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", to_yaml(cfg))
+    records: list[dict] = []
+    for epoch in range(1, tcfg.epochs + 1):
+        start = time.perf_counter()
+        record = {"epoch": epoch}
+        record.update(train_one_epoch(model, train_dev, transform, optimizer, scheduler,
+                                      accelerator, tcfg, epoch, gen))
+        train_time = time.perf_counter() - start  # the .tolist() above waited for the device
+        record.update(evaluate(model, test_dev, transform, eval_loader, accelerator))
+        seen = (len(train_data) // tcfg.batch_size) * tcfg.batch_size
+        record.update(lr=scheduler.get_last_lr()[0], epoch_time=round(train_time, 3),
+                      eval_time=round(time.perf_counter() - start - train_time, 3),
+                      train_images_per_sec=round(seen / train_time, 1))
+        records.append(record)
+        accelerator.print(
+            f"epoch {epoch}/{tcfg.epochs}: train loss {record['train_loss']:.4f}, train acc "
+            f"{record['train_acc']:.4f}, test acc {record['test_acc']:.4f}, "
+            f"{train_time:.1f} s ({record['train_images_per_sec']:.0f} img/s)")
+        if accelerator.is_main_process:
+            atomic_write_text(out / "metrics.jsonl",
+                              "".join(json.dumps(r) + "\n" for r in records))
+
+    if accelerator.is_main_process:
+        meta = {"architecture": cfg.model.name, "num_classes": len(train_data.classes),
+                "in_chans": in_chans, "image_size": cfg.data.image_size, "mean": list(mean),
+                "std": list(std), "interpolation": "bilinear", "class_names": train_data.classes,
+                "recipe": cfg.recipe, "pretrained": loaded.source if loaded else None,
+                "data": source, "finetune_version": __version__}
+        save_model(accelerator.unwrap_model(model), meta, out)
+    accelerator.wait_for_everyone()
+    final = records[-1]
+    accelerator.print(f"test accuracy {final['test_acc']:.4f} "
+                      f"({final['test_correct']}/{final['test_total']}); run saved to {out}")
+    accelerator.end_training()
+    return final
+
+
+def evaluate_run(run_dir: str | Path, overrides: list[str]) -> dict:
+    """Rebuild an exported model from ``run_dir`` and evaluate it on its recipe's test data
+    (``overrides`` may point ``data.*`` elsewhere)."""
+    from finetune.config import load_config
+    from finetune.export import load_model
+
+    run_dir = Path(run_dir)
+    saved = run_dir / "config.yaml"
+    cfg = load_config(([f"recipe={saved}"] if saved.is_file() else []) + overrides)
+    accelerator = Accelerator()
+    use_cpu_cores(accelerator)
+    model, meta = load_model(run_dir, device=accelerator.device)
+    with accelerator.main_process_first():
+        _, test_data, source = load_data(cfg.data)
+    transform = BatchTransform(meta["image_size"], meta["in_chans"], meta["mean"], meta["std"])
+    test_dev = ImageData(test_data.images.to(accelerator.device),
+                         test_data.labels.to(accelerator.device), test_data.classes)
+    loader = accelerator.prepare(index_loader(len(test_data), cfg.train.eval_batch_size))
+    result = evaluate(model, test_dev, transform, loader, accelerator)
+    accelerator.print(f"test accuracy {result['test_acc']:.4f} "
+                      f"({result['test_correct']}/{result['test_total']}) on {source}")
+    return result

@@ -1,0 +1,83 @@
+"""Shared fixtures: fake Fashion-MNIST-style IDX files and a tiny CPU config."""
+
+from __future__ import annotations
+
+import gzip
+import random
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+NUM_CLASSES = 10
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> Path:
+    """Write ``array`` (uint8) as an IDX file, gzipped when ``gz``."""
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}i", *array.shape)
+    raw = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        path.write_bytes(gzip.compress(raw))
+    else:
+        path.write_bytes(raw)
+    return path
+
+
+def make_images(n: int, seed: int, size: int = 28) -> tuple[np.ndarray, np.ndarray]:
+    """Learnable fake images: class k is a bright horizontal band at a class-specific height."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % NUM_CLASSES
+    rng.shuffle(labels)
+    images = rng.integers(0, 60, size=(n, size, size), dtype=np.uint8)
+    band = size // NUM_CLASSES
+    for i, k in enumerate(labels):
+        images[i, k * band:(k + 1) * band + 1, :] = 230
+    return images, labels.astype(np.uint8)
+
+
+def write_fake_fmnist(folder: Path, n_train: int = 96, n_test: int = 53, gz: bool = True
+                      ) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
+        images, labels = make_images(n, seed)
+        write_idx(folder / f"{split}-images-idx3-ubyte", images, gz)
+        write_idx(folder / f"{split}-labels-idx1-ubyte", labels, gz)
+    return folder
+
+
+@pytest.fixture
+def fmnist_dir(tmp_path: Path) -> Path:
+    return write_fake_fmnist(tmp_path / "fmnist")
+
+
+@pytest.fixture
+def tiny_args(fmnist_dir: Path, tmp_path: Path) -> list[str]:
+    """A scratch run shrunk to a few CPU seconds."""
+    return ["recipe=resnet18_scratch_fmnist", f"data.root={fmnist_dir}", "data.image_size=16",
+            "train.epochs=2", "train.batch_size=16", "train.eval_batch_size=20",
+            "train.lr=0.01", f"output_dir={tmp_path / 'run'}"]
+
+
+@pytest.fixture(autouse=True)
+def _guard_state():
+    """Keep RNG state and Accelerate's process-wide singletons from leaking between tests."""
+    from accelerate.state import AcceleratorState
+
+    torch_state, np_state, py_state = (torch.get_rng_state(), np.random.get_state(),
+                                       random.getstate())
+    yield
+    torch.set_rng_state(torch_state)
+    np.random.set_state(np_state)
+    random.setstate(py_state)
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs CUDA")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)

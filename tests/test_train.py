@@ -1,0 +1,161 @@
+import json
+import math
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import finetune
+from finetune.cli import main as cli_main
+from finetune.config import ConfigError, load_config
+from finetune.train import evaluate_run, main, make_scheduler
+
+
+def _read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_end_to_end_writes_every_output(tiny_args, tmp_path, capsys):
+    final = main(load_config(tiny_args))
+    out = tmp_path / "run"
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "metrics.jsonl",
+                                                     "model.json", "model.safetensors"]
+    records = _read_metrics(out)
+    assert [r["epoch"] for r in records] == [1, 2]
+    for r in records:
+        assert len(r["batch_loss"]) == 96 // 16
+        assert r["test_total"] == 53 and 0 <= r["test_correct"] <= 53
+        assert r["test_acc"] == r["test_correct"] / 53
+        assert r["epoch_time"] > 0 and r["train_images_per_sec"] > 0
+        assert r["train_loss"] == pytest.approx(sum(r["batch_loss"]) / 6, abs=1e-4)
+    assert final == records[-1]
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["architecture"] == "resnet18" and meta["in_chans"] == 1
+    assert meta["image_size"] == 16 and len(meta["class_names"]) == 10
+    assert meta["recipe"] == "resnet18_scratch_fmnist" and meta["finetune_version"]
+    assert load_config([f"recipe={out / 'config.yaml'}"]).data.image_size == 16
+    # `finetune evaluate` rebuilds the model from the two files and prints the same accuracy.
+    capsys.readouterr()
+    assert cli_main(["evaluate", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"test accuracy {final['test_acc']:.4f} ({final['test_correct']}/53)" in printed
+
+
+def test_learns_the_fake_task(tiny_args, tmp_path):
+    final = main(load_config(tiny_args + ["train.epochs=4", "data.image_size=28"]))
+    # Bands at ten heights are easy; chance is 10 %.
+    assert final["test_acc"] >= 0.5
+
+
+def test_seeded_runs_repeat_exactly(tiny_args, tmp_path):
+    a = main(load_config(tiny_args + [f"output_dir={tmp_path / 'a'}"]))
+    b = main(load_config(tiny_args + [f"output_dir={tmp_path / 'b'}"]))
+    assert a["batch_loss"] == b["batch_loss"] and a["test_correct"] == b["test_correct"]
+    wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(
+        tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    c = main(load_config(tiny_args + [f"output_dir={tmp_path / 'c'}", "train.seed=1"]))
+    assert c["batch_loss"] != a["batch_loss"]
+
+
+def test_existing_run_is_not_overwritten(tiny_args, tmp_path):
+    main(load_config(tiny_args + ["train.epochs=1"]))
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match="already holds a run.*overwrite=true"):
+        main(load_config(tiny_args))
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+    main(load_config(tiny_args + ["overwrite=true"]))
+    assert len(_read_metrics(tmp_path / "run")) == 2
+
+
+def test_pretrained_from_local_file_trains(tiny_args, tmp_path):
+    import torchvision
+
+    path = tmp_path / "tv.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    args = [a for a in tiny_args if not a.startswith("recipe=")]
+    main(load_config(["recipe=resnet18_fmnist", *args, "train.epochs=1",
+                      f"model.weights={path}"]))
+    meta = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert meta["pretrained"] == str(path.resolve())
+    assert meta["mean"] == pytest.approx([0.449]) and meta["in_chans"] == 1
+
+
+def test_cli_errors_exit_nonzero_with_message(tiny_args, capsys, monkeypatch):
+    assert cli_main(["train", *tiny_args, "train.epoch=3"]) == 2
+    assert "Did you mean 'train.epochs'?" in capsys.readouterr().err
+
+    import urllib.error
+
+    import torchvision
+
+    def offline(self, *a, **k):
+        raise urllib.error.URLError("offline")
+
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
+    args = [a for a in tiny_args if not a.startswith("recipe=")]
+    assert cli_main(["train", "recipe=resnet18_fmnist", *args]) == 2
+    err = capsys.readouterr().err
+    assert "ResNet18_Weights.IMAGENET1K_V1" in err and "model.weights=PATH" in err
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "onecycle"])
+def test_schedules(schedule):
+    cfg = load_config(["train.lr=1.0", f"train.schedule={schedule}", "train.epochs=2",
+                       "train.warmup_epochs=0.5"])
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = make_scheduler(opt, cfg.train, steps_per_epoch=10)
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert max(lrs) == pytest.approx(1.0, rel=1e-6)
+    if schedule == "constant":
+        assert lrs[0] == pytest.approx(0.2) and lrs[4:] == [pytest.approx(1.0)] * 16
+    elif schedule == "cosine":
+        # 5 warmup steps, then half a cosine over the remaining 15.
+        assert lrs[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+        assert lrs[12] == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 15)))
+        assert lrs[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 14 / 15)))
+    else:
+        assert lrs.index(max(lrs)) == 4 and lrs[0] == pytest.approx(0.04) and lrs[-1] < 1e-3
+
+
+def _launch_two_cpu_processes(*args: str) -> str:
+    """Run ``accelerate launch --cpu --num_processes 2 ARGS`` (gloo), return its output."""
+    with socket.socket() as sock:  # a free port, so parallel CI jobs do not collide
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(port), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_two_process_run_counts_every_test_image_once(tiny_args, tmp_path):
+    """Train with 2 CPU processes through the real entry point, then evaluate the export with
+    1 and with 2 processes: the accuracies agree and every test image counts exactly once."""
+    run = tmp_path / "run"
+    # 53 test images in per-process batches of 8: Accelerate pads the last batches, and
+    # gather_for_metrics must drop that padding.
+    _launch_two_cpu_processes(str(Path(finetune.__file__).parent / "run.py"), *tiny_args,
+                              "train.epochs=1")
+    records = _read_metrics(run)
+    # Global batch 16 = 2 x 8: an epoch is still 96 // 16 steps.
+    assert len(records[0]["batch_loss"]) == 6 and records[0]["test_total"] == 53
+    assert records[0]["train_acc"] * 96 == pytest.approx(round(records[0]["train_acc"] * 96))
+
+    single = evaluate_run(run, [])
+    assert single["test_total"] == 53
+    assert single["test_correct"] == records[0]["test_correct"]
+    out = _launch_two_cpu_processes("-m", "finetune.cli", "evaluate", str(run),
+                                    "train.eval_batch_size=8")
+    assert f"test accuracy {single['test_acc']:.4f} ({single['test_correct']}/53)" in out
