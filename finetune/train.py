@@ -26,7 +26,7 @@ from finetune.data import ImageData, load_data
 from finetune.data.loader import BatchTransform, index_loader, train_batches
 from finetune.export import save_model
 from finetune.files import atomic_write_text
-from finetune.models import LoadedWeights, build_model
+from finetune.models import LoadedWeights, build_model, fetch_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +187,9 @@ def main(cfg: Config) -> dict:
                           f"divide evenly over {accelerator.num_processes} processes.")
 
     with accelerator.main_process_first():  # the main process fills any download cache first
+        # Weights first: a run that cannot get them should fail in seconds, not after the data.
+        fetched = (fetch_state_dict(cfg.model.name, cfg.model.weights)
+                   if cfg.model.pretrained else None)
         train_data, test_data, source = load_data(cfg.data)
     if len(train_data) < tcfg.batch_size:
         raise ConfigError(f"train.batch_size={tcfg.batch_size} exceeds the {len(train_data)} "
@@ -194,7 +197,7 @@ def main(cfg: Config) -> dict:
     in_chans = cfg.model.in_chans or train_data.images.shape[1]
     model, loaded = build_model(cfg.model.name, num_classes=len(train_data.classes),
                                 in_chans=in_chans, pretrained=cfg.model.pretrained,
-                                weights=cfg.model.weights)
+                                weights=cfg.model.weights, fetched=fetched)
     mean, std = normalization(cfg.data.normalize, loaded, train_data, in_chans)
     transform = BatchTransform(cfg.data.image_size, in_chans, mean, std,
                                hflip=cfg.data.hflip, crop_pad=cfg.data.crop_pad)

@@ -227,15 +227,17 @@ def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module, firs
     return notes
 
 
-def load_pretrained(name: str, weights: str | None, num_classes: int, in_chans: int
+def load_pretrained(name: str, weights: str | None, num_classes: int, in_chans: int,
+                    fetched: tuple[dict[str, torch.Tensor], str] | None = None
                     ) -> tuple[nn.Module, LoadedWeights]:
     """Build model ``name`` for ``num_classes``/``in_chans`` and load pretrained weights into it.
 
-    Raises :class:`WeightsError` (never falls back to random init) when the weights cannot be
-    fetched or do not fit the architecture.
+    ``fetched`` is what ``fetch_state_dict(name, weights)`` returned, for callers that fetch
+    early. Raises :class:`WeightsError` (never falls back to random init) when the weights
+    cannot be fetched or do not fit the architecture.
     """
     spec = get_spec(name)
-    state_dict, source = fetch_state_dict(name, weights)
+    state_dict, source = fetched or fetch_state_dict(name, weights)
     model = create_model(name, num_classes=num_classes, in_chans=in_chans)
     notes = adapt_state_dict(state_dict, model, spec.first_conv, spec.classifier)
 
