@@ -8,7 +8,7 @@ every key, type and value before any data or weights are touched.
 from __future__ import annotations
 
 import difflib
-import importlib.resources
+import importlib
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -144,7 +144,8 @@ def recipe_dir() -> Path:
     checkout = Path(__file__).resolve().parent.parent / "recipes"
     if checkout.is_dir():
         return checkout
-    return Path(str(importlib.resources.files("finetune.recipes")))
+    # Installed from a wheel: recipes/ was packaged as the namespace package finetune.recipes.
+    return Path(next(iter(importlib.import_module("finetune.recipes").__path__)))
 
 
 def list_recipes() -> dict[str, str]:

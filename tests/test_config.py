@@ -77,3 +77,17 @@ def test_shipped_recipes_all_load_and_round_trip():
         assert "epochs:" in to_yaml(cfg)
     assert load_config(["recipe=resnet18_fmnist"]).model.pretrained is True
     assert load_config(["recipe=resnet152_fmnist"]).model.name == "resnet152"
+
+
+def test_cli_lists_recipes_and_shows_config(capsys):
+    from finetune.cli import main
+
+    assert main(["recipes"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("resnet18_fmnist ") and "ImageNet-pretrained" in line
+               for line in lines)
+    assert main(["show", "recipe=resnet18_fmnist", "train.epochs=7"]) == 0
+    shown = capsys.readouterr().out
+    assert "epochs: 7" in shown and "pretrained: true" in shown
+    assert main(["show", "recipe=resnet18_fmnist", "train.epoch=7"]) == 2
+    assert "Did you mean 'train.epochs'?" in capsys.readouterr().err

@@ -183,3 +183,12 @@ def test_index_loader_covers_every_sample_once():
     batches = list(index_loader(45, 20))
     assert [len(b) for b in batches] == [20, 20, 5]
     assert torch.cat(batches).tolist() == list(range(45))
+
+
+def test_datasets_is_imported_only_when_used():
+    import subprocess
+    import sys
+
+    code = ("import sys, finetune.cli, finetune.train, finetune.data; "
+            "assert 'datasets' not in sys.modules, 'datasets imported eagerly'")
+    subprocess.run([sys.executable, "-c", code], check=True)
