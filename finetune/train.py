@@ -114,6 +114,12 @@ def evaluate(model: nn.Module, data: ImageData, transform: BatchTransform, loade
             "test_correct": int(correct), "test_total": n}
 
 
+def accuracy_line(result: dict) -> str:
+    """What `finetune train` ends with and `finetune evaluate` prints: the same line."""
+    return (f"test accuracy {result['test_acc']:.4f} "
+            f"({result['test_correct']}/{result['test_total']})")
+
+
 def train_one_epoch(model: nn.Module, data: ImageData, transform: BatchTransform,
                     optimizer: torch.optim.Optimizer, scheduler, accelerator: Accelerator,
                     cfg: TrainConfig, epoch: int, gen: torch.Generator) -> dict:
@@ -208,10 +214,7 @@ def main(cfg: Config) -> dict:
 
     # The whole dataset moves to the device once; batches are indexed from it.
     device = accelerator.device
-    train_dev = ImageData(train_data.images.to(device), train_data.labels.to(device),
-                          train_data.classes)
-    test_dev = ImageData(test_data.images.to(device), test_data.labels.to(device),
-                         test_data.classes)
+    train_dev, test_dev = train_data.to(device), test_data.to(device)
     optimizer = make_optimizer(model, tcfg)
     scheduler = make_scheduler(optimizer, tcfg, len(train_data) // tcfg.batch_size)
     model, optimizer, eval_loader = accelerator.prepare(
@@ -251,8 +254,7 @@ def main(cfg: Config) -> dict:
         save_model(accelerator.unwrap_model(model), meta, out)
     accelerator.wait_for_everyone()
     final = records[-1]
-    accelerator.print(f"test accuracy {final['test_acc']:.4f} "
-                      f"({final['test_correct']}/{final['test_total']}); run saved to {out}")
+    accelerator.print(f"{accuracy_line(final)}; run saved to {out}")
     accelerator.end_training()
     return final
 
@@ -272,10 +274,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str]) -> dict:
     with accelerator.main_process_first():
         _, test_data, source = load_data(cfg.data)
     transform = BatchTransform(meta["image_size"], meta["in_chans"], meta["mean"], meta["std"])
-    test_dev = ImageData(test_data.images.to(accelerator.device),
-                         test_data.labels.to(accelerator.device), test_data.classes)
     loader = accelerator.prepare(index_loader(len(test_data), cfg.train.eval_batch_size))
-    result = evaluate(model, test_dev, transform, loader, accelerator)
-    accelerator.print(f"test accuracy {result['test_acc']:.4f} "
-                      f"({result['test_correct']}/{result['test_total']}) on {source}")
+    result = evaluate(model, test_data.to(accelerator.device), transform, loader, accelerator)
+    accelerator.print(f"{accuracy_line(result)} on {source}")
     return result

@@ -44,6 +44,9 @@ class ImageData:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def to(self, device: torch.device | str) -> ImageData:
+        return ImageData(self.images.to(device), self.labels.to(device), self.classes)
+
     def limit(self, n: int | None) -> ImageData:
         """The first ``n`` samples (all when ``n`` is None)."""
         if n is None or n >= len(self):
