@@ -20,7 +20,9 @@ commands:
   evaluate RUN_DIR [data.key=value]   rebuild an exported model and print its test accuracy
   show recipe=NAME [key=value ...]    print the resolved config
   recipes                             list recipes
-  models                              list registered models
+  models                              list registered models with parameter counts
+  show-model [recipe=NAME] [key=value ...]
+                                      print each layer's output shape and parameters
 """
 
 
@@ -32,19 +34,37 @@ def _setup_logging() -> None:
 
 
 def _models() -> None:
+    import torch
+
     from finetune.models import create_model, list_models
     from finetune.models.pretrained import PRETRAINED
 
+    print(f"{'model':<16} {'params (3x224x224, 1000 classes)':>34}  weights")
     for name in list_models():
-        params = sum(p.numel() for p in create_model(name).parameters())
-        weights = "ImageNet weights" if name in PRETRAINED else ""
-        print(f"{name:<14} {params:>12,d} params  {weights}")
+        with torch.device("meta"):  # counts shapes only: no memory, no init time
+            params = sum(p.numel() for p in create_model(name).parameters())
+        weights = "ImageNet (torchvision)" if name in PRETRAINED else ""
+        print(f"{name:<16} {params:>34,d}  {weights}")
+
+
+def _show_model(args: list[str]) -> None:
+    from finetune.models import create_model
+    from finetune.models.summary import summarize
+
+    cfg = load_config(args)
+    in_chans, size, classes = cfg.model.in_chans or 1, cfg.data.image_size, 10
+    model = create_model(cfg.model.name, num_classes=classes, in_chans=in_chans,
+                         image_size=size, norm=cfg.model.norm, init=cfg.model.init)
+    print(f"{cfg.model.name}: in_chans={in_chans} (model.in_chans), image_size={size} "
+          f"(data.image_size), num_classes={classes}")
+    print(summarize(model, (1, in_chans, size, size)))
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="finetune", usage=USAGE)
-    parser.add_argument("command", choices=["train", "evaluate", "show", "recipes", "models"])
+    parser.add_argument("command", choices=["train", "evaluate", "show", "recipes", "models",
+                                            "show-model"])
     parser.add_argument("args", nargs="*")
     if not argv:
         parser.print_usage()
@@ -70,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:<28} {description}")
         elif ns.command == "models":
             _models()
+        elif ns.command == "show-model":
+            _show_model(args)
         else:
             raise ConfigError(f"unknown command {ns.command}")
     except (ConfigError, DataError, WeightsError, ExportError) as e:

@@ -16,6 +16,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from finetune.registry import INITS, NORMS
+
 
 class ConfigError(ValueError):
     """A recipe or override that cannot describe a valid run."""
@@ -31,6 +33,10 @@ class ModelConfig:
     weights: str | None = None
     # Input channels of the network; None: as many as the data has.
     in_chans: int | None = None
+    # Batch norm: torch's nn.BatchNorm2d, or finetune's from-scratch one (same state dict).
+    norm: str = "torch"
+    # default: the architecture's own init; xavier: Xavier-uniform (the lecture's).
+    init: str = "default"
 
 
 @dataclass
@@ -83,6 +89,8 @@ class Config:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
+    "model.norm": NORMS,
+    "model.init": INITS,
     "data.source": ("auto", "hf", "idx", "imagefolder"),
     "data.normalize": ("auto", "imagenet", "dataset", "none"),
     "train.optimizer": ("sgd", "adamw"),

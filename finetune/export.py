@@ -56,7 +56,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     """Rebuild an exported model in eval mode; returns ``(model, metadata)``."""
     weights, meta = read_meta(path)
     model = create_model(meta["architecture"], num_classes=meta["num_classes"],
-                         in_chans=meta["in_chans"])
+                         in_chans=meta["in_chans"], image_size=meta["image_size"],
+                         norm=meta.get("norm", "torch"))
     try:
         model.load_state_dict(load_file(weights, device=str(device)))
     except RuntimeError as e:

@@ -201,9 +201,9 @@ def main(cfg: Config) -> dict:
         raise ConfigError(f"train.batch_size={tcfg.batch_size} exceeds the {len(train_data)} "
                           f"training images; lower train.batch_size or raise data.train_limit.")
     in_chans = cfg.model.in_chans or train_data.images.shape[1]
-    model, loaded = build_model(cfg.model.name, num_classes=len(train_data.classes),
-                                in_chans=in_chans, pretrained=cfg.model.pretrained,
-                                weights=cfg.model.weights, fetched=fetched)
+    model, loaded = build_model(cfg.model, num_classes=len(train_data.classes),
+                                in_chans=in_chans, image_size=cfg.data.image_size,
+                                fetched=fetched)
     mean, std = normalization(cfg.data.normalize, loaded, train_data, in_chans)
     transform = BatchTransform(cfg.data.image_size, in_chans, mean, std,
                                hflip=cfg.data.hflip, crop_pad=cfg.data.crop_pad)
@@ -247,7 +247,8 @@ def main(cfg: Config) -> dict:
 
     if accelerator.is_main_process:
         meta = {"architecture": cfg.model.name, "num_classes": len(train_data.classes),
-                "in_chans": in_chans, "image_size": cfg.data.image_size, "mean": list(mean),
+                "in_chans": in_chans, "image_size": cfg.data.image_size,
+                "norm": cfg.model.norm, "mean": list(mean),
                 "std": list(std), "interpolation": "bilinear", "class_names": train_data.classes,
                 "recipe": cfg.recipe, "pretrained": loaded.source if loaded else None,
                 "data": source, "finetune_version": __version__}

@@ -7,7 +7,8 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from finetune.models import WeightsError, build_model
+from finetune.config import ModelConfig
+from finetune.models import WeightsError, build_model, create_model
 from finetune.models.pretrained import adapt_input_conv, channel_stats, load_pretrained
 
 
@@ -15,6 +16,13 @@ from finetune.models.pretrained import adapt_input_conv, channel_stats, load_pre
 def tv_resnet18():
     torch.manual_seed(0)
     return torchvision.models.resnet18().eval()
+
+TIMM_R18 = ModelConfig(name="resnet18", pretrained=True, weights="timm:resnet18.a1_in1k")
+
+
+def _load(name, weights, num_classes, in_chans):
+    model = create_model(name, num_classes=num_classes, in_chans=in_chans)
+    return model, load_pretrained(model, name, weights)
 
 
 def _save_pth(tmp_path, model, name="tv.pth"):
@@ -39,7 +47,7 @@ def test_channel_stats():
 
 def test_torchvision_layout_1_channel_and_new_head(tmp_path, tv_resnet18):
     path = _save_pth(tmp_path, tv_resnet18)
-    model, loaded = load_pretrained("resnet18", str(path), num_classes=10, in_chans=1)
+    model, loaded = _load("resnet18", str(path), 10, 1)
     sd, ref = model.state_dict(), tv_resnet18.state_dict()
     # conv1 equals the sum of the RGB filters; a grey image x == RGB image (x, x, x).
     torch.testing.assert_close(sd["conv1.weight"], ref["conv1.weight"].sum(1, keepdim=True))
@@ -62,7 +70,7 @@ def test_timm_layout_safetensors_loads(tmp_path):
     timm_model = timm.create_model("resnet18", pretrained=False)
     path = tmp_path / "timm.safetensors"
     save_file({k: v.contiguous() for k, v in timm_model.state_dict().items()}, str(path))
-    model, loaded = load_pretrained("resnet18", str(path), num_classes=7, in_chans=3)
+    model, loaded = _load("resnet18", str(path), 7, 3)
     sd = model.state_dict()
     torch.testing.assert_close(sd["conv1.weight"], timm_model.state_dict()["conv1.weight"])
     assert sd["fc.weight"].shape == (7, 512)
@@ -73,7 +81,7 @@ def test_prefixed_and_nested_checkpoints_load(tmp_path, tv_resnet18):
     path = tmp_path / "ckpt.pt"
     torch.save({"state_dict": {f"module.{k}": v for k, v in tv_resnet18.state_dict().items()}},
                path)
-    model, _ = load_pretrained("resnet18", str(path), num_classes=10, in_chans=3)
+    model, _ = _load("resnet18", str(path), 10, 3)
     torch.testing.assert_close(model.state_dict()["layer1.0.conv1.weight"],
                                tv_resnet18.state_dict()["layer1.0.conv1.weight"])
 
@@ -81,19 +89,19 @@ def test_prefixed_and_nested_checkpoints_load(tmp_path, tv_resnet18):
 def test_wrong_architecture_is_refused(tmp_path):
     path = _save_pth(tmp_path, torchvision.models.resnet34(), "r34.pth")
     with pytest.raises(WeightsError, match="do not fit resnet18.*unexpected.*model.weights=PATH"):
-        load_pretrained("resnet18", str(path), num_classes=10, in_chans=1)
+        _load("resnet18", str(path), 10, 1)
     path = _save_pth(tmp_path, torchvision.models.resnet50(), "r50.pth")
     with pytest.raises(WeightsError, match="other shapes"):
-        load_pretrained("resnet18", str(path), num_classes=10, in_chans=1)
+        _load("resnet18", str(path), 10, 1)
 
 
 def test_missing_file_and_pickled_code_are_refused(tmp_path):
     with pytest.raises(WeightsError, match="does not exist.*model.weights=PATH"):
-        load_pretrained("resnet18", str(tmp_path / "nope.pth"), num_classes=10, in_chans=1)
+        _load("resnet18", str(tmp_path / "nope.pth"), 10, 1)
     evil = tmp_path / "evil.pth"
     torch.save({"fc.weight": torch.zeros(1), "hook": print}, evil)
     with pytest.raises(WeightsError, match="refused to load.*pickled"):
-        load_pretrained("resnet18", str(evil), num_classes=10, in_chans=1)
+        _load("resnet18", str(evil), 10, 1)
 
 
 def test_offline_torchvision_weights_fail_with_fix(monkeypatch):
@@ -102,7 +110,8 @@ def test_offline_torchvision_weights_fail_with_fix(monkeypatch):
 
     monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
     with pytest.raises(WeightsError) as e:
-        build_model("resnet18", num_classes=10, in_chans=1, pretrained=True, weights=None)
+        build_model(ModelConfig(name="resnet18", pretrained=True), num_classes=10, in_chans=1,
+                    image_size=64)
     msg = str(e.value)
     assert "ResNet18_Weights.IMAGENET1K_V1" in msg and "resnet18-f37072fd.pth" in msg
     assert "model.weights=PATH" in msg and "model.pretrained=false" in msg
@@ -116,8 +125,7 @@ def test_offline_timm_hub_fails_with_fix(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
     with pytest.raises(WeightsError, match="timm/resnet18.a1_in1k.*model.weights=PATH"):
-        build_model("resnet18", num_classes=10, in_chans=1, pretrained=True,
-                    weights="timm:resnet18.a1_in1k")
+        build_model(TIMM_R18, num_classes=10, in_chans=1, image_size=64)
 
 
 def test_timm_hub_file_is_used(monkeypatch, tmp_path):
@@ -134,8 +142,7 @@ def test_timm_hub_file_is_used(monkeypatch, tmp_path):
         return str(path)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", cached)
-    model, loaded = build_model("resnet18", num_classes=10, in_chans=3, pretrained=True,
-                                weights="timm:resnet18.a1_in1k")
+    model, loaded = build_model(TIMM_R18, num_classes=10, in_chans=3, image_size=64)
     assert asked[0] == ("timm/resnet18.a1_in1k", "model.safetensors")
     assert loaded.source == "timm:timm/resnet18.a1_in1k"
     key = "layer3.1.bn2.weight"
@@ -143,7 +150,20 @@ def test_timm_hub_file_is_used(monkeypatch, tmp_path):
 
 
 def test_scratch_model_has_requested_shape():
-    model, loaded = build_model("resnet152", num_classes=10, in_chans=1, pretrained=False,
-                                weights=None)
+    model, loaded = build_model(ModelConfig(name="resnet152"), num_classes=10, in_chans=1,
+                                image_size=64)
     assert loaded is None and model.conv1.in_channels == 1 and model.fc.out_features == 10
     assert model.eval()(torch.rand(1, 1, 32, 32)).shape == (1, 10)
+
+
+def test_torchvision_alexnet_weights_adapt_to_one_channel(tmp_path):
+    torch.manual_seed(3)
+    reference = torchvision.models.alexnet()
+    path = _save_pth(tmp_path, reference, "alexnet.pth")
+    model, loaded = _load("alexnet", str(path), 10, 1)
+    sd, ref = model.state_dict(), reference.state_dict()
+    torch.testing.assert_close(sd["features.0.weight"],
+                               ref["features.0.weight"].sum(1, keepdim=True))
+    torch.testing.assert_close(sd["classifier.4.weight"], ref["classifier.4.weight"])
+    assert sd["classifier.6.weight"].shape == (10, 4096)
+    assert any("classifier.6: classifier replaced" in n for n in loaded.notes)

@@ -159,3 +159,25 @@ def test_two_process_run_counts_every_test_image_once(tiny_args, tmp_path):
     out = _launch_two_cpu_processes("-m", "finetune.cli", "evaluate", str(run),
                                     "train.eval_batch_size=8")
     assert f"test accuracy {single['test_acc']:.4f} ({single['test_correct']}/53)" in out
+
+
+@pytest.mark.parametrize("recipe, model_args", [
+    ("alexnet_fmnist", []),
+    ("vgg11_fmnist", []),
+    ("resnet18_scratch_fmnist", ["model.norm=scratch"]),
+])
+def test_zoo_recipes_train_and_export(recipe, model_args, fmnist_dir, tmp_path):
+    """Each lecture recipe runs end to end (shrunk); its export rebuilds to the same accuracy."""
+    from finetune.export import load_model
+
+    args = [f"recipe={recipe}", f"data.root={fmnist_dir}", "data.image_size=64",
+            "data.train_limit=32", "data.eval_limit=16", "train.epochs=1",
+            "train.batch_size=16", f"output_dir={tmp_path / 'run'}", *model_args]
+    cfg = load_config(args)
+    final = main(cfg)
+    assert final["test_total"] == 16
+    _, meta = load_model(tmp_path / "run")
+    assert meta["architecture"] == cfg.model.name and meta["norm"] == cfg.model.norm
+    if recipe != "resnet18_scratch_fmnist":
+        assert meta["mean"] == [0.0] and meta["std"] == [1.0]  # normalize: none
+    assert evaluate_run(tmp_path / "run", [])["test_correct"] == final["test_correct"]

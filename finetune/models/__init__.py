@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from finetune.models import resnet  # noqa: F401  (registers resnet18 ... resnet152)
+from finetune.config import ModelConfig
+from finetune.models import alexnet, resnet, vgg  # noqa: F401  (register their builders)
 from finetune.models.pretrained import (
     LoadedWeights,
     WeightsError,
@@ -17,10 +18,12 @@ __all__ = ["LoadedWeights", "WeightsError", "build_model", "create_model", "fetc
            "list_models", "register_model"]
 
 
-def build_model(name: str, *, num_classes: int, in_chans: int, pretrained: bool,
-                weights: str | None, fetched: tuple[dict, str] | None = None
+def build_model(cfg: ModelConfig, *, num_classes: int, in_chans: int, image_size: int,
+                fetched: tuple[dict, str] | None = None
                 ) -> tuple[nn.Module, LoadedWeights | None]:
     """A model for the run: pretrained (and adapted) when asked, else randomly initialised."""
-    if pretrained:
-        return load_pretrained(name, weights, num_classes, in_chans, fetched)
-    return create_model(name, num_classes=num_classes, in_chans=in_chans), None
+    model = create_model(cfg.name, num_classes=num_classes, in_chans=in_chans,
+                         image_size=image_size, norm=cfg.norm, init=cfg.init)
+    if cfg.pretrained:
+        return model, load_pretrained(model, cfg.name, cfg.weights, fetched)
+    return model, None

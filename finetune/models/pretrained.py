@@ -19,8 +19,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from finetune.registry import create_model
-
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -49,6 +47,10 @@ PRETRAINED: dict[str, PretrainedSpec] = {
     "resnet50": PretrainedSpec("ResNet50_Weights", "resnet50.a1_in1k"),
     "resnet101": PretrainedSpec("ResNet101_Weights", "resnet101.a1h_in1k"),
     "resnet152": PretrainedSpec("ResNet152_Weights", "resnet152.a1h_in1k"),
+    # timm's VGG and AlexNet differ in layout from torchvision's: torchvision weights only.
+    "alexnet": PretrainedSpec("AlexNet_Weights", "", "features.0", "classifier.6"),
+    "vgg11": PretrainedSpec("VGG11_Weights", "", "features.0", "classifier.6"),
+    "vgg11_bn": PretrainedSpec("VGG11_BN_Weights", "", "features.0", "classifier.6"),
 }
 
 _FIX = ("Fix: pass a local state dict with model.weights=PATH (.safetensors or .pth, torchvision "
@@ -184,7 +186,11 @@ def fetch_state_dict(name: str, weights: str | None) -> tuple[dict[str, torch.Te
     if kind == "torchvision" and not Path(source).exists():
         return _fetch_torchvision(name, get_spec(name), arg or "IMAGENET1K_V1")
     elif kind == "timm" and not Path(source).exists():
-        return _fetch_timm(arg or get_spec(name).timm)
+        hub_name = arg or get_spec(name).timm
+        if not hub_name:
+            raise WeightsError(f"no default timm weights for {name} (timm's layout differs); "
+                               f"use model.weights=torchvision or a local file.")
+        return _fetch_timm(hub_name)
     else:
         path = Path(source).expanduser()
         return read_state_dict(path), str(path.resolve())
@@ -227,10 +233,10 @@ def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module, firs
     return notes
 
 
-def load_pretrained(name: str, weights: str | None, num_classes: int, in_chans: int,
-                    fetched: tuple[dict[str, torch.Tensor], str] | None = None
-                    ) -> tuple[nn.Module, LoadedWeights]:
-    """Build model ``name`` for ``num_classes``/``in_chans`` and load pretrained weights into it.
+def load_pretrained(model: nn.Module, name: str, weights: str | None,
+                    fetched: tuple[dict[str, torch.Tensor], str] | None = None) -> LoadedWeights:
+    """Load pretrained weights for architecture ``name`` into ``model``, adapting its first
+    conv's input channels and replacing its classifier as needed.
 
     ``fetched`` is what ``fetch_state_dict(name, weights)`` returned, for callers that fetch
     early. Raises :class:`WeightsError` (never falls back to random init) when the weights
@@ -238,15 +244,15 @@ def load_pretrained(name: str, weights: str | None, num_classes: int, in_chans: 
     """
     spec = get_spec(name)
     state_dict, source = fetched or fetch_state_dict(name, weights)
-    model = create_model(name, num_classes=num_classes, in_chans=in_chans)
+    state_dict = dict(state_dict)  # adapted below; the caller's copy stays as it was
     notes = adapt_state_dict(state_dict, model, spec.first_conv, spec.classifier)
 
     target = model.state_dict()
-    missing = [k for k in target if k not in state_dict]
+    missing_body = [k for k in target if k not in state_dict
+                    and not k.startswith(f"{spec.classifier}.")]
     unexpected = [k for k in state_dict if k not in target]
     wrong = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in target.items()
              if k in state_dict and state_dict[k].shape != v.shape]
-    missing_body = [k for k in missing if not k.startswith(f"{spec.classifier}.")]
     if wrong or unexpected or missing_body:
         problems = []
         if missing_body:
@@ -260,8 +266,9 @@ def load_pretrained(name: str, weights: str | None, num_classes: int, in_chans: 
                            f"{_FIX}")
     model.load_state_dict(state_dict, strict=False)
 
+    in_chans = target[f"{spec.first_conv}.weight"].shape[1]
     mean, std = _sidecar_stats(weights) or (spec.mean, spec.std)
-    mean, std = channel_stats(mean, in_chans), channel_stats(std, in_chans)
     for note in notes:
         log.info("adapted pretrained %s: %s", name, note)
-    return model, LoadedWeights(source=source, mean=mean, std=std, notes=notes)
+    return LoadedWeights(source=source, mean=channel_stats(mean, in_chans),
+                         std=channel_stats(std, in_chans), notes=notes)
