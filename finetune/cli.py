@@ -17,7 +17,12 @@ USAGE = """finetune COMMAND [ARGS]
 commands:
   train recipe=NAME [key=value ...]   train, evaluate and export (also: accelerate launch
                                       finetune/run.py recipe=NAME ...)
-  evaluate RUN_DIR [data.key=value]   rebuild an exported model and print its test accuracy
+  evaluate RUN_DIR [data.key=value]   rebuild an exported model: accuracy, per-class
+                                      precision/recall, confusion matrix (JSON and PNG)
+  predict MODEL IMAGE_OR_FOLDER... [--top-k K] [--json]
+                                      top-k classes of images (MODEL: run folder or
+                                      model.safetensors)
+  export-onnx RUN_DIR [--out PATH]    write model.onnx (dynamic batch)
   show recipe=NAME [key=value ...]    print the resolved config
   recipes                             list recipes
   models                              list registered models with parameter counts
@@ -60,11 +65,54 @@ def _show_model(args: list[str]) -> None:
     print(summarize(model, (1, in_chans, size, size)))
 
 
+def _predict(args: list[str]) -> None:
+    import json
+
+    from PIL import Image, UnidentifiedImageError
+
+    from finetune.inference import image_files, load
+
+    parser = argparse.ArgumentParser(prog="finetune predict")
+    parser.add_argument("model", help="run folder or model.safetensors")
+    parser.add_argument("images", nargs="+", help="image files or folders")
+    parser.add_argument("--top-k", type=int, default=3)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ns = parser.parse_args(args)
+    predictor = load(ns.model)
+    files = image_files(ns.images)
+    images = []
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                images.append(im.copy())
+        except (UnidentifiedImageError, OSError) as e:
+            raise DataError(f"{path}: cannot read image ({e})") from None
+    results = predictor.predict(images, top_k=ns.top_k)
+    if ns.json:
+        print(json.dumps([{"file": str(f), "top_k": [{"class": c, "probability": round(p, 6)}
+                                                      for c, p in r]}
+                          for f, r in zip(files, results, strict=True)], indent=2))
+        return
+    width = max(len(str(f)) for f in files)
+    for f, r in zip(files, results, strict=True):
+        print(f"{str(f):<{width}}  " + "  ".join(f"{c} {p:.3f}" for c, p in r))
+
+
+def _export_onnx(args: list[str]) -> None:
+    from finetune.export import export_onnx
+
+    parser = argparse.ArgumentParser(prog="finetune export-onnx")
+    parser.add_argument("run_dir")
+    parser.add_argument("--out", default=None, help="default: RUN_DIR/model.onnx")
+    ns = parser.parse_args(args)
+    print(f"wrote {export_onnx(ns.run_dir, ns.out)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="finetune", usage=USAGE)
-    parser.add_argument("command", choices=["train", "evaluate", "show", "recipes", "models",
-                                            "show-model"])
+    parser.add_argument("command", choices=["train", "evaluate", "predict", "export-onnx",
+                                            "show", "recipes", "models", "show-model"])
     parser.add_argument("args", nargs="*")
     if not argv:
         parser.print_usage()
@@ -80,9 +128,13 @@ def main(argv: list[str] | None = None) -> int:
         elif ns.command == "evaluate":
             if not args or "=" in args[0]:
                 raise ConfigError("usage: finetune evaluate RUN_DIR [data.key=value ...]")
-            from finetune.train import evaluate_run
+            from finetune.evaluation import evaluate_run
 
             evaluate_run(args[0], args[1:])
+        elif ns.command == "predict":
+            _predict(args)
+        elif ns.command == "export-onnx":
+            _export_onnx(args)
         elif ns.command == "show":
             print(to_yaml(load_config(args)), end="")
         elif ns.command == "recipes":
@@ -94,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             _show_model(args)
         else:
             raise ConfigError(f"unknown command {ns.command}")
-    except (ConfigError, DataError, WeightsError, ExportError) as e:
+    except (ConfigError, DataError, WeightsError, ExportError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -35,6 +35,37 @@ def save_model(model: nn.Module, meta: dict, out_dir: str | Path) -> None:
     atomic_write(out_dir / "model.safetensors",
                  lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
     atomic_write_text(out_dir / "model.json", json.dumps(meta, indent=2) + "\n")
+    if meta["architecture"] in TIMM_ARCHITECTURES:
+        atomic_write_text(out_dir / "config.json",
+                          json.dumps(timm_config(meta, model), indent=2) + "\n")
+
+
+# Architectures whose state dict timm's model of the same name loads unchanged.
+TIMM_ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
+
+def timm_config(meta: dict, model: nn.Module) -> dict:
+    """A timm ``config.json``: ``timm.create_model("local-dir:RUN_DIR", pretrained=True)``
+    then rebuilds the model, channels, head and preprocessing included."""
+    size = meta["image_size"]
+    return {
+        "architecture": meta["architecture"],
+        "num_classes": meta["num_classes"],
+        "num_features": model.fc.in_features,
+        "model_args": {"in_chans": meta["in_chans"]},
+        "pretrained_cfg": {
+            "input_size": [meta["in_chans"], size, size],
+            "interpolation": meta.get("interpolation", "bilinear"),
+            "mean": list(meta["mean"]),
+            "std": list(meta["std"]),
+            "crop_pct": 1.0,
+            "crop_mode": "center",
+            "num_classes": meta["num_classes"],
+            "first_conv": "conv1",
+            "classifier": "fc",
+        },
+        "label_names": list(meta["class_names"]),
+    }
 
 
 def read_meta(path: str | Path) -> tuple[Path, dict]:
@@ -64,3 +95,28 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
         raise ExportError(f"{weights} does not match model.json "
                           f"({meta['architecture']}): {str(e).splitlines()[0]}") from None
     return model.to(device).eval(), meta
+
+
+def export_onnx(path: str | Path, out: str | Path | None = None, opset: int = 18) -> Path:
+    """Write ``model.onnx`` (input ``input`` (batch, C, H, W) already normalized, output
+    ``logits``) with a dynamic batch dimension; returns its path."""
+    try:
+        import onnxscript  # noqa: F401  (torch's ONNX exporter needs it)
+    except ImportError:
+        raise ExportError("ONNX export needs onnx and onnxscript: pip install "
+                          "'finetune[onnx]' (or pip install onnx onnxscript).") from None
+    model, meta = load_model(path)
+    weights, _ = read_meta(path)
+    out = Path(out) if out else weights.with_name("model.onnx")
+    size = meta["image_size"]
+    example = torch.zeros(2, meta["in_chans"], size, size)
+    batch = torch.export.Dim("batch", min=1, max=65_536)
+
+    def write(tmp: Path) -> None:
+        torch.onnx.export(model, (example,), str(tmp), input_names=["input"],
+                          output_names=["logits"], dynamic_shapes=({0: batch},),
+                          opset_version=opset, dynamo=True, external_data=False,
+                          verbose=False)
+
+    atomic_write(out, write)
+    return out

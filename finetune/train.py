@@ -98,20 +98,21 @@ def evaluate(model: nn.Module, data: ImageData, transform: BatchTransform, loade
     ``data`` lives on the device; ``loader`` is an Accelerate-prepared index loader.
     """
     model.eval()
-    correct = torch.zeros((), dtype=torch.long, device=accelerator.device)
-    total = torch.zeros((), dtype=torch.long, device=accelerator.device)
+    k = len(data.classes)
+    # confusion[true, predicted], accumulated on the device: no host sync per batch.
+    confusion = torch.zeros(k * k, dtype=torch.long, device=accelerator.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     for idx in loader:
         logits = model(transform(data.images[idx]))
         labels = data.labels[idx]
         loss = F.cross_entropy(logits.float(), labels, reduction="none")
         preds, labels, loss = accelerator.gather_for_metrics((logits.argmax(1), labels, loss))
-        correct += (preds == labels).sum()
-        total += len(labels)
+        confusion += torch.bincount(labels * k + preds, minlength=k * k)
         loss_sum += loss.sum()
-    n = int(total)
-    return {"test_acc": int(correct) / n, "test_loss": float(loss_sum) / n,
-            "test_correct": int(correct), "test_total": n}
+    confusion = confusion.view(k, k).cpu()
+    n, correct = int(confusion.sum()), int(confusion.trace())
+    return {"test_acc": correct / n, "test_loss": float(loss_sum) / n,
+            "test_correct": correct, "test_total": n, "confusion": confusion.tolist()}
 
 
 def accuracy_line(result: dict) -> str:
@@ -259,23 +260,3 @@ def main(cfg: Config) -> dict:
     accelerator.end_training()
     return final
 
-
-def evaluate_run(run_dir: str | Path, overrides: list[str]) -> dict:
-    """Rebuild an exported model from ``run_dir`` and evaluate it on its recipe's test data
-    (``overrides`` may point ``data.*`` elsewhere)."""
-    from finetune.config import load_config
-    from finetune.export import load_model
-
-    run_dir = Path(run_dir)
-    saved = run_dir / "config.yaml"
-    cfg = load_config(([f"recipe={saved}"] if saved.is_file() else []) + overrides)
-    accelerator = Accelerator()
-    use_cpu_cores(accelerator)
-    model, meta = load_model(run_dir, device=accelerator.device)
-    with accelerator.main_process_first():
-        _, test_data, source = load_data(cfg.data)
-    transform = BatchTransform(meta["image_size"], meta["in_chans"], meta["mean"], meta["std"])
-    loader = accelerator.prepare(index_loader(len(test_data), cfg.train.eval_batch_size))
-    result = evaluate(model, test_data.to(accelerator.device), transform, loader, accelerator)
-    accelerator.print(f"{accuracy_line(result)} on {source}")
-    return result

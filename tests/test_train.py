@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 import finetune
 from finetune.cli import main as cli_main
 from finetune.config import ConfigError, load_config
-from finetune.train import evaluate_run, main, make_scheduler
+from finetune.evaluation import evaluate_run
+from finetune.train import main, make_scheduler
 
 
 def _read_metrics(out: Path) -> list[dict]:
@@ -22,8 +23,9 @@ def _read_metrics(out: Path) -> list[dict]:
 def test_end_to_end_writes_every_output(tiny_args, tmp_path, capsys):
     final = main(load_config(tiny_args))
     out = tmp_path / "run"
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "metrics.jsonl",
-                                                     "model.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "config.yaml",
+                                                     "metrics.jsonl", "model.json",
+                                                     "model.safetensors"]
     records = _read_metrics(out)
     assert [r["epoch"] for r in records] == [1, 2]
     for r in records:

@@ -1,0 +1,86 @@
+"""Use an exported model: ``finetune.load(run_dir)`` and ``Predictor.predict(images)``.
+
+Preprocessing is exactly training's: images become uint8 tensors in the model's channel mode
+(grey or RGB), then go through the same batched resize and normalization
+(:class:`~finetune.data.loader.BatchTransform`) with the size and mean/std from ``model.json``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from finetune.data.loader import BatchTransform
+from finetune.data.sources import IMAGE_SUFFIXES
+from finetune.export import load_model
+
+
+@dataclass
+class Predictor:
+    """An exported model with its preprocessing and class names."""
+
+    model: nn.Module
+    transform: BatchTransform
+    class_names: list[str]
+    meta: dict
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to_uint8(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
+        """A PIL image (any mode) or a uint8 tensor (C, H, W) -> uint8 (C, H, W) with the
+        model's channel count. Grey <-> RGB conversion of tensors happens in the transform."""
+        if isinstance(image, Image.Image):
+            mode = "L" if self.meta["in_chans"] == 1 else "RGB"
+            image = torch.from_numpy(np.asarray(image.convert(mode)).copy())
+            return image[None] if image.ndim == 2 else image.permute(2, 0, 1)
+        if image.dtype != torch.uint8 or image.ndim != 3:
+            raise ValueError(f"expected a uint8 tensor (C, H, W), got {image.dtype} "
+                             f"{tuple(image.shape)}")
+        return image
+
+    @torch.inference_mode()
+    def logits(self, images: list[Image.Image | torch.Tensor]) -> torch.Tensor:
+        """Logits (N, num_classes); images of different sizes are resized one by one."""
+        out = []
+        for image in images:
+            x = self.to_uint8(image)[None].to(self.device)
+            out.append(self.model(self.transform(x)))
+        return torch.cat(out)
+
+    def predict(self, images: list[Image.Image | torch.Tensor], top_k: int = 5
+                ) -> list[list[tuple[str, float]]]:
+        """For each image, the ``top_k`` (class name, probability) pairs, most likely first."""
+        probs = self.logits(images).float().softmax(dim=1)
+        values, indices = probs.topk(min(top_k, probs.shape[1]), dim=1)
+        return [[(self.class_names[i], float(p)) for p, i in zip(vs, ix, strict=True)]
+                for vs, ix in zip(values.tolist(), indices.tolist(), strict=True)]
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> Predictor:
+    """Load an exported model (a run folder or its ``model.safetensors``) for prediction."""
+    model, meta = load_model(path, device=device)
+    transform = BatchTransform(meta["image_size"], meta["in_chans"], meta["mean"], meta["std"])
+    return Predictor(model, transform, list(meta["class_names"]), meta)
+
+
+def image_files(paths: list[str | Path]) -> list[Path]:
+    """Expand folders (recursively, sorted) into image files; keep files as given."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"{path}: no such image or folder")
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in "
+                                f"{', '.join(map(str, paths))}")
+    return files
