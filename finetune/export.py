@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from finetune.files import atomic_write, atomic_write_text
-from finetune.registry import create_model
+from finetune.models import create_model
 
 REQUIRED_META = ("architecture", "num_classes", "in_chans", "image_size", "mean", "std",
                  "class_names")

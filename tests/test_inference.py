@@ -134,3 +134,16 @@ def test_onnx_export_matches_pytorch(trained, tmp_path, capsys):
         got = session.run(None, {"input": x.numpy()})[0]
         np.testing.assert_allclose(got, model(x).detach().numpy(), atol=1e-4, rtol=1e-4)
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]  # no temporary left behind
+
+
+def test_load_in_a_fresh_interpreter(trained):
+    """`import finetune; finetune.load(...)` alone must register the model builders."""
+    import subprocess
+    import sys
+
+    run, _ = trained
+    code = (f"import finetune; p = finetune.load({str(run)!r}); "
+            f"print(type(p.model).__name__, len(p.class_names))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["ResNet", "10"]
