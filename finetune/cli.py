@@ -32,10 +32,15 @@ commands:
 
 
 def _setup_logging() -> None:
-    # Only the main process talks; the others would repeat every line.
+    """finetune's own messages at INFO (dependencies stay at their defaults); only the main
+    process talks, the others would repeat every line."""
     rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(message)s")
+    log = logging.getLogger("finetune")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
 def _models() -> None:

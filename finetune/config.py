@@ -224,7 +224,9 @@ def load_config(args: list[str]) -> Config:
 
 def validate(cfg: Config) -> None:
     """Reject values the schema's types allow but a run cannot use."""
-    from finetune.models import list_models
+    import torch
+
+    from finetune.models import create_model, list_models  # here: the zoo imports this module
 
     def get(key: str) -> Any:
         section, _, name = key.partition(".")
@@ -251,6 +253,13 @@ def validate(cfg: Config) -> None:
     if cfg.data.source == "imagefolder" and not cfg.data.root:
         raise ConfigError("data.source=imagefolder needs data.root=PATH "
                           "(a folder with one subfolder of images per class).")
+    try:  # shapes only (meta device): catches sizes an architecture cannot take, instantly
+        with torch.device("meta"):
+            create_model(cfg.model.name, num_classes=10, in_chans=cfg.model.in_chans or 1,
+                         image_size=cfg.data.image_size, norm=cfg.model.norm)
+    except ValueError as e:
+        raise ConfigError(f"model.name={cfg.model.name} cannot take data.image_size="
+                          f"{cfg.data.image_size}: {e}") from None
     if cfg.model.weights and not cfg.model.pretrained:
         raise ConfigError(f"model.weights={cfg.model.weights} is set but model.pretrained=false; "
                           "set model.pretrained=true to load it, or drop model.weights.")

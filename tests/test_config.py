@@ -38,10 +38,12 @@ def test_unknown_key_lists_valid_keys_of_section():
     ("model.name=resnet19", "Did you mean 'resnet18'?"),
     ("train.label_smoothing=1.5", "must be < 1"),
     ("model.pretrained=maybe", "model.pretrained"),
+    ("model.norm=layer", "Valid values: torch, scratch"),
+    ("data.image_size=16 model.name=vgg11_narrow", "cannot take data.image_size=16"),
 ])
 def test_invalid_values_fail_before_work(arg, msg):
     with pytest.raises(ConfigError) as e:
-        load_config(["recipe=resnet18_scratch_fmnist", arg])
+        load_config(["recipe=resnet18_scratch_fmnist", *arg.split()])
     assert msg in str(e.value)
 
 
