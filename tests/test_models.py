@@ -40,12 +40,15 @@ def test_lecture_alexnet_matches_the_lecture():
         .in_features == 256
 
 
-@pytest.mark.parametrize("name", ["alexnet_lecture", "alexnet", "vgg11_narrow",
-                                  "vgg11_narrow_bn", "resnet18", "resnet34", "resnet50"])
-@pytest.mark.parametrize("size, chans", [(64, 1), (96, 3), (224, 1)])
+SHAPE_CASES = [(name, size, chans)
+               for name in ("alexnet_lecture", "alexnet", "vgg11_narrow", "vgg11_narrow_bn",
+                            "resnet18", "resnet34", "resnet50")
+               for size, chans in ((64, 1), (96, 3), (224, 1))
+               if not (name == "resnet50" and size == 224)]  # the slowest; smaller sizes do
+
+
+@pytest.mark.parametrize("name, size, chans", SHAPE_CASES)
 def test_output_shapes(name, size, chans):
-    if size == 224 and name.startswith("resnet5"):
-        pytest.skip("covered at smaller sizes; keeps the suite fast")
     model = create_model(name, num_classes=7, in_chans=chans, image_size=size).eval()
     with torch.no_grad():
         assert model(torch.rand(2, chans, size, size)).shape == (2, 7)
