@@ -207,7 +207,8 @@ def load_config(args: list[str]) -> Config:
         path = _recipe_path(recipe)
         recipe_cfg = OmegaConf.load(path)
         _check_keys(_flat_keys(recipe_cfg), f"recipe {path}")
-        recipe_cfg.recipe = Path(recipe).stem
+        # A saved run's config.yaml names its recipe; a recipe file is named by its stem.
+        recipe_cfg.recipe = recipe_cfg.get("recipe") or Path(recipe).stem
         layers.append(recipe_cfg)
     _check_keys([a.partition("=")[0] for a in rest], "the command line")
     try:

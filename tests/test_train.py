@@ -39,7 +39,8 @@ def test_end_to_end_writes_every_output(tiny_args, tmp_path, capsys):
     assert meta["architecture"] == "resnet18" and meta["in_chans"] == 1
     assert meta["image_size"] == 16 and len(meta["class_names"]) == 10
     assert meta["recipe"] == "resnet18_scratch_fmnist" and meta["finetune_version"]
-    assert load_config([f"recipe={out / 'config.yaml'}"]).data.image_size == 16
+    rerun = load_config([f"recipe={out / 'config.yaml'}"])
+    assert rerun.data.image_size == 16 and rerun.recipe == "resnet18_scratch_fmnist"
     # `finetune evaluate` rebuilds the model from the two files and prints the same accuracy.
     capsys.readouterr()
     assert cli_main(["evaluate", str(out)]) == 0
