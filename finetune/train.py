@@ -107,7 +107,8 @@ def evaluate(model: nn.Module, data: ImageData, transform: BatchTransform, loade
         labels = data.labels[idx]
         loss = F.cross_entropy(logits.float(), labels, reduction="none")
         preds, labels, loss = accelerator.gather_for_metrics((logits.argmax(1), labels, loss))
-        confusion += torch.bincount(labels * k + preds, minlength=k * k)
+        # index_add_, not bincount: bincount reads its input's max on the host (a sync).
+        confusion.index_add_(0, labels * k + preds, torch.ones_like(preds))
         loss_sum += loss.sum()
     confusion = confusion.view(k, k).cpu()
     n, correct = int(confusion.sum()), int(confusion.trace())

@@ -49,6 +49,14 @@ class BatchTransform:
         self.image_size, self.in_chans = image_size, in_chans
         self.mean, self.std = tuple(mean), tuple(std)
         self.hflip, self.crop_pad = hflip, crop_pad
+        self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _stats_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        # Copied to the device once, not per batch (a host-to-device copy every step).
+        if device not in self._stats:
+            self._stats[device] = (torch.tensor(self.mean, device=device).view(1, -1, 1, 1),
+                                   torch.tensor(self.std, device=device).view(1, -1, 1, 1))
+        return self._stats[device]
 
     def __call__(self, images: torch.Tensor, train: bool = False,
                  gen: torch.Generator | None = None) -> torch.Tensor:
@@ -61,8 +69,7 @@ class BatchTransform:
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         if train and self.crop_pad:
             x = random_crop(x, self.crop_pad, gen)
-        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+        mean, std = self._stats_on(x.device)
         return (x - mean) / std
 
 
