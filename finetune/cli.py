@@ -7,10 +7,8 @@ import logging
 import os
 import sys
 
-from finetune.config import ConfigError, list_recipes, load_config, to_yaml
-from finetune.data import DataError
-from finetune.export import ExportError
-from finetune.models import WeightsError
+from finetune.config import list_recipes, load_config, to_yaml
+from finetune.errors import ConfigError, DataError, FinetuneError
 
 USAGE = """finetune COMMAND [ARGS]
 
@@ -151,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             _show_model(args)
         else:
             raise ConfigError(f"unknown command {ns.command}")
-    except (ConfigError, DataError, WeightsError, ExportError, FileNotFoundError) as e:
+    except (FinetuneError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -16,11 +16,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from finetune.errors import ConfigError
 from finetune.registry import INITS, NORMS
 
-
-class ConfigError(ValueError):
-    """A recipe or override that cannot describe a valid run."""
+__all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "TrainConfig", "load_config"]
 
 
 @dataclass

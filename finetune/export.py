@@ -12,15 +12,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from finetune.errors import ExportError
 from finetune.files import atomic_write, atomic_write_text
 from finetune.models import create_model
 
 REQUIRED_META = ("architecture", "num_classes", "in_chans", "image_size", "mean", "std",
                  "class_names")
-
-
-class ExportError(RuntimeError):
-    """An exported model that cannot be read back."""
 
 
 def save_model(model: nn.Module, meta: dict, out_dir: str | Path) -> None:

@@ -21,9 +21,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from finetune import __version__
-from finetune.config import Config, ConfigError, TrainConfig, to_yaml
+from finetune.config import Config, TrainConfig, to_yaml
 from finetune.data import ImageData, load_data
 from finetune.data.loader import BatchTransform, index_loader, train_batches
+from finetune.errors import ConfigError, TrainingError
 from finetune.export import save_model
 from finetune.files import atomic_write_text
 from finetune.models import LoadedWeights, build_model, fetch_state_dict
@@ -114,6 +115,19 @@ def evaluate(model: nn.Module, data: ImageData, transform: BatchTransform, loade
     n, correct = int(confusion.sum()), int(confusion.trace())
     return {"test_acc": correct / n, "test_loss": float(loss_sum) / n,
             "test_correct": correct, "test_total": n, "confusion": confusion.tolist()}
+
+
+def check_finite(batch_loss: list[float], epoch: int, steps_per_epoch: int) -> None:
+    """Stop at the end of an epoch whose loss stopped being finite (checked once per epoch, so
+    that no step waits for the device)."""
+    bad = next((i for i, v in enumerate(batch_loss) if not math.isfinite(v)), None)
+    if bad is not None:
+        step = (epoch - 1) * steps_per_epoch + bad + 1
+        raise TrainingError(
+            f"the training loss became {batch_loss[bad]} at step {step} (epoch {epoch}, batch "
+            f"{bad + 1}); stopped before evaluating or exporting (metrics.jsonl keeps the "
+            f"earlier epochs). Lower train.lr, add warmup (train.warmup_epochs), or check the "
+            f"data.")
 
 
 def accuracy_line(result: dict) -> str:
@@ -233,6 +247,7 @@ def main(cfg: Config) -> dict:
         record.update(train_one_epoch(model, train_dev, transform, optimizer, scheduler,
                                       accelerator, tcfg, epoch, gen))
         train_time = time.perf_counter() - start  # the .tolist() above waited for the device
+        check_finite(record["batch_loss"], epoch, len(train_data) // tcfg.batch_size)
         record.update(evaluate(model, test_dev, transform, eval_loader, accelerator))
         seen = (len(train_data) // tcfg.batch_size) * tcfg.batch_size
         record.update(lr=scheduler.get_last_lr()[0], epoch_time=round(train_time, 3),

@@ -1,5 +1,6 @@
 import json
 import math
+import re
 import socket
 import subprocess
 import sys
@@ -184,3 +185,13 @@ def test_zoo_recipes_train_and_export(recipe, model_args, fmnist_dir, tmp_path):
     if recipe != "resnet18_scratch_fmnist":
         assert meta["mean"] == [0.0] and meta["std"] == [1.0]  # normalize: none
     assert evaluate_run(tmp_path / "run", [])["test_correct"] == final["test_correct"]
+
+
+def test_diverging_loss_stops_with_the_step(tiny_args, tmp_path, capsys):
+    code = cli_main(["train", *tiny_args, "train.lr=1e12", "train.schedule=constant",
+                     "train.epochs=1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert re.search(r"loss became (nan|inf) at step \d+ \(epoch 1, batch \d+\)", err), err
+    assert "Lower train.lr" in err
+    assert not (tmp_path / "run" / "model.safetensors").exists()

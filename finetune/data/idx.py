@@ -14,12 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from finetune.errors import DataError
+
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
-
-
-class DataError(ValueError):
-    """Input data that cannot be used, with what was wrong and how to fix it."""
 
 
 def parse_idx(raw: bytes, name: str = "<bytes>") -> np.ndarray:

@@ -19,14 +19,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from finetune.errors import WeightsError
+
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class WeightsError(RuntimeError):
-    """Pretrained weights were asked for but cannot be used."""
 
 
 @dataclass(frozen=True)
