@@ -46,13 +46,13 @@ class Predictor:
         return image
 
     @torch.inference_mode()
-    def logits(self, images: list[Image.Image | torch.Tensor]) -> torch.Tensor:
-        """Logits (N, num_classes); images of different sizes are resized one by one."""
-        out = []
-        for image in images:
-            x = self.to_uint8(image)[None].to(self.device)
-            out.append(self.model(self.transform(x)))
-        return torch.cat(out)
+    def logits(self, images: list[Image.Image | torch.Tensor], batch_size: int = 256
+               ) -> torch.Tensor:
+        """Logits (N, num_classes). Images may differ in size: each is resized on its own,
+        then the model runs on batches of ``batch_size``."""
+        x = [self.transform(self.to_uint8(im)[None].to(self.device)) for im in images]
+        return torch.cat([self.model(torch.cat(x[i:i + batch_size]))
+                          for i in range(0, len(x), batch_size)])
 
     def predict(self, images: list[Image.Image | torch.Tensor], top_k: int = 5
                 ) -> list[list[tuple[str, float]]]:
