@@ -195,3 +195,9 @@ def test_diverging_loss_stops_with_the_step(tiny_args, tmp_path, capsys):
     assert re.search(r"loss became (nan|inf) at step \d+ \(epoch 1, batch \d+\)", err), err
     assert "Lower train.lr" in err
     assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_batch_larger_than_the_data_is_refused(tiny_args, tmp_path):
+    with pytest.raises(ConfigError, match="train.batch_size=16 exceeds the 8 training images"):
+        main(load_config(tiny_args + ["data.train_limit=8"]))
+    assert not (tmp_path / "run").exists()

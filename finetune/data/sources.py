@@ -25,7 +25,8 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
 DEFAULT_IDX_DIRS = [Path("/usr/share/datasets/fashion-mnist")]
 IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+# What torchvision.io.decode_image reads.
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp"}
 
 
 @dataclass
@@ -141,8 +142,8 @@ def _read_image(path: Path, mode) -> torch.Tensor:
     try:
         return decode_image(str(path), mode=mode)
     except Exception as e:
-        raise DataError(f"{path}: cannot decode image ({type(e).__name__}: {e}). Remove or "
-                        f"replace the file.") from None
+        raise DataError(f"{path}: cannot decode image ({type(e).__name__}); the file is corrupt "
+                        f"or not a PNG, JPEG, GIF or WebP image. Remove or replace it.") from None
 
 
 def _scan_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:

@@ -119,11 +119,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     else:
         try:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
+        except pickle.UnpicklingError:
             raise WeightsError(
                 f"refused to load '{path}': it holds pickled Python objects, not only tensors "
                 f"(only weights_only=True loading is allowed). Save a plain state dict with "
-                f"torch.save(model.state_dict(), PATH) or use .safetensors. ({e})".splitlines()[0]
+                f"torch.save(model.state_dict(), PATH) or use .safetensors."
             ) from None
         except Exception as e:
             raise WeightsError(f"cannot read '{path}' as a torch checkpoint: {e}") from None
