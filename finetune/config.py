@@ -97,7 +97,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 POSITIVE = ("data.image_size", "data.train_limit", "data.eval_limit", "model.in_chans",
             "train.epochs", "train.batch_size", "train.eval_batch_size", "train.log_every")
-NON_NEGATIVE = ("data.crop_pad", "train.lr", "train.momentum", "train.weight_decay",
+NON_NEGATIVE = ("data.crop_pad", "train.seed", "train.lr", "train.momentum", "train.weight_decay",
                 "train.warmup_epochs", "train.label_smoothing")
 
 

@@ -7,11 +7,16 @@ import random
 import struct
 from pathlib import Path
 
+import hypothesis
 import numpy as np
 import pytest
 import torch
 
 NUM_CLASSES = 10
+
+# Property tests draw the same examples on every run and keep no example database.
+hypothesis.settings.register_profile("deterministic", derandomize=True, database=None)
+hypothesis.settings.load_profile("deterministic")
 
 
 def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> Path:
