@@ -232,7 +232,8 @@ def main(cfg: Config) -> dict:
     device = accelerator.device
     train_dev, test_dev = train_data.to(device), test_data.to(device)
     optimizer = make_optimizer(model, tcfg)
-    scheduler = make_scheduler(optimizer, tcfg, len(train_data) // tcfg.batch_size)
+    steps_per_epoch = len(train_data) // tcfg.batch_size  # the last partial batch is dropped
+    scheduler = make_scheduler(optimizer, tcfg, steps_per_epoch)
     model, optimizer, eval_loader = accelerator.prepare(
         model, optimizer, index_loader(len(test_data), tcfg.eval_batch_size))
     gen = torch.Generator(device=device).manual_seed(tcfg.seed * 7919 + accelerator.process_index)
@@ -247,12 +248,12 @@ def main(cfg: Config) -> dict:
         record.update(train_one_epoch(model, train_dev, transform, optimizer, scheduler,
                                       accelerator, tcfg, epoch, gen))
         train_time = time.perf_counter() - start  # the .tolist() above waited for the device
-        check_finite(record["batch_loss"], epoch, len(train_data) // tcfg.batch_size)
+        check_finite(record["batch_loss"], epoch, steps_per_epoch)
         record.update(evaluate(model, test_dev, transform, eval_loader, accelerator))
-        seen = (len(train_data) // tcfg.batch_size) * tcfg.batch_size
         record.update(lr=scheduler.get_last_lr()[0], epoch_time=round(train_time, 3),
                       eval_time=round(time.perf_counter() - start - train_time, 3),
-                      train_images_per_sec=round(seen / train_time, 1))
+                      train_images_per_sec=round(steps_per_epoch * tcfg.batch_size / train_time,
+                                                 1))
         records.append(record)
         accelerator.print(
             f"epoch {epoch}/{tcfg.epochs}: train loss {record['train_loss']:.4f}, train acc "
