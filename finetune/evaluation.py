@@ -10,9 +10,9 @@ from accelerate import Accelerator
 
 from finetune.config import load_config
 from finetune.data import DataError, load_data
-from finetune.data.loader import BatchTransform, index_loader
-from finetune.export import load_model
+from finetune.data.loader import index_loader
 from finetune.files import atomic_write, atomic_write_text
+from finetune.inference import load
 from finetune.train import accuracy_line, evaluate, use_cpu_cores
 
 
@@ -67,15 +67,17 @@ def evaluate_run(run_dir: str | Path, overrides: list[str]) -> dict:
     cfg = load_config(([f"recipe={saved}"] if saved.is_file() else []) + overrides)
     accelerator = Accelerator()
     use_cpu_cores(accelerator)
-    model, meta = load_model(run_dir, device=accelerator.device)
+    # The model and preprocessing exactly as `finetune predict` rebuilds them.
+    predictor = load(run_dir, device=accelerator.device)
+    meta = predictor.meta
     with accelerator.main_process_first():
         _, test_data, source = load_data(cfg.data)
     if test_data.classes != meta["class_names"]:
         raise DataError(f"the test data's classes {test_data.classes} differ from the model's "
                          f"{meta['class_names']}")
-    transform = BatchTransform(meta["image_size"], meta["in_chans"], meta["mean"], meta["std"])
     loader = accelerator.prepare(index_loader(len(test_data), cfg.train.eval_batch_size))
-    result = evaluate(model, test_data.to(accelerator.device), transform, loader, accelerator)
+    result = evaluate(predictor.model, test_data.to(accelerator.device), predictor.transform,
+                      loader, accelerator)
     result["per_class"] = per_class(result["confusion"], meta["class_names"])
     result["data"] = source
     if accelerator.is_main_process:
