@@ -100,37 +100,31 @@ class ResNet(nn.Module):
         return self.fc(self.avgpool(x).flatten(1))
 
 
-def _resnet(block: type[BasicBlock | Bottleneck], layers: list[int], num_classes: int,
-            in_chans: int, norm_layer: type[nn.Module]) -> ResNet:
-    return ResNet(block, layers, num_classes=num_classes, in_chans=in_chans,
-                  norm_layer=norm_layer)
-
-
 @register_model
 def resnet18(num_classes: int = 1000, in_chans: int = 3, image_size: int = 224,
              norm_layer: type[nn.Module] = nn.BatchNorm2d) -> ResNet:
-    return _resnet(BasicBlock, [2, 2, 2, 2], num_classes, in_chans, norm_layer)
+    return ResNet(BasicBlock, [2, 2, 2, 2], num_classes, in_chans, norm_layer)
 
 
 @register_model
 def resnet34(num_classes: int = 1000, in_chans: int = 3, image_size: int = 224,
              norm_layer: type[nn.Module] = nn.BatchNorm2d) -> ResNet:
-    return _resnet(BasicBlock, [3, 4, 6, 3], num_classes, in_chans, norm_layer)
+    return ResNet(BasicBlock, [3, 4, 6, 3], num_classes, in_chans, norm_layer)
 
 
 @register_model
 def resnet50(num_classes: int = 1000, in_chans: int = 3, image_size: int = 224,
              norm_layer: type[nn.Module] = nn.BatchNorm2d) -> ResNet:
-    return _resnet(Bottleneck, [3, 4, 6, 3], num_classes, in_chans, norm_layer)
+    return ResNet(Bottleneck, [3, 4, 6, 3], num_classes, in_chans, norm_layer)
 
 
 @register_model
 def resnet101(num_classes: int = 1000, in_chans: int = 3, image_size: int = 224,
               norm_layer: type[nn.Module] = nn.BatchNorm2d) -> ResNet:
-    return _resnet(Bottleneck, [3, 4, 23, 3], num_classes, in_chans, norm_layer)
+    return ResNet(Bottleneck, [3, 4, 23, 3], num_classes, in_chans, norm_layer)
 
 
 @register_model
 def resnet152(num_classes: int = 1000, in_chans: int = 3, image_size: int = 224,
               norm_layer: type[nn.Module] = nn.BatchNorm2d) -> ResNet:
-    return _resnet(Bottleneck, [3, 8, 36, 3], num_classes, in_chans, norm_layer)
+    return ResNet(Bottleneck, [3, 8, 36, 3], num_classes, in_chans, norm_layer)
