@@ -54,6 +54,13 @@ class DataConfig:
     # On-device augmentation of training batches.
     hflip: bool = False
     crop_pad: int = 0
+    # Probability of erasing a random rectangle of each training image (random erasing).
+    random_erasing: float = 0.0
+    # Where the uint8 dataset lives during training. auto: on the device when it fits (one
+    # upload, batches indexed there), else streamed from host memory by a DataLoader.
+    placement: str = "auto"
+    # DataLoader worker processes for the streamed (host) placement.
+    workers: int = 2
 
 
 @dataclass
@@ -71,6 +78,16 @@ class TrainConfig:
     schedule: str = "constant"
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
+    # auto: the launcher's --mixed_precision if it set one, else bf16 where the device computes
+    # it natively (recent NVIDIA GPUs, CPUs with AVX512-BF16/AMX), else fp32.
+    mixed_precision: str = "auto"
+    channels_last: bool = True
+    # torch.compile the model (in place: the state dict keeps its keys). Compilation happens
+    # before the first epoch and is timed apart from training (compile_time in metrics.jsonl).
+    compile: bool = False
+    # torch.compile mode; reduce-overhead adds CUDA graphs (one launch per step), which pays
+    # where the host cannot launch kernels as fast as the GPU runs them (small images).
+    compile_mode: str = "default"
     # Progress-bar refresh interval in steps; reading the loss syncs the device, so not every step.
     log_every: int = 25
 
@@ -94,11 +111,15 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.normalize": ("auto", "imagenet", "dataset", "none"),
     "train.optimizer": ("sgd", "adamw"),
     "train.schedule": ("constant", "cosine", "onecycle"),
+    "train.mixed_precision": ("auto", "fp32", "bf16", "fp16"),
+    "data.placement": ("auto", "device", "host"),
+    "train.compile_mode": ("default", "reduce-overhead", "max-autotune",
+                           "max-autotune-no-cudagraphs"),
 }
 POSITIVE = ("data.image_size", "data.train_limit", "data.eval_limit", "model.in_chans",
             "train.epochs", "train.batch_size", "train.eval_batch_size", "train.log_every")
-NON_NEGATIVE = ("data.crop_pad", "train.seed", "train.lr", "train.momentum", "train.weight_decay",
-                "train.warmup_epochs", "train.label_smoothing")
+NON_NEGATIVE = ("data.crop_pad", "data.workers", "train.seed", "train.lr", "train.momentum",
+                "train.weight_decay", "train.warmup_epochs", "train.label_smoothing")
 
 
 def _schema_keys(cls: type = Config, prefix: str = "") -> list[str]:
@@ -248,6 +269,9 @@ def validate(cfg: Config) -> None:
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"unknown model '{cfg.model.name}' for 'model.name'.{hint} "
                           f"Valid values: {', '.join(list_models())} (see `finetune models`).")
+    if not 0 <= cfg.data.random_erasing <= 1:
+        raise ConfigError(f"'data.random_erasing' is a probability in [0, 1], got "
+                          f"{cfg.data.random_erasing}.")
     if cfg.train.label_smoothing >= 1:
         raise ConfigError(f"'train.label_smoothing' must be < 1, got {cfg.train.label_smoothing}.")
     if cfg.data.source == "imagefolder" and not cfg.data.root:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, set_seed
 from torch import nn
 from tqdm.auto import tqdm
@@ -23,26 +23,49 @@ from tqdm.auto import tqdm
 from finetune import __version__
 from finetune.config import Config, TrainConfig, to_yaml
 from finetune.data import ImageData, load_data
-from finetune.data.loader import BatchTransform, index_loader, train_batches
+from finetune.data.loader import (
+    BatchTransform,
+    batches_on,
+    gather,
+    index_loader,
+    place,
+    train_batches,
+)
 from finetune.errors import ConfigError, TrainingError
 from finetune.export import save_model
 from finetune.files import atomic_write_text
 from finetune.models import LoadedWeights, build_model, fetch_state_dict
+from finetune.speed import (
+    bf16_is_native,
+    check_cpu_bf16,
+    compile_model,
+    copy_to_host,
+    resolve_mixed_precision,
+    tune_backends,
+)
 
 log = logging.getLogger(__name__)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD or AdamW; weight decay only on weights of convs and linears (not norms, biases)."""
+    """SGD or AdamW; weight decay only on weights of convs and linears (not norms, biases).
+
+    The fused implementation (one kernel for all parameters) is used where the parameters'
+    device has one; build the optimizer after moving the model.
+    """
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    fused = all(p.device.type in _get_fused_kernels_supported_devices() and p.is_floating_point()
+                for p in decay + no_decay)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
-                               nesterov=cfg.nesterov and cfg.momentum > 0)
+                               nesterov=cfg.nesterov and cfg.momentum > 0, fused=fused)
     elif cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
+        return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused)
     else:
         raise ConfigError(f"unknown train.optimizer '{cfg.optimizer}'; valid: sgd, adamw")
 
@@ -104,8 +127,9 @@ def evaluate(model: nn.Module, data: ImageData, transform: BatchTransform, loade
     confusion = torch.zeros(k * k, dtype=torch.long, device=accelerator.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     for idx in loader:
-        logits = model(transform(data.images[idx]))
-        labels = data.labels[idx]
+        torch.compiler.cudagraph_mark_step_begin()
+        images, labels = gather(data, idx, accelerator.device)
+        logits = model(transform(images))
         loss = F.cross_entropy(logits.float(), labels, reduction="none")
         preds, labels, loss = accelerator.gather_for_metrics((logits.argmax(1), labels, loss))
         # index_add_, not bincount: bincount reads its input's max on the host (a sync).
@@ -138,19 +162,30 @@ def accuracy_line(result: dict) -> str:
 
 def train_one_epoch(model: nn.Module, data: ImageData, transform: BatchTransform,
                     optimizer: torch.optim.Optimizer, scheduler, accelerator: Accelerator,
-                    cfg: TrainConfig, epoch: int, gen: torch.Generator) -> dict:
-    """One pass over the training data; metrics are accumulated on the device and read once."""
+                    cfg: TrainConfig, epoch: int, gen: torch.Generator,
+                    stream_workers: int | None = None) -> dict:
+    """One pass over the training data; metrics are accumulated on the device and read once.
+
+    Batches are indexed from ``data`` where it lives (the device), or, with ``stream_workers``
+    set, streamed from host memory by that many DataLoader workers. Nothing in the step waits
+    for the device.
+    """
     model.train()
+    device = accelerator.device
     steps = len(data) // cfg.batch_size
-    losses = torch.zeros(steps, device=accelerator.device)
-    correct = torch.zeros((), dtype=torch.long, device=accelerator.device)
-    batches = train_batches(len(data), cfg.batch_size, epoch, cfg.seed,
+    losses = torch.zeros(steps, device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    indices = train_batches(len(data), cfg.batch_size, epoch, cfg.seed,
                             accelerator.process_index, accelerator.num_processes,
-                            accelerator.device)
-    bar = tqdm(batches, total=steps, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
-               disable=not accelerator.is_local_main_process, dynamic_ncols=True)
-    for step, idx in enumerate(bar):
-        x, y = transform(data.images[idx], train=True, gen=gen), data.labels[idx]
+                            data.images.device)
+    bar = tqdm(batches_on(data, indices, device, stream_workers), total=steps,
+               desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
+               # None: shown on a terminal only (not in logs), on one process per machine.
+               disable=None if accelerator.is_local_main_process else True, dynamic_ncols=True)
+    shown = None
+    for step, (images, y) in enumerate(bar):
+        torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: the last step's outputs are done
+        x = transform(images, train=True, gen=gen)
         logits = model(x)
         loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
@@ -159,8 +194,10 @@ def train_one_epoch(model: nn.Module, data: ImageData, transform: BatchTransform
         scheduler.step()
         losses[step] = loss.detach()
         correct += (logits.argmax(1) == y).sum()
-        if step % cfg.log_every == 0:  # .item() waits for the device: only now and then
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % cfg.log_every == 0 and not bar.disable:
+            if shown is not None and (shown[1] is None or shown[1].query()):
+                bar.set_postfix(loss=f"{float(shown[0]):.4f}")
+            shown = copy_to_host(loss)
     # Each process saw its slice of every global batch: average / sum across processes.
     batch_loss = accelerator.reduce(losses, "mean")
     correct = accelerator.reduce(correct, "sum")
@@ -199,11 +236,13 @@ def use_cpu_cores(accelerator: Accelerator) -> None:
 
 def main(cfg: Config) -> dict:
     """Train, evaluate after every epoch, export; return the last epoch's metrics."""
-    accelerator = Accelerator()
+    tcfg = cfg.train
+    precision = resolve_mixed_precision(tcfg.mixed_precision, PartialState().device)
+    accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision)
     use_cpu_cores(accelerator)
     out = prepare_output_dir(cfg, accelerator)
-    set_seed(cfg.train.seed)
-    tcfg = cfg.train
+    set_seed(tcfg.seed)
+    tune_backends(accelerator.device)
     if tcfg.batch_size % accelerator.num_processes:
         raise ConfigError(f"train.batch_size={tcfg.batch_size} is the global batch and must "
                           f"divide evenly over {accelerator.num_processes} processes.")
@@ -222,21 +261,40 @@ def main(cfg: Config) -> dict:
                                 fetched=fetched)
     mean, std = normalization(cfg.data.normalize, loaded, train_data, in_chans)
     transform = BatchTransform(cfg.data.image_size, in_chans, mean, std,
-                               hflip=cfg.data.hflip, crop_pad=cfg.data.crop_pad)
+                               hflip=cfg.data.hflip, crop_pad=cfg.data.crop_pad,
+                               erase=cfg.data.random_erasing, channels_last=tcfg.channels_last)
     log.info("data %s: %d train / %d test images, %d classes; model %s (%s), %d parameters",
              source, len(train_data), len(test_data), len(train_data.classes), cfg.model.name,
              loaded.source if loaded else "random init",
              sum(p.numel() for p in model.parameters()))
 
-    # The whole dataset moves to the device once; batches are indexed from it.
+    # The whole dataset moves to the device once and batches are indexed there, unless it
+    # does not fit: then it stays in host memory and batches are streamed.
     device = accelerator.device
-    train_dev, test_dev = train_data.to(device), test_data.to(device)
+    placement = place(train_data, cfg.data.placement, device, test_data)
+    if placement == "device":
+        train_data, test_data = train_data.to(device), test_data.to(device)
+    log.info("mixed precision %s, %s, data on the %s%s", precision,
+             "channels_last" if tcfg.channels_last else "NCHW", placement,
+             ", torch.compile" if tcfg.compile else "")
+    if precision == "bf16" and device.type == "cpu":
+        check_cpu_bf16(model, in_chans, cfg.data.image_size)
+        if not bf16_is_native(device):
+            log.warning("this CPU has no bf16 arithmetic (AVX512-BF16/AMX): bf16 is emulated "
+                        "and slower than fp32 here; set train.mixed_precision=fp32")
+    model.to(device, memory_format=transform.memory_format)
     optimizer = make_optimizer(model, tcfg)
     steps_per_epoch = len(train_data) // tcfg.batch_size  # the last partial batch is dropped
     scheduler = make_scheduler(optimizer, tcfg, steps_per_epoch)
     model, optimizer, eval_loader = accelerator.prepare(
         model, optimizer, index_loader(len(test_data), tcfg.eval_batch_size))
     gen = torch.Generator(device=device).manual_seed(tcfg.seed * 7919 + accelerator.process_index)
+    compile_time = None
+    if tcfg.compile:
+        sample = gather(train_data, torch.arange(tcfg.batch_size // accelerator.num_processes),
+                        device)
+        compile_time = compile_model(model, *sample, transform, accelerator, tcfg.compile_mode)
+        accelerator.print(f"compiled the model in {compile_time:.1f} s (not counted as training)")
 
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -245,12 +303,16 @@ def main(cfg: Config) -> dict:
     for epoch in range(1, tcfg.epochs + 1):
         start = time.perf_counter()
         record = {"epoch": epoch}
-        record.update(train_one_epoch(model, train_dev, transform, optimizer, scheduler,
-                                      accelerator, tcfg, epoch, gen))
+        record.update(train_one_epoch(model, train_data, transform, optimizer, scheduler,
+                                      accelerator, tcfg, epoch, gen,
+                                      cfg.data.workers if placement == "host" else None))
         train_time = time.perf_counter() - start  # the .tolist() above waited for the device
         check_finite(record["batch_loss"], epoch, steps_per_epoch)
-        record.update(evaluate(model, test_dev, transform, eval_loader, accelerator))
-        record.update(lr=scheduler.get_last_lr()[0], epoch_time=round(train_time, 3),
+        record.update(evaluate(model, test_data, transform, eval_loader, accelerator))
+        if epoch == 1 and compile_time is not None:
+            record["compile_time"] = round(compile_time, 3)
+        record.update(mixed_precision=precision, placement=placement,
+                      lr=scheduler.get_last_lr()[0], epoch_time=round(train_time, 3),
                       eval_time=round(time.perf_counter() - start - train_time, 3),
                       train_images_per_sec=round(steps_per_epoch * tcfg.batch_size / train_time,
                                                  1))

@@ -1,0 +1,189 @@
+"""Training images/s of the lecture's loop against finetune's, same model, size and data,
+timed in one process one after the other.
+
+    python bench/loop_speed.py --model resnet18 --image-size 224 --batch-size 256 \
+        [--steps 40] [--variants fp32,bf16,bf16+compile] [--json FILE]
+
+lecture: the d2l-style loop the course used. A Dataset returns PIL images, torchvision's
+  Resize + ToTensor run per sample in DataLoader workers (--workers, 2 as in the lecture), fp32,
+  NCHW, plain SGD, and the loss and accuracy read on the host after every batch.
+finetune: ``finetune.train.train_one_epoch`` itself on the uint8 data held on the device
+  (batch resize/normalize/flip there), channels_last, fused SGD; the variant names the
+  precision (fp32 or bf16 through Accelerate) and whether the model is torch.compile'd.
+
+Each loop is warmed up first (--warmup steps: workers started, cuDNN autotuned, compiled);
+then --steps steps are timed, waiting for the device at both ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+from finetune.config import DataConfig, TrainConfig
+from finetune.data import ImageData, load_data
+from finetune.data.loader import BatchTransform
+from finetune.models import create_model
+from finetune.speed import compile_model, tune_backends
+from finetune.train import make_optimizer, train_one_epoch
+
+
+class LectureFashionMNIST(Dataset):
+    """What torchvision.datasets.FashionMNIST does per item: uint8 array -> PIL -> transform."""
+
+    def __init__(self, data: ImageData, transform) -> None:
+        self.images, self.labels, self.transform = data.images[:, 0].numpy(), data.labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.transform(Image.fromarray(self.images[i], mode="L")), int(self.labels[i])
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def lecture_loop(data: ImageData, args, device: torch.device) -> float:
+    """img/s of the lecture's loop (d2l train_ch6 style)."""
+    tf = transforms.Compose([transforms.Resize(args.image_size), transforms.ToTensor()])
+    loader = DataLoader(LectureFashionMNIST(data, tf), batch_size=args.batch_size, shuffle=True,
+                        num_workers=args.workers, drop_last=True)
+    torch.manual_seed(0)
+    model = create_model(args.model, num_classes=10, in_chans=1,
+                         image_size=args.image_size).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    model.train()
+    batches = iter(loader)
+    start, seen = None, 0
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            sync(device)
+            start = time.perf_counter()
+        x, y = next(batches)
+        x, y = x.to(device), y.to(device)
+        y_hat = model(x)
+        loss = F.cross_entropy(y_hat, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():  # d2l's metric.add(l * X.shape[0], accuracy(y_hat, y), ...)
+            float(loss) * x.shape[0], float((y_hat.argmax(1) == y).sum())
+        seen += len(y) if step >= args.warmup else 0
+    sync(device)
+    return seen / (time.perf_counter() - start)
+
+
+def finetune_loop(data: ImageData, args, variant: str) -> float:
+    """img/s of finetune's own epoch function on device-resident data."""
+    precision = "bf16" if "bf16" in variant else "no"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = Accelerator(mixed_precision=precision)
+    device = accelerator.device
+    tune_backends(device)
+    cfg = TrainConfig(epochs=1, batch_size=args.batch_size, lr=0.01, log_every=10**9)
+    torch.manual_seed(0)
+    model = create_model(args.model, num_classes=10, in_chans=1, image_size=args.image_size)
+    transform = BatchTransform(args.image_size, 1, (0.286,), (0.353,), hflip=True,
+                               channels_last=True)
+    model.to(device, memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    on_device = data.to(device)
+    gen = torch.Generator(device).manual_seed(0)
+    if "compile" in variant:
+        mode = "reduce-overhead" if "cudagraphs" in variant else "default"
+        compile_model(model, on_device.images[:args.batch_size],
+                      on_device.labels[:args.batch_size], transform, accelerator, mode)
+
+    def epoch(n_steps: int) -> float:
+        part = on_device.limit(n_steps * args.batch_size)
+        start = time.perf_counter()
+        train_one_epoch(model, part, transform, optimizer, scheduler, accelerator, cfg, 1, gen)
+        return time.perf_counter() - start  # train_one_epoch ends by reading its metrics
+
+    epoch(args.warmup)
+    images_per_sec = args.steps * args.batch_size / epoch(args.steps)
+    if args.profile:
+        profile(lambda: epoch(args.steps), args.steps, device)
+    return images_per_sec
+
+
+def profile(run, steps: int, device: torch.device) -> None:
+    """Where a step's time goes: wall time against the time kernels ran on the device (a gap
+    means the host is the limit), and the kernels that take the most."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                           else [])
+    with torch_profile(activities=activities) as prof:
+        wall = run()
+    events = prof.key_averages()
+    # Kernels are the rows with no host time of their own; the operator rows that launched
+    # them repeat their device time, so summing every row would count it twice.
+    device_us = sum(e.self_device_time_total for e in events
+                    if e.self_cpu_time_total == 0 and e.self_device_time_total > 0)
+    print(f"    profile: {wall / steps * 1e3:.2f} ms/step wall, "
+          f"{device_us / steps / 1e3:.2f} ms/step of kernels on the device "
+          f"({device_us / 1e6 / wall:.0%} busy)")
+    print(events.table(sort_by="self_device_time_total" if device.type == "cuda"
+                       else "self_cpu_time_total", row_limit=12, max_name_column_width=60))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--variants", default="fp32,bf16",
+                        help="finetune variants: fp32 or bf16, +compile, +compile+cudagraphs")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile each finetune variant (torch.profiler)")
+    parser.add_argument("--data-root", default=None, help="Fashion-MNIST IDX folder")
+    parser.add_argument("--json", type=Path, default=None, help="append the result as a line")
+    args = parser.parse_args()
+
+    train, _, source = load_data(DataConfig(root=args.data_root))
+    need = (args.warmup + args.steps) * args.batch_size
+    if len(train) < need:
+        raise SystemExit(f"need {need} training images for warmup+steps, have {len(train)}")
+    device = Accelerator().device
+    if device.type == "cpu":
+        torch.set_num_threads(len(__import__("os").sched_getaffinity(0)))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"CPU, {torch.get_num_threads()} threads"
+    print(f"{args.model} @ {args.image_size} px, batch {args.batch_size}, {args.steps} timed "
+          f"steps after {args.warmup} warm-up, on {name}; data {source}", flush=True)
+    result = {"model": args.model, "image_size": args.image_size, "batch_size": args.batch_size,
+              "steps": args.steps, "device": name, "torch": torch.__version__,
+              "lecture": round(lecture_loop(train, args, device), 1)}
+    print(f"  lecture loop            {result['lecture']:9.0f} img/s", flush=True)
+    for variant in args.variants.split(","):
+        ips = round(finetune_loop(train, args, variant), 1)
+        result[variant] = ips
+        print(f"  finetune {variant:14s} {ips:9.0f} img/s  {ips / result['lecture']:5.2f}x "
+              f"the lecture loop", flush=True)
+    if args.json:
+        with args.json.open("a") as f:
+            f.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Speed settings around the loop: mixed precision, backend tuning, torch.compile, and reading
+a device value without waiting for it."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import nn
+
+from finetune.data.loader import BatchTransform
+from finetune.errors import ConfigError
+
+
+def resolve_mixed_precision(setting: str, device: torch.device) -> str:
+    """``train.mixed_precision`` -> fp32, bf16 or fp16 (Accelerate calls fp32 "no").
+
+    auto takes the launcher's choice (``accelerate launch --mixed_precision``) if it made one,
+    else bf16 on a GPU that computes it natively, else fp32. CPUs stay fp32 unless asked:
+    bf16 there is fast only with AVX512-BF16/AMX, and see :func:`check_cpu_bf16`.
+    """
+    if setting == "auto":
+        launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        setting = (launched if launched in ("bf16", "fp16")
+                   else "bf16" if device.type == "cuda" and bf16_is_native(device) else "fp32")
+    if setting == "fp16" and device.type != "cuda":
+        raise ConfigError(f"train.mixed_precision=fp16 needs a CUDA GPU, but this run is on "
+                          f"{device.type}; use bf16 or fp32.")
+    return setting
+
+
+def bf16_is_native(device: torch.device) -> bool:
+    """bfloat16 arithmetic in hardware: Ampere or newer GPUs; CPUs with AVX512-BF16 or AMX
+    (elsewhere bf16 autocast on the CPU is emulated and slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def check_cpu_bf16(model: nn.Module, in_chans: int, image_size: int) -> None:
+    """Refuse bf16 on the CPU for a model with a strided convolution that sees a 1x1 input:
+    there oneDNN's bf16 weight gradient (torch 2.14) comes back as uninitialised memory
+    (values like 1e36 in the taps that only see padding), silently wrecking the weights."""
+    strided = {m: n for n, m in model.named_modules()
+               if isinstance(m, nn.Conv2d) and m.stride != (1, 1)}
+    bad: list[str] = []
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        if tuple(args[0].shape[-2:]) == (1, 1):
+            bad.append(strided[module])
+
+    handles = [m.register_forward_pre_hook(hook) for m in strided]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, in_chans, image_size, image_size))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    if bad:
+        raise ConfigError(
+            f"train.mixed_precision=bf16 on the CPU: {', '.join(bad)} (strided) sees a 1x1 "
+            f"input at data.image_size={image_size}, where oneDNN's bf16 weight gradient is "
+            f"wrong. Raise data.image_size (32 is enough for the ResNets) or use "
+            f"train.mixed_precision=fp32.")
+
+
+def copy_to_host(t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """Start copying a device scalar to the host without waiting for it; the returned event
+    (None off CUDA) says when the copy, and so the value, is ready."""
+    if t.device.type != "cuda":
+        return t.detach(), None
+    host = torch.empty((), dtype=t.dtype, pin_memory=True)
+    host.copy_(t.detach(), non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+def compile_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                  transform: BatchTransform, accelerator: Accelerator,
+                  mode: str = "default") -> float:
+    """``torch.compile`` the model in place and run one training forward/backward so that
+    compilation is over before the first epoch's clock starts. Weights, buffers (batch-norm
+    statistics), gradients and random state are left as they were. Returns the seconds taken.
+    """
+    start = time.perf_counter()
+    model.compile(mode=mode)
+    buffers = [b.clone() for b in model.buffers()]
+    cuda = [accelerator.device] if accelerator.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        model.train()
+        x = transform(images, train=True, gen=torch.Generator(images.device).manual_seed(0))
+        loss = F.cross_entropy(model(x), labels)
+        accelerator.backward(loss)
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for b, saved in zip(model.buffers(), buffers, strict=True):
+            b.copy_(saved)
+    float(loss.detach())  # waits for the device
+    return time.perf_counter() - start
+
+
+def tune_backends(device: torch.device) -> None:
+    """GPU settings for speed: cuDNN autotuning (batch shapes are fixed, so it pays after the
+    first steps) and TF32 matrix products for whatever runs in fp32."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
