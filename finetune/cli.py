@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -151,6 +152,14 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"unknown command {ns.command}")
     except (FinetuneError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
+            raise
+        # Every output is written to a temporary name and renamed: nothing partial is left.
+        print(f"error: could not write {e.filename or 'an output file'}: {e.strerror}. Free "
+              f"space or write elsewhere (output_dir=PATH); no partially written file was kept.",
+              file=sys.stderr)
         return 2
     return 0
 

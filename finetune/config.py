@@ -88,6 +88,12 @@ class TrainConfig:
     # torch.compile mode; reduce-overhead adds CUDA graphs (one launch per step), which pays
     # where the host cannot launch kernels as fast as the GPU runs them (small images).
     compile_mode: str = "default"
+    # Checkpoints (Accelerate state + loop position) in <output_dir>/checkpoints: at the end of
+    # every epoch, and every N steps as well when checkpoint_every=N > 0; the newest
+    # keep_checkpoints are kept.
+    checkpoint: bool = True
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
     # Progress-bar refresh interval in steps; reading the loss syncs the device, so not every step.
     log_every: int = 25
 
@@ -99,6 +105,9 @@ class Config:
     # None: runs/<recipe>/<timestamp>.
     output_dir: str | None = None
     overwrite: bool = False
+    # Continue a run in output_dir: auto (its latest checkpoint; a fresh start if it has none)
+    # or the path of a checkpoint folder.
+    resume: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -117,9 +126,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
                            "max-autotune-no-cudagraphs"),
 }
 POSITIVE = ("data.image_size", "data.train_limit", "data.eval_limit", "model.in_chans",
-            "train.epochs", "train.batch_size", "train.eval_batch_size", "train.log_every")
-NON_NEGATIVE = ("data.crop_pad", "data.workers", "train.seed", "train.lr", "train.momentum",
-                "train.weight_decay", "train.warmup_epochs", "train.label_smoothing")
+            "train.epochs", "train.batch_size", "train.eval_batch_size", "train.log_every",
+            "train.keep_checkpoints")
+NON_NEGATIVE = ("data.crop_pad", "data.workers", "train.checkpoint_every", "train.seed", "train.lr",
+                "train.momentum", "train.weight_decay", "train.warmup_epochs",
+                "train.label_smoothing")
 
 
 def _schema_keys(cls: type = Config, prefix: str = "") -> list[str]:
@@ -255,7 +266,9 @@ def validate(cfg: Config) -> None:
 
     for key, choices in CHOICES.items():
         if get(key) not in choices:
-            raise ConfigError(f"invalid value {get(key)!r} for '{key}'. "
+            # YAML 1.1 reads no/off/yes/on as booleans, which reach a str field as 'False'/'True'.
+            hint = " (no/off/yes/on are read as booleans)" if get(key) in ("False", "True") else ""
+            raise ConfigError(f"invalid value {get(key)!r} for '{key}'{hint}. "
                               f"Valid values: {', '.join(choices)}.")
     for key in POSITIVE:
         value = get(key)

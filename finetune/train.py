@@ -6,11 +6,16 @@ nothing here picks a device.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import logging
 import math
 import os
+import shutil
 import time
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -21,7 +26,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from finetune import __version__
-from finetune.config import Config, TrainConfig, to_yaml
+from finetune.checkpoint import (
+    CHECKPOINTS,
+    LoopState,
+    find_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from finetune.config import Config, TrainConfig, load_config, to_yaml
 from finetune.data import ImageData, load_data
 from finetune.data.loader import (
     BatchTransform,
@@ -35,6 +48,7 @@ from finetune.errors import ConfigError, TrainingError
 from finetune.export import save_model
 from finetune.files import atomic_write_text
 from finetune.models import LoadedWeights, build_model, fetch_state_dict
+from finetune.runs import read_metrics
 from finetune.speed import (
     bf16_is_native,
     check_cpu_bf16,
@@ -126,32 +140,42 @@ def evaluate(model: nn.Module, data: ImageData, transform: BatchTransform, loade
     # confusion[true, predicted], accumulated on the device: no host sync per batch.
     confusion = torch.zeros(k * k, dtype=torch.long, device=accelerator.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    seen = torch.zeros(len(data), dtype=torch.long, device=accelerator.device)
     for idx in loader:
         torch.compiler.cudagraph_mark_step_begin()
         images, labels = gather(data, idx, accelerator.device)
         logits = model(transform(images))
         loss = F.cross_entropy(logits.float(), labels, reduction="none")
-        preds, labels, loss = accelerator.gather_for_metrics((logits.argmax(1), labels, loss))
+        preds, labels, loss, idx = accelerator.gather_for_metrics(
+            (logits.argmax(1), labels, loss, idx.to(accelerator.device)))
         # index_add_, not bincount: bincount reads its input's max on the host (a sync).
         confusion.index_add_(0, labels * k + preds, torch.ones_like(preds))
+        seen.index_add_(0, idx, torch.ones_like(idx))
         loss_sum += loss.sum()
     confusion = confusion.view(k, k).cpu()
     n, correct = int(confusion.sum()), int(confusion.trace())
+    if not bool((seen == 1).all()):  # every test sample counted exactly once, over all processes
+        raise TrainingError(f"evaluation counted {int((seen == 0).sum())} test samples never and "
+                            f"{int((seen > 1).sum())} more than once; this is a bug in finetune's "
+                            f"sharding, please report it.")
     return {"test_acc": correct / n, "test_loss": float(loss_sum) / n,
             "test_correct": correct, "test_total": n, "confusion": confusion.tolist()}
 
 
-def check_finite(batch_loss: list[float], epoch: int, steps_per_epoch: int) -> None:
-    """Stop at the end of an epoch whose loss stopped being finite (checked once per epoch, so
-    that no step waits for the device)."""
+def check_finite(batch_loss: list[float], epoch: int, steps_per_epoch: int,
+                 out: Path | None = None) -> None:
+    """Stop at the end of an epoch (or before a checkpoint) whose loss stopped being finite:
+    checked then, not every step, so that no step waits for the device."""
     bad = next((i for i, v in enumerate(batch_loss) if not math.isfinite(v)), None)
     if bad is not None:
         step = (epoch - 1) * steps_per_epoch + bad + 1
+        kept = list_checkpoints(out) if out else []
+        note = f" The last good checkpoint is {kept[-1]}." if kept else ""
         raise TrainingError(
             f"the training loss became {batch_loss[bad]} at step {step} (epoch {epoch}, batch "
             f"{bad + 1}); stopped before evaluating or exporting (metrics.jsonl keeps the "
-            f"earlier epochs). Lower train.lr, add warmup (train.warmup_epochs), or check the "
-            f"data.")
+            f"earlier epochs).{note} Lower train.lr, add warmup (train.warmup_epochs), or check "
+            f"the data.")
 
 
 def accuracy_line(result: dict) -> str:
@@ -163,27 +187,37 @@ def accuracy_line(result: dict) -> str:
 def train_one_epoch(model: nn.Module, data: ImageData, transform: BatchTransform,
                     optimizer: torch.optim.Optimizer, scheduler, accelerator: Accelerator,
                     cfg: TrainConfig, epoch: int, gen: torch.Generator,
-                    stream_workers: int | None = None) -> dict:
+                    stream_workers: int | None = None, resume: LoopState | None = None,
+                    checkpoint: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
+                    ) -> dict:
     """One pass over the training data; metrics are accumulated on the device and read once.
 
     Batches are indexed from ``data`` where it lives (the device), or, with ``stream_workers``
     set, streamed from host memory by that many DataLoader workers. Nothing in the step waits
-    for the device.
+    for the device. ``resume`` continues the epoch where a checkpoint left it (its first
+    ``resume.step`` batches skipped, its accumulators restored); ``checkpoint(steps_done, losses,
+    correct)`` is called every ``cfg.checkpoint_every`` steps.
     """
     model.train()
     device = accelerator.device
     steps = len(data) // cfg.batch_size
     losses = torch.zeros(steps, device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
-    indices = train_batches(len(data), cfg.batch_size, epoch, cfg.seed,
-                            accelerator.process_index, accelerator.num_processes,
-                            data.images.device)
-    bar = tqdm(batches_on(data, indices, device, stream_workers), total=steps,
+    first = 0
+    if resume is not None:
+        first = resume.step
+        losses[:first] = resume.losses
+        correct += resume.correct
+    indices = itertools.islice(train_batches(len(data), cfg.batch_size, epoch, cfg.seed,
+                                             accelerator.process_index,
+                                             accelerator.num_processes, data.images.device),
+                               first, None)
+    bar = tqdm(batches_on(data, indices, device, stream_workers), total=steps, initial=first,
                desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
                # None: shown on a terminal only (not in logs), on one process per machine.
                disable=None if accelerator.is_local_main_process else True, dynamic_ncols=True)
     shown = None
-    for step, (images, y) in enumerate(bar):
+    for step, (images, y) in enumerate(bar, start=first):
         torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: the last step's outputs are done
         x = transform(images, train=True, gen=gen)
         logits = model(x)
@@ -198,6 +232,9 @@ def train_one_epoch(model: nn.Module, data: ImageData, transform: BatchTransform
             if shown is not None and (shown[1] is None or shown[1].query()):
                 bar.set_postfix(loss=f"{float(shown[0]):.4f}")
             shown = copy_to_host(loss)
+        every = cfg.checkpoint_every
+        if checkpoint is not None and every and (step + 1) % every == 0 and step + 1 < steps:
+            checkpoint(step + 1, losses, correct)
     # Each process saw its slice of every global batch: average / sum across processes.
     batch_loss = accelerator.reduce(losses, "mean")
     correct = accelerator.reduce(correct, "sum")
@@ -206,17 +243,77 @@ def train_one_epoch(model: nn.Module, data: ImageData, transform: BatchTransform
 
 
 def prepare_output_dir(cfg: Config, accelerator: Accelerator) -> Path:
-    """The run folder: ``output_dir``, or runs/<recipe>/<timestamp> agreed by all processes."""
-    if cfg.output_dir:
+    """The run folder: ``output_dir``, the run a ``resume=PATH`` checkpoint belongs to, or
+    runs/<recipe>/<timestamp> agreed by all processes. A folder holding a run is refused unless
+    the run is resumed (with the same config) or ``overwrite=true``."""
+    if cfg.resume not in (None, "auto"):
+        out = find_checkpoint(cfg.resume, Path()).parent.parent  # <run>/checkpoints/<ckpt>
+        if cfg.output_dir and Path(cfg.output_dir).resolve() != out.resolve():
+            raise ConfigError(f"resume={cfg.resume} belongs to the run in {out}, not to "
+                              f"output_dir={cfg.output_dir}; drop output_dir or make them agree.")
+    elif cfg.output_dir:
         out = Path(cfg.output_dir)
+    elif cfg.resume == "auto":
+        raise ConfigError("resume=auto needs output_dir=PATH: the folder of the run to continue.")
     else:
         stamp = broadcast_object_list([time.strftime("%Y%m%d-%H%M%S")])[0]
         out = Path("runs") / (cfg.recipe or "run") / stamp
+    if cfg.resume:
+        check_same_run(out, cfg)
+        return out
     held = [name for name in ("metrics.jsonl", "model.safetensors") if (out / name).exists()]
+    held += [CHECKPOINTS] if list_checkpoints(out) else []
     if held and not cfg.overwrite:
-        raise ConfigError(f"output_dir {out} already holds a run ({', '.join(held)}); "
-                          f"pass another output_dir=PATH, or overwrite=true to replace it.")
+        raise ConfigError(f"output_dir {out} already holds a run ({', '.join(held)}); continue "
+                          f"it with resume=auto, pass another output_dir=PATH, or overwrite=true "
+                          f"to replace it.")
     return out
+
+
+def check_same_run(out: Path, cfg: Config) -> None:
+    """A resumed run must be the run that was started: same config but for how it is run."""
+    saved = out / "config.yaml"
+    if not saved.is_file():
+        return  # nothing started there yet: resume=auto starts it
+    old, new = _run_settings(load_config([f"recipe={saved}"])), _run_settings(cfg)
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if changed:
+        raise ConfigError(
+            f"cannot resume the run in {out} with a different config: "
+            + ", ".join(f"{k}={new.get(k)} (was {old.get(k)})" for k in changed)
+            + ". Resume with the same settings, or start a new run in another output_dir.")
+
+
+def _run_settings(cfg: Config) -> dict:
+    """The config as dotted keys, without those that say how to run it, not what to run."""
+    out = {}
+    for section, value in asdict(cfg).items():
+        if isinstance(value, dict):
+            out.update({f"{section}.{k}": v for k, v in value.items()})
+        elif section not in ("resume", "overwrite", "output_dir"):
+            out[section] = value
+    return out
+
+
+def resume_run(cfg: Config, out: Path, accelerator: Accelerator, gen: torch.Generator,
+               steps_per_epoch: int) -> tuple[int, LoopState | None, list[dict]]:
+    """Restore the checkpoint ``cfg.resume`` names (model, optimizer, scheduler, RNG, the
+    augmentation generator). Returns the epoch to start at, the loop state inside it (None:
+    from its first step) and the metrics of the epochs before it."""
+    path = find_checkpoint(cfg.resume, out) if cfg.resume else None
+    if path is None:
+        if cfg.resume:
+            accelerator.print(f"resume=auto: no checkpoint in {out}; starting from scratch")
+        return 1, None, []
+    state = load_checkpoint(accelerator, path)
+    gen.set_state(state.gen_state)
+    start_epoch, partial = ((state.epoch + 1, None) if state.step >= steps_per_epoch
+                            else (state.epoch, state))
+    records = ([r for r in read_metrics(out) if r["epoch"] < start_epoch]
+               if (out / "metrics.jsonl").is_file() else [])
+    accelerator.print(f"resumed from {path} (epoch {state.epoch}, {state.step} of "
+                      f"{steps_per_epoch} steps done)")
+    return start_epoch, partial, records
 
 
 def use_cpu_cores(accelerator: Accelerator) -> None:
@@ -288,6 +385,7 @@ def main(cfg: Config) -> dict:
     scheduler = make_scheduler(optimizer, tcfg, steps_per_epoch)
     model, optimizer, eval_loader = accelerator.prepare(
         model, optimizer, index_loader(len(test_data), tcfg.eval_batch_size))
+    accelerator.register_for_checkpointing(scheduler)
     gen = torch.Generator(device=device).manual_seed(tcfg.seed * 7919 + accelerator.process_index)
     compile_time = None
     if tcfg.compile:
@@ -296,26 +394,39 @@ def main(cfg: Config) -> dict:
         compile_time = compile_model(model, *sample, transform, accelerator, tcfg.compile_mode)
         accelerator.print(f"compiled the model in {compile_time:.1f} s (not counted as training)")
 
+    start_epoch, partial, records = resume_run(cfg, out, accelerator, gen, steps_per_epoch)
     if accelerator.is_main_process:
+        if cfg.overwrite and not cfg.resume:  # a replaced run's checkpoints must not be resumed
+            shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", to_yaml(cfg))
-    records: list[dict] = []
-    for epoch in range(1, tcfg.epochs + 1):
+    accelerator.wait_for_everyone()
+
+    def checkpoint(epoch: int, step: int, losses: torch.Tensor, correct: torch.Tensor) -> None:
+        # Only a state reached with finite losses is saved: the last checkpoint stays good.
+        check_finite(accelerator.reduce(losses[:step].clone(), "mean").tolist(), epoch,
+                     steps_per_epoch, out)
+        save_checkpoint(accelerator, out, LoopState(epoch, step, gen.get_state(), losses[:step],
+                                                    correct), tcfg.keep_checkpoints)
+
+    for epoch in range(start_epoch, tcfg.epochs + 1):
         start = time.perf_counter()
         record = {"epoch": epoch}
-        record.update(train_one_epoch(model, train_data, transform, optimizer, scheduler,
-                                      accelerator, tcfg, epoch, gen,
-                                      cfg.data.workers if placement == "host" else None))
+        resume = partial if epoch == start_epoch else None
+        record.update(train_one_epoch(
+            model, train_data, transform, optimizer, scheduler, accelerator, tcfg, epoch, gen,
+            cfg.data.workers if placement == "host" else None, resume,
+            functools.partial(checkpoint, epoch) if tcfg.checkpoint else None))
         train_time = time.perf_counter() - start  # the .tolist() above waited for the device
-        check_finite(record["batch_loss"], epoch, steps_per_epoch)
+        check_finite(record["batch_loss"], epoch, steps_per_epoch, out)
+        images = (steps_per_epoch - (resume.step if resume else 0)) * tcfg.batch_size
         record.update(evaluate(model, test_data, transform, eval_loader, accelerator))
         if epoch == 1 and compile_time is not None:
             record["compile_time"] = round(compile_time, 3)
         record.update(mixed_precision=precision, placement=placement,
                       lr=scheduler.get_last_lr()[0], epoch_time=round(train_time, 3),
                       eval_time=round(time.perf_counter() - start - train_time, 3),
-                      train_images_per_sec=round(steps_per_epoch * tcfg.batch_size / train_time,
-                                                 1))
+                      train_images_per_sec=round(images / train_time, 1))
         records.append(record)
         accelerator.print(
             f"epoch {epoch}/{tcfg.epochs}: train loss {record['train_loss']:.4f}, train acc "
@@ -324,6 +435,9 @@ def main(cfg: Config) -> dict:
         if accelerator.is_main_process:
             atomic_write_text(out / "metrics.jsonl",
                               "".join(json.dumps(r) + "\n" for r in records))
+        if tcfg.checkpoint:  # the epoch is complete: the next one starts from step 0
+            checkpoint(epoch, steps_per_epoch, torch.zeros(steps_per_epoch, device=device),
+                       torch.zeros((), dtype=torch.long, device=device))
 
     if accelerator.is_main_process:
         meta = {"architecture": cfg.model.name, "num_classes": len(train_data.classes),

@@ -66,3 +66,23 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         save_model(create_model("resnet18", num_classes=10, in_chans=1), META, tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_no_space_left_while_exporting_keeps_nothing_partial(tiny_args, tmp_path, monkeypatch,
+                                                             capsys):
+    import finetune.export as export
+    from finetune.cli import main as cli_main
+
+    def full_disk(state, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export, "save_file", full_disk)
+    assert cli_main(["train", *tiny_args, "train.epochs=1", "train.checkpoint=false"]) == 2
+    err = capsys.readouterr().err
+    assert "error: could not write an output file: No space left on device. Free space or " \
+           "write elsewhere (output_dir=PATH); no partially written file was kept." in err
+    run = tmp_path / "run"
+    assert not (run / "model.safetensors").exists()
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "metrics.jsonl"]

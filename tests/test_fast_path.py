@@ -52,6 +52,12 @@ def test_random_erasing_probability():
     assert torch.equal(random_erasing(x, 0.0, torch.Generator()), x)
 
 
+def test_random_erasing_probability_checked():
+    with pytest.raises(ConfigError, match=r"'data.random_erasing' is a probability in \[0, 1\], "
+                                          r"got 1.5"):
+        load_config(["data.random_erasing=1.5"])
+
+
 def test_transform_channels_last_same_values():
     images = torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8)
     plain = BatchTransform(32, 3, (0.5,) * 3, (0.25,) * 3)(images)
@@ -74,7 +80,8 @@ def test_mixed_precision_resolution(monkeypatch):
     assert resolve_mixed_precision("fp32", CPU) == "fp32"  # the recipe's explicit choice wins
     with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
         resolve_mixed_precision("fp16", CPU)
-    with pytest.raises(ConfigError, match="Valid values: auto, fp32, bf16, fp16"):
+    with pytest.raises(ConfigError, match=r"\(no/off/yes/on are read as booleans\)\. "
+                                          r"Valid values: auto, fp32, bf16, fp16"):
         load_config(["train.mixed_precision=no"])
 
 

@@ -24,7 +24,7 @@ def _read_metrics(out: Path) -> list[dict]:
 def test_end_to_end_writes_every_output(tiny_args, tmp_path, capsys):
     final = main(load_config(tiny_args))
     out = tmp_path / "run"
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "config.yaml",
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.json", "config.yaml",
                                                      "metrics.jsonl", "model.json",
                                                      "model.safetensors"]
     records = _read_metrics(out)
@@ -163,6 +163,27 @@ def test_two_process_run_counts_every_test_image_once(tiny_args, tmp_path):
     out = _launch_two_cpu_processes("-m", "finetune.cli", "evaluate", str(run),
                                     "train.eval_batch_size=8")
     assert f"test accuracy {single['test_acc']:.4f} ({single['test_correct']}/53)" in out
+
+
+@pytest.mark.slow
+def test_two_process_evaluation_counts_10000_distinct_samples(tmp_path):
+    """2 CPU processes (gloo) evaluate 10,000 test images: each is counted exactly once
+    (evaluate() counts every gathered index and raises otherwise), and the accuracy equals a
+    1-process evaluation of the same weights."""
+    from conftest import write_fake_fmnist
+
+    data = write_fake_fmnist(tmp_path / "data", n_train=96, n_test=10_000)
+    run = tmp_path / "run"
+    # 512 per process and batch: 10,000 = 9 x 1,024 + 784, so the last batch is padded.
+    _launch_two_cpu_processes(str(Path(finetune.__file__).parent / "run.py"),
+                              "recipe=resnet18_scratch_fmnist", f"data.root={data}",
+                              "data.image_size=16", "train.epochs=1", "train.batch_size=16",
+                              "train.eval_batch_size=512", "train.lr=0.01", f"output_dir={run}")
+    (record,) = _read_metrics(run)
+    assert record["test_total"] == 10_000 and sum(map(sum, record["confusion"])) == 10_000
+    single = evaluate_run(run, [])
+    assert single["test_total"] == 10_000
+    assert single["test_correct"] == record["test_correct"]
 
 
 @pytest.mark.parametrize("recipe, model_args", [
