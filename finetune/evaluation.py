@@ -6,13 +6,14 @@ import json
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 
 from finetune.config import load_config
 from finetune.data import DataError, load_data
 from finetune.data.loader import index_loader
 from finetune.files import atomic_write, atomic_write_text
 from finetune.inference import load
+from finetune.speed import resolve_mixed_precision
 from finetune.train import accuracy_line, evaluate, use_cpu_cores
 
 
@@ -65,10 +66,16 @@ def evaluate_run(run_dir: str | Path, overrides: list[str]) -> dict:
     run_dir = Path(run_dir)
     saved = run_dir / "config.yaml"
     cfg = load_config(([f"recipe={saved}"] if saved.is_file() else []) + overrides)
-    accelerator = Accelerator()
+    # The run's own precision and memory layout: its test accuracy is then reproduced exactly
+    # (bf16 against fp32 can flip a borderline prediction).
+    precision = resolve_mixed_precision(cfg.train.mixed_precision, PartialState().device)
+    accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision)
     use_cpu_cores(accelerator)
-    # The model and preprocessing exactly as `finetune predict` rebuilds them.
+    # The model and preprocessing as `finetune predict` rebuilds them.
     predictor = load(run_dir, device=accelerator.device)
+    if cfg.train.channels_last:
+        predictor.model.to(memory_format=torch.channels_last)
+        predictor.transform.memory_format = torch.channels_last
     meta = predictor.meta
     with accelerator.main_process_first():
         _, test_data, source = load_data(cfg.data)
@@ -76,8 +83,9 @@ def evaluate_run(run_dir: str | Path, overrides: list[str]) -> dict:
         raise DataError(f"the test data's classes {test_data.classes} differ from the model's "
                          f"{meta['class_names']}")
     loader = accelerator.prepare(index_loader(len(test_data), cfg.train.eval_batch_size))
-    result = evaluate(predictor.model, test_data.to(accelerator.device), predictor.transform,
-                      loader, accelerator)
+    with accelerator.autocast():
+        result = evaluate(predictor.model, test_data.to(accelerator.device),
+                          predictor.transform, loader, accelerator)
     result["per_class"] = per_class(result["confusion"], meta["class_names"])
     result["data"] = source
     if accelerator.is_main_process:

@@ -194,3 +194,16 @@ def test_benchmark_scripts_run(fmnist_dir, tmp_path):
     assert seed["reached"]["0.0"] == [1, records[0]["epoch_time"]]
     assert seed["reached"]["1.01"] is None
     assert seed["final_acc"] == records[-1]["test_acc"]
+
+
+def test_evaluate_reproduces_a_bf16_channels_last_run(tiny_args, tmp_path):
+    from finetune.evaluation import evaluate_run
+
+    final = main(load_config(tiny_args + ["train.mixed_precision=bf16", "data.image_size=32",
+                                          "train.epochs=1"]))
+    assert final["mixed_precision"] == "bf16"
+    result = evaluate_run(tmp_path / "run", [])
+    # Evaluated as it was trained (bf16 autocast, channels_last): the same numbers, not ones
+    # off by bf16's rounding.
+    assert result["test_correct"] == final["test_correct"]
+    assert result["test_loss"] == pytest.approx(final["test_loss"], rel=1e-6)

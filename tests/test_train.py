@@ -153,8 +153,16 @@ def test_two_process_run_counts_every_test_image_once(tiny_args, tmp_path):
     _launch_two_cpu_processes(str(Path(finetune.__file__).parent / "run.py"), *tiny_args,
                               "train.epochs=1")
     records = _read_metrics(run)
-    # Global batch 16 = 2 x 8: an epoch is still 96 // 16 steps.
+    # Global batch 16 = 2 x 8: an epoch is still 96 // 16 steps, and the schedule took those 6
+    # steps (not 12): its last learning rate is the 1-process one after 6 steps.
     assert len(records[0]["batch_loss"]) == 6 and records[0]["test_total"] == 53
+    cfg = load_config(tiny_args + ["train.epochs=1"]).train
+    scheduler = make_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr),
+                               cfg, steps_per_epoch=6)
+    for _ in range(6):
+        scheduler.optimizer.step()
+        scheduler.step()
+    assert records[0]["lr"] == pytest.approx(scheduler.get_last_lr()[0], rel=1e-9)
     assert records[0]["train_acc"] * 96 == pytest.approx(round(records[0]["train_acc"] * 96))
 
     single = evaluate_run(run, [])
