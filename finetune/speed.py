@@ -100,8 +100,15 @@ def compile_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     with torch.random.fork_rng(devices=cuda):
         model.train()
         x = transform(images, train=True, gen=torch.Generator(images.device).manual_seed(0))
-        loss = F.cross_entropy(model(x), labels)
-        accelerator.backward(loss)
+        try:
+            loss = F.cross_entropy(model(x), labels)
+            accelerator.backward(loss)
+        except Exception as e:  # Inductor fails in many types; to the user they mean one thing
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise ConfigError(
+                f"train.compile=true: torch.compile failed ({type(e).__name__}: {first[:300]}). "
+                f"On a CPU it needs a C++ compiler (g++); install one, or set "
+                f"train.compile=false.") from e
     model.zero_grad(set_to_none=True)
     with torch.no_grad():
         for b, saved in zip(model.buffers(), buffers, strict=True):

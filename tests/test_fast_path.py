@@ -207,3 +207,18 @@ def test_evaluate_reproduces_a_bf16_channels_last_run(tiny_args, tmp_path):
     # off by bf16's rounding.
     assert result["test_correct"] == final["test_correct"]
     assert result["test_loss"] == pytest.approx(final["test_loss"], rel=1e-6)
+
+
+def test_compile_failure_is_a_clear_error(tiny_args, monkeypatch, capsys):
+    from finetune.cli import main as cli_main
+
+    def broken_compile(self, *args, **kwargs):
+        def fail(*a, **k):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+        self._compiled_call_impl = fail
+
+    monkeypatch.setattr(torch.nn.Module, "compile", broken_compile)
+    assert cli_main(["train", *tiny_args, "train.compile=true"]) == 2
+    err = capsys.readouterr().err
+    assert ("error: train.compile=true: torch.compile failed (RuntimeError: InvalidCxxCompiler: "
+            "No working C++ compiler found). On a CPU it needs a C++ compiler (g++)") in err
