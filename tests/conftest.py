@@ -63,7 +63,9 @@ def tiny_args(fmnist_dir: Path, tmp_path: Path) -> list[str]:
     """A scratch run shrunk to a few CPU seconds."""
     return ["recipe=resnet18_scratch_fmnist", f"data.root={fmnist_dir}", "data.image_size=16",
             "train.epochs=2", "train.batch_size=16", "train.eval_batch_size=20",
-            "train.lr=0.01", f"output_dir={tmp_path / 'run'}"]
+            "train.lr=0.01", f"output_dir={tmp_path / 'run'}",
+            # A ResNet-18 checkpoint is ~90 MB; the tests of checkpoints turn them back on.
+            "train.checkpoint=false"]
 
 
 @pytest.fixture(autouse=True)

@@ -184,7 +184,8 @@ def test_benchmark_scripts_run(fmnist_dir, tmp_path):
     tta = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "time_to_accuracy.py"),
          "recipe=resnet18_scratch_fmnist", f"data.root={fmnist_dir}", "data.image_size=16",
-         "train.epochs=2", "train.batch_size=16", "--seeds", "0", "--targets", "0.0,1.01",
+         "train.epochs=2", "train.batch_size=16", "train.checkpoint=false", "--seeds", "0",
+         "--targets", "0.0,1.01",
          "--out", str(tmp_path / "runs"), "--json", str(tmp_path / "tta.json")],
         capture_output=True, text=True, env=env)
     assert tta.returncode == 0, tta.stderr

@@ -34,6 +34,12 @@ def _same_weights(a: Path, b: Path) -> bool:
 
 
 @pytest.fixture
+def tiny_args(tiny_args):
+    """conftest's tiny run, with checkpoints on (the default) again."""
+    return tiny_args + ["train.checkpoint=true"]
+
+
+@pytest.fixture
 def ckpt_args(tiny_args):
     return tiny_args + ["train.epochs=2", "train.checkpoint_every=2", "train.keep_checkpoints=10",
                         "train.mixed_precision=fp32"]

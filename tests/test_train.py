@@ -24,7 +24,7 @@ def _read_metrics(out: Path) -> list[dict]:
 def test_end_to_end_writes_every_output(tiny_args, tmp_path, capsys):
     final = main(load_config(tiny_args))
     out = tmp_path / "run"
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.json", "config.yaml",
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "config.yaml",
                                                      "metrics.jsonl", "model.json",
                                                      "model.safetensors"]
     records = _read_metrics(out)
@@ -186,7 +186,8 @@ def test_two_process_evaluation_counts_10000_distinct_samples(tmp_path):
     _launch_two_cpu_processes(str(Path(finetune.__file__).parent / "run.py"),
                               "recipe=resnet18_scratch_fmnist", f"data.root={data}",
                               "data.image_size=16", "train.epochs=1", "train.batch_size=16",
-                              "train.eval_batch_size=512", "train.lr=0.01", f"output_dir={run}")
+                              "train.eval_batch_size=512", "train.lr=0.01", f"output_dir={run}",
+                              "train.checkpoint=false")
     (record,) = _read_metrics(run)
     assert record["test_total"] == 10_000 and sum(map(sum, record["confusion"])) == 10_000
     single = evaluate_run(run, [])
