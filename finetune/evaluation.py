@@ -6,15 +6,14 @@ import json
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, PartialState
 
 from finetune.config import load_config
 from finetune.data import DataError, load_data
 from finetune.data.loader import index_loader
 from finetune.files import atomic_write, atomic_write_text
 from finetune.inference import load
-from finetune.speed import resolve_mixed_precision
-from finetune.train import accuracy_line, evaluate, use_cpu_cores
+from finetune.speed import make_accelerator
+from finetune.train import accuracy_line, evaluate
 
 
 def per_class(confusion: list[list[int]], class_names: list[str]) -> list[dict]:
@@ -68,9 +67,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str]) -> dict:
     cfg = load_config(([f"recipe={saved}"] if saved.is_file() else []) + overrides)
     # The run's own precision and memory layout: its test accuracy is then reproduced exactly
     # (bf16 against fp32 can flip a borderline prediction).
-    precision = resolve_mixed_precision(cfg.train.mixed_precision, PartialState().device)
-    accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision)
-    use_cpu_cores(accelerator)
+    accelerator, _ = make_accelerator(cfg.train.mixed_precision)
     # The model and preprocessing as `finetune predict` rebuilds them.
     predictor = load(run_dir, device=accelerator.device)
     if cfg.train.channels_last:

@@ -1,18 +1,21 @@
-"""Speed settings around the loop: mixed precision, backend tuning, torch.compile, and reading
-a device value without waiting for it."""
+"""Speed settings around the loop: the Accelerator with its mixed precision and CPU threads,
+backend tuning, torch.compile, and reading a device value without waiting for it."""
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from torch import nn
 
 from finetune.data.loader import BatchTransform
 from finetune.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def resolve_mixed_precision(setting: str, device: torch.device) -> str:
@@ -30,6 +33,31 @@ def resolve_mixed_precision(setting: str, device: torch.device) -> str:
         raise ConfigError(f"train.mixed_precision=fp16 needs a CUDA GPU, but this run is on "
                           f"{device.type}; use bf16 or fp32.")
     return setting
+
+
+def make_accelerator(mixed_precision: str) -> tuple[Accelerator, str]:
+    """The Accelerator for ``train.mixed_precision`` (resolved: fp32, bf16 or fp16), with this
+    process's share of the CPU cores; training and ``finetune evaluate`` both start here, so an
+    evaluation runs in the precision its run trained in."""
+    precision = resolve_mixed_precision(mixed_precision, PartialState().device)
+    accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision)
+    use_cpu_cores(accelerator)
+    return accelerator, precision
+
+
+def use_cpu_cores(accelerator: Accelerator) -> None:
+    """On CPU, give each local process its share of the cores.
+
+    ``accelerate launch`` without a config sets OMP_NUM_THREADS=1, which halves CPU speed on a
+    2-core machine; a process that got one thread takes its share instead.
+    """
+    if accelerator.device.type != "cpu" or torch.get_num_threads() > 1:
+        return
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    share = max(1, len(os.sched_getaffinity(0)) // max(1, local))
+    if share > 1:
+        torch.set_num_threads(share)
+        log.info("using %d CPU threads per process (OMP_NUM_THREADS was 1)", share)
 
 
 def bf16_is_native(device: torch.device) -> bool:

@@ -11,7 +11,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from torch import nn
 from tqdm.auto import tqdm
@@ -54,7 +53,7 @@ from finetune.speed import (
     check_cpu_bf16,
     compile_model,
     copy_to_host,
-    resolve_mixed_precision,
+    make_accelerator,
     tune_backends,
 )
 
@@ -147,7 +146,7 @@ def evaluate(model: nn.Module, data: ImageData, transform: BatchTransform, loade
         logits = model(transform(images))
         loss = F.cross_entropy(logits.float(), labels, reduction="none")
         preds, labels, loss, idx = accelerator.gather_for_metrics(
-            (logits.argmax(1), labels, loss, idx.to(accelerator.device)))
+            (logits.argmax(1), labels, loss, idx))
         # index_add_, not bincount: bincount reads its input's max on the host (a sync).
         confusion.index_add_(0, labels * k + preds, torch.ones_like(preds))
         seen.index_add_(0, idx, torch.ones_like(idx))
@@ -316,27 +315,10 @@ def resume_run(cfg: Config, out: Path, accelerator: Accelerator, gen: torch.Gene
     return start_epoch, partial, records
 
 
-def use_cpu_cores(accelerator: Accelerator) -> None:
-    """On CPU, give each local process its share of the cores.
-
-    ``accelerate launch`` without a config sets OMP_NUM_THREADS=1, which halves CPU speed on a
-    2-core machine; a process that got one thread takes its share instead.
-    """
-    if accelerator.device.type != "cpu" or torch.get_num_threads() > 1:
-        return
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-    share = max(1, len(os.sched_getaffinity(0)) // max(1, local))
-    if share > 1:
-        torch.set_num_threads(share)
-        log.info("using %d CPU threads per process (OMP_NUM_THREADS was 1)", share)
-
-
 def main(cfg: Config) -> dict:
     """Train, evaluate after every epoch, export; return the last epoch's metrics."""
     tcfg = cfg.train
-    precision = resolve_mixed_precision(tcfg.mixed_precision, PartialState().device)
-    accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision)
-    use_cpu_cores(accelerator)
+    accelerator, precision = make_accelerator(tcfg.mixed_precision)
     out = prepare_output_dir(cfg, accelerator)
     set_seed(tcfg.seed)
     tune_backends(accelerator.device)
@@ -402,12 +384,15 @@ def main(cfg: Config) -> dict:
         atomic_write_text(out / "config.yaml", to_yaml(cfg))
     accelerator.wait_for_everyone()
 
+    def save(epoch: int, step: int, losses: torch.Tensor, correct: torch.Tensor) -> None:
+        save_checkpoint(accelerator, out, LoopState(epoch, step, gen.get_state(), losses,
+                                                    correct), tcfg.keep_checkpoints)
+
     def checkpoint(epoch: int, step: int, losses: torch.Tensor, correct: torch.Tensor) -> None:
         # Only a state reached with finite losses is saved: the last checkpoint stays good.
         check_finite(accelerator.reduce(losses[:step].clone(), "mean").tolist(), epoch,
                      steps_per_epoch, out)
-        save_checkpoint(accelerator, out, LoopState(epoch, step, gen.get_state(), losses[:step],
-                                                    correct), tcfg.keep_checkpoints)
+        save(epoch, step, losses[:step], correct)
 
     for epoch in range(start_epoch, tcfg.epochs + 1):
         start = time.perf_counter()
@@ -435,9 +420,8 @@ def main(cfg: Config) -> dict:
         if accelerator.is_main_process:
             atomic_write_text(out / "metrics.jsonl",
                               "".join(json.dumps(r) + "\n" for r in records))
-        if tcfg.checkpoint:  # the epoch is complete: the next one starts from step 0
-            checkpoint(epoch, steps_per_epoch, torch.zeros(steps_per_epoch, device=device),
-                       torch.zeros((), dtype=torch.long, device=device))
+        if tcfg.checkpoint:  # the epoch is complete (and checked): the next starts at step 0
+            save(epoch, steps_per_epoch, torch.zeros(0), torch.zeros((), dtype=torch.long))
 
     if accelerator.is_main_process:
         meta = {"architecture": cfg.model.name, "num_classes": len(train_data.classes),
