@@ -21,6 +21,9 @@ commands:
   predict MODEL IMAGE_OR_FOLDER... [--top-k K] [--json]
                                       top-k classes of images (MODEL: run folder or
                                       model.safetensors)
+  lr-find recipe=NAME [start_lr=1e-7] [end_lr=10] [steps=100] [key=value ...]
+                                      learning-rate range test: loss-vs-rate plot and a
+                                      suggested train.lr
   export-onnx RUN_DIR [--out PATH]    write model.onnx (dynamic batch)
   show recipe=NAME [key=value ...]    print the resolved config
   recipes                             list recipes
@@ -116,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="finetune", usage=USAGE)
     parser.add_argument("command", choices=["train", "evaluate", "predict", "export-onnx",
-                                            "show", "recipes", "models", "show-model"])
+                                            "show", "recipes", "models", "show-model",
+                                            "lr-find"])
     parser.add_argument("args", nargs="*")
     if not argv:
         parser.print_usage()
@@ -137,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
             evaluate_run(args[0], args[1:])
         elif ns.command == "predict":
             _predict(args)
+        elif ns.command == "lr-find":
+            from finetune.lr_find import main as lr_find_main
+
+            lr_find_main(args)
         elif ns.command == "export-onnx":
             _export_onnx(args)
         elif ns.command == "show":

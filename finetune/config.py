@@ -19,7 +19,8 @@ from omegaconf.errors import OmegaConfBaseException
 from finetune.errors import ConfigError
 from finetune.registry import INITS, NORMS
 
-__all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "TrainConfig", "load_config"]
+__all__ = ["Config", "ConfigError", "DataConfig", "FinetuneConfig", "ModelConfig", "TrainConfig",
+           "load_config"]
 
 
 @dataclass
@@ -61,6 +62,15 @@ class DataConfig:
     placement: str = "auto"
     # DataLoader worker processes for the streamed (host) placement.
     workers: int = 2
+    # Mixup / CutMix: Beta(alpha, alpha) mixing of each training batch with itself reversed
+    # (0: off). With both on, each batch takes one of the two at random (mix_switch: CutMix's
+    # probability).
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mix_switch: float = 0.5
+    # Fraction of the training images held out (a seeded, per-class draw) as a validation split,
+    # evaluated every epoch; early stopping watches it, never the test set.
+    val_split: float = 0.0
 
 
 @dataclass
@@ -77,7 +87,21 @@ class TrainConfig:
     weight_decay: float = 0.0
     schedule: str = "constant"
     warmup_epochs: float = 0.0
+    # schedule=step: the rate is multiplied by step_gamma at the start of each listed epoch.
+    step_epochs: list[int] = field(default_factory=list)
+    step_gamma: float = 0.1
     label_smoothing: float = 0.0
+    # Clip the global gradient norm to this value before each step (0: off).
+    clip_grad_norm: float = 0.0
+    # Gradient accumulation: each step's batch (batch_size, still the global batch per step)
+    # is processed in this many slices, for memory; the update is the same.
+    accumulate: int = 1
+    # Exponential moving average of the weights, updated every step (0: off; e.g. 0.999). The
+    # average is evaluated every epoch (ema_test_acc) and exported to <output_dir>/ema/.
+    ema_decay: float = 0.0
+    # Stop when the validation accuracy (data.val_split) has not improved for this many epochs,
+    # and export the best epoch's weights (0: off).
+    early_stopping: int = 0
     # auto: the launcher's --mixed_precision if it set one, else bf16 where the device computes
     # it natively (recent NVIDIA GPUs, CPUs with AVX512-BF16/AMX), else fp32.
     mixed_precision: str = "auto"
@@ -99,6 +123,22 @@ class TrainConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    # What trains: none (everything), backbone (only the classifier: a linear probe), or
+    # stages:N (the first N stages from the input frozen; ResNets: stem, layer1..layer4).
+    freeze: str = "none"
+    # Gradual unfreezing: at the start of each listed epoch the deepest frozen stage thaws.
+    unfreeze_at: list[int] = field(default_factory=list)
+    # Batch norm of the trainable stages: train, freeze_stats (running statistics fixed, scale
+    # and shift train) or freeze (both fixed). Frozen stages' batch norms are always fixed.
+    bn: str = "train"
+    # Learning rate of the classifier relative to train.lr, and the factor per stage going back
+    # from the head (layer-wise decay: 0.7 gives layer4 0.7x, layer3 0.49x, ...).
+    head_lr_mult: float = 1.0
+    layer_decay: float = 1.0
+
+
+@dataclass
 class Config:
     recipe: str | None = None
     description: str = ""
@@ -111,6 +151,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -119,7 +160,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.source": ("auto", "hf", "idx", "imagefolder"),
     "data.normalize": ("auto", "imagenet", "dataset", "none"),
     "train.optimizer": ("sgd", "adamw"),
-    "train.schedule": ("constant", "cosine", "onecycle"),
+    "train.schedule": ("constant", "cosine", "onecycle", "step"),
+    "finetune.bn": ("train", "freeze_stats", "freeze"),
     "train.mixed_precision": ("auto", "fp32", "bf16", "fp16"),
     "data.placement": ("auto", "device", "host"),
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune",
@@ -127,10 +169,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 POSITIVE = ("data.image_size", "data.train_limit", "data.eval_limit", "model.in_chans",
             "train.epochs", "train.batch_size", "train.eval_batch_size", "train.log_every",
-            "train.keep_checkpoints")
+            "train.keep_checkpoints", "train.accumulate", "finetune.head_lr_mult",
+            "finetune.layer_decay")
 NON_NEGATIVE = ("data.crop_pad", "data.workers", "train.checkpoint_every", "train.seed", "train.lr",
                 "train.momentum", "train.weight_decay", "train.warmup_epochs",
-                "train.label_smoothing")
+                "train.label_smoothing", "train.clip_grad_norm", "train.early_stopping",
+                "data.mixup", "data.cutmix", "train.step_gamma")
 
 
 def _schema_keys(cls: type = Config, prefix: str = "") -> list[str]:
@@ -273,7 +317,8 @@ def validate(cfg: Config) -> None:
     for key in POSITIVE:
         value = get(key)
         if value is not None and value <= 0:
-            raise ConfigError(f"'{key}' must be a positive integer, got {value}.")
+            kind = "a positive integer" if isinstance(value, int) else "positive"
+            raise ConfigError(f"'{key}' must be {kind}, got {value}.")
     for key in NON_NEGATIVE:
         if get(key) < 0:
             raise ConfigError(f"'{key}' must be >= 0, got {get(key)}.")
@@ -285,6 +330,18 @@ def validate(cfg: Config) -> None:
     if not 0 <= cfg.data.random_erasing <= 1:
         raise ConfigError(f"'data.random_erasing' is a probability in [0, 1], got "
                           f"{cfg.data.random_erasing}.")
+    for key in ("data.val_split", "data.mix_switch", "train.ema_decay"):
+        if not 0 <= get(key) < 1 and not (key == "data.mix_switch" and get(key) == 1):
+            raise ConfigError(f"'{key}' must be in [0, 1), got {get(key)}.")
+    if cfg.train.early_stopping and not cfg.data.val_split:
+        raise ConfigError("train.early_stopping needs a validation split: set data.val_split "
+                          "(e.g. 0.1); it never watches the test set.")
+    if cfg.train.batch_size % cfg.train.accumulate:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} must divide into "
+                          f"train.accumulate={cfg.train.accumulate} equal slices.")
+    if cfg.train.schedule == "step" and not cfg.train.step_epochs:
+        raise ConfigError("train.schedule=step needs train.step_epochs=[E1,E2,...], the epochs "
+                          "at whose start the rate drops by train.step_gamma.")
     if cfg.train.label_smoothing >= 1:
         raise ConfigError(f"'train.label_smoothing' must be < 1, got {cfg.train.label_smoothing}.")
     if cfg.data.source == "imagefolder" and not cfg.data.root:

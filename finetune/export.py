@@ -20,17 +20,21 @@ REQUIRED_META = ("architecture", "num_classes", "in_chans", "image_size", "mean"
                  "class_names")
 
 
+def save_weights(model: nn.Module, path: str | Path) -> None:
+    """The model's state dict as one safetensors file, written atomically."""
+    # torch.compile wraps the module; its state-dict keys carry an _orig_mod. prefix.
+    model = getattr(model, "_orig_mod", model)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+
+
 def save_model(model: nn.Module, meta: dict, out_dir: str | Path) -> None:
     """Write ``out_dir/model.safetensors`` and ``out_dir/model.json``."""
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise ValueError(f"model metadata lacks {missing}")
     out_dir = Path(out_dir)
-    # torch.compile wraps the module; its state-dict keys carry an _orig_mod. prefix.
-    model = getattr(model, "_orig_mod", model)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    atomic_write(out_dir / "model.safetensors",
-                 lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    save_weights(model, out_dir / "model.safetensors")
     atomic_write_text(out_dir / "model.json", json.dumps(meta, indent=2) + "\n")
     if meta["architecture"] in TIMM_ARCHITECTURES:
         atomic_write_text(out_dir / "config.json",

@@ -10,6 +10,7 @@ import time
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
+from accelerate.utils import GradientAccumulationPlugin
 from torch import nn
 
 from finetune.data.loader import BatchTransform
@@ -35,12 +36,17 @@ def resolve_mixed_precision(setting: str, device: torch.device) -> str:
     return setting
 
 
-def make_accelerator(mixed_precision: str) -> tuple[Accelerator, str]:
-    """The Accelerator for ``train.mixed_precision`` (resolved: fp32, bf16 or fp16), with this
-    process's share of the CPU cores; training and ``finetune evaluate`` both start here, so an
-    evaluation runs in the precision its run trained in."""
+def make_accelerator(mixed_precision: str, accumulate: int = 1) -> tuple[Accelerator, str]:
+    """The Accelerator for ``train.mixed_precision`` (resolved: fp32, bf16 or fp16) and
+    ``train.accumulate`` gradient-accumulation slices, with this process's share of the CPU
+    cores; training and ``finetune evaluate`` both start here, so an evaluation runs in the
+    precision its run trained in."""
     precision = resolve_mixed_precision(mixed_precision, PartialState().device)
-    accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision)
+    # Training batches do not come from a prepared DataLoader: accumulation counts slices only
+    # (sync_with_dataloader would also sync at the end of every evaluation loader).
+    plugin = GradientAccumulationPlugin(num_steps=accumulate, sync_with_dataloader=False)
+    accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision,
+                              gradient_accumulation_plugin=plugin)
     use_cpu_cores(accelerator)
     return accelerator, precision
 

@@ -14,13 +14,14 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -34,7 +35,7 @@ from finetune.checkpoint import (
     save_checkpoint,
 )
 from finetune.config import Config, TrainConfig, load_config, to_yaml
-from finetune.data import ImageData, load_data
+from finetune.data import ImageData, load_data, validation_split
 from finetune.data.loader import (
     BatchTransform,
     batches_on,
@@ -43,10 +44,20 @@ from finetune.data.loader import (
     place,
     train_batches,
 )
+from finetune.ema import EMA
 from finetune.errors import ConfigError, TrainingError
-from finetune.export import save_model
+from finetune.export import save_model, save_weights
 from finetune.files import atomic_write_text
+from finetune.mixing import mix_batch, mix_params
 from finetune.models import LoadedWeights, build_model, fetch_state_dict
+from finetune.optim import (
+    StagePlan,
+    freeze_for_good,
+    make_optimizer,
+    make_scheduler,
+    plan_stages,
+    set_bn_modes,
+)
 from finetune.runs import read_metrics
 from finetune.speed import (
     bf16_is_native,
@@ -58,51 +69,6 @@ from finetune.speed import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD or AdamW; weight decay only on weights of convs and linears (not norms, biases).
-
-    The fused implementation (one kernel for all parameters) is used where the parameters'
-    device has one; build the optimizer after moving the model.
-    """
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    from torch.optim.optimizer import _get_fused_kernels_supported_devices
-
-    fused = all(p.device.type in _get_fused_kernels_supported_devices() and p.is_floating_point()
-                for p in decay + no_decay)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
-                               nesterov=cfg.nesterov and cfg.momentum > 0, fused=fused)
-    elif cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused)
-    else:
-        raise ConfigError(f"unknown train.optimizer '{cfg.optimizer}'; valid: sgd, adamw")
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int
-                   ) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-step learning-rate schedule over the whole run."""
-    total = cfg.epochs * steps_per_epoch
-    warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total - 1)
-    if cfg.schedule == "onecycle":
-        pct = warmup / total if warmup else 0.25
-        return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.lr, total_steps=total, pct_start=pct, cycle_momentum=False)
-    elif cfg.schedule in ("cosine", "constant"):
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            if cfg.schedule == "constant":
-                return 1.0
-            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    else:
-        raise ConfigError(f"unknown train.schedule '{cfg.schedule}'; "
-                          f"valid: constant, cosine, onecycle")
 
 
 def normalization(mode: str, loaded: LoadedWeights | None, train: ImageData, in_chans: int
@@ -177,27 +143,75 @@ def check_finite(batch_loss: list[float], epoch: int, steps_per_epoch: int,
             f"the data.")
 
 
+# The best epoch's weights, kept while early stopping watches (and exported at the end).
+BEST = "best.safetensors"
+
+
+def early_stopping(records: list[dict], patience: int) -> tuple[int | None, bool]:
+    """(the epoch with the best validation accuracy, whether to stop now): stop once
+    ``patience`` epochs have passed without improving on it. (None, False) when off."""
+    if not patience:
+        return None, False
+    best = max(records, key=lambda r: (r["val_acc"], -r["epoch"]))["epoch"]
+    return best, records[-1]["epoch"] - best >= patience
+
+
+def _prefixed(prefix: str, result: dict) -> dict:
+    """``test_acc`` -> ``val_acc`` etc.: another split's or model's numbers beside the test's."""
+    return {f"{prefix}_{k.removeprefix('test_')}": v for k, v in result.items()
+            if k != "confusion"}
+
+
+def _describe_stage(plan: StagePlan, i: int, lr: float) -> str:
+    when = plan.trains_from[i]
+    state = "frozen" if when is None else f"frozen until epoch {when}" if when else "trains"
+    return f"{plan.names[i]} ({state}, lr {lr * plan.scale[i]:.3g})"
+
+
 def accuracy_line(result: dict) -> str:
     """What `finetune train` ends with and `finetune evaluate` prints: the same line."""
     return (f"test accuracy {result['test_acc']:.4f} "
             f"({result['test_correct']}/{result['test_total']})")
 
 
+@dataclass
+class Extras:
+    """What fine-tuning adds to a plain step: frozen stages and batch-norm modes, Mixup/CutMix,
+    the weight average. The defaults change nothing."""
+
+    plan: StagePlan | None = None
+    bn: str = "train"
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mix_switch: float = 0.5
+    ema: EMA | None = None
+    raw_model: nn.Module | None = None  # the unwrapped model, which the average follows
+
+
 def train_one_epoch(model: nn.Module, data: ImageData, transform: BatchTransform,
                     optimizer: torch.optim.Optimizer, scheduler, accelerator: Accelerator,
                     cfg: TrainConfig, epoch: int, gen: torch.Generator,
                     stream_workers: int | None = None, resume: LoopState | None = None,
-                    checkpoint: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
-                    ) -> dict:
+                    checkpoint: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+                    extras: Extras | None = None) -> dict:
     """One pass over the training data; metrics are accumulated on the device and read once.
 
     Batches are indexed from ``data`` where it lives (the device), or, with ``stream_workers``
     set, streamed from host memory by that many DataLoader workers. Nothing in the step waits
     for the device. ``resume`` continues the epoch where a checkpoint left it (its first
     ``resume.step`` batches skipped, its accumulators restored); ``checkpoint(steps_done, losses,
-    correct)`` is called every ``cfg.checkpoint_every`` steps.
+    correct)`` is called every ``cfg.checkpoint_every`` steps. Each step's batch is processed in
+    ``cfg.accumulate`` slices under ``accelerator.accumulate`` (one update per step).
     """
+    extras = extras or Extras()
     model.train()
+    thawing = []  # parameters of stages that train later: their gradients are dropped
+    if extras.plan is not None:
+        raw = extras.raw_model or model  # names as the plan has them (not DDP's module.*)
+        set_bn_modes(raw, extras.plan, epoch, extras.bn)
+        thawing = extras.plan.frozen_parameters(raw, epoch)
+    mixing = extras.mixup > 0 or extras.cutmix > 0
+    num_classes = len(data.classes)
     device = accelerator.device
     steps = len(data) // cfg.batch_size
     losses = torch.zeros(steps, device=device)
@@ -217,16 +231,33 @@ def train_one_epoch(model: nn.Module, data: ImageData, transform: BatchTransform
                disable=None if accelerator.is_local_main_process else True, dynamic_ncols=True)
     shown = None
     for step, (images, y) in enumerate(bar, start=first):
-        torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: the last step's outputs are done
         x = transform(images, train=True, gen=gen)
-        logits = model(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        optimizer.step()
+        target = y
+        if mixing:  # soft targets, label smoothing included
+            mix = mix_params(extras.mixup, extras.cutmix, extras.mix_switch, x.shape[-1],
+                             cfg.seed, epoch, step)
+            x, target = mix_batch(x, y, num_classes, cfg.label_smoothing, *mix)
+        # The augmented batch is sliced, so accumulation changes memory, not the data.
+        for xs, ts, ys in zip(x.chunk(cfg.accumulate), target.chunk(cfg.accumulate),
+                              y.chunk(cfg.accumulate), strict=True):
+            with accelerator.accumulate(model):
+                torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: last outputs are done
+                logits = model(xs)
+                loss = F.cross_entropy(logits, ts,
+                                       label_smoothing=0.0 if mixing else cfg.label_smoothing)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    for p in thawing:
+                        p.grad = None
+                    if cfg.clip_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+                optimizer.step()  # with accumulation: a no-op until the last slice
+                optimizer.zero_grad(set_to_none=True)
+            losses[step] += loss.detach() / cfg.accumulate
+            correct += (logits.argmax(1) == ys).sum()
         scheduler.step()
-        losses[step] = loss.detach()
-        correct += (logits.argmax(1) == y).sum()
+        if extras.ema is not None:
+            extras.ema.update(extras.raw_model)
         if step % cfg.log_every == 0 and not bar.disable:
             if shown is not None and (shown[1] is None or shown[1].query()):
                 bar.set_postfix(loss=f"{float(shown[0]):.4f}")
@@ -315,13 +346,28 @@ def resume_run(cfg: Config, out: Path, accelerator: Accelerator, gen: torch.Gene
     return start_epoch, partial, records
 
 
-def main(cfg: Config) -> dict:
-    """Train, evaluate after every epoch, export; return the last epoch's metrics."""
+@dataclass
+class Setup:
+    """A run's model (on its device, stages frozen, not yet wrapped), data and preprocessing."""
+
+    model: nn.Module
+    loaded: LoadedWeights | None
+    plan: StagePlan
+    transform: BatchTransform
+    train_data: ImageData
+    test_data: ImageData
+    val_data: ImageData | None
+    source: str
+    placement: str
+    in_chans: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def setup(cfg: Config, accelerator: Accelerator, precision: str) -> Setup:
+    """Load the data and the model (pretrained weights, frozen stages) and place both; shared
+    by training and the learning-rate finder."""
     tcfg = cfg.train
-    accelerator, precision = make_accelerator(tcfg.mixed_precision)
-    out = prepare_output_dir(cfg, accelerator)
-    set_seed(tcfg.seed)
-    tune_backends(accelerator.device)
     if tcfg.batch_size % accelerator.num_processes:
         raise ConfigError(f"train.batch_size={tcfg.batch_size} is the global batch and must "
                           f"divide evenly over {accelerator.num_processes} processes.")
@@ -331,6 +377,9 @@ def main(cfg: Config) -> dict:
         fetched = (fetch_state_dict(cfg.model.name, cfg.model.weights)
                    if cfg.model.pretrained else None)
         train_data, test_data, source = load_data(cfg.data)
+    val_data = None
+    if cfg.data.val_split:  # carved from the training images: early stopping never sees test
+        train_data, val_data = validation_split(train_data, cfg.data.val_split, tcfg.seed)
     if len(train_data) < tcfg.batch_size:
         raise ConfigError(f"train.batch_size={tcfg.batch_size} exceeds the {len(train_data)} "
                           f"training images; lower train.batch_size or raise data.train_limit.")
@@ -353,6 +402,8 @@ def main(cfg: Config) -> dict:
     placement = place(train_data, cfg.data.placement, device, test_data)
     if placement == "device":
         train_data, test_data = train_data.to(device), test_data.to(device)
+    if val_data is not None:
+        val_data = val_data.to(device) if placement == "device" else val_data
     log.info("mixed precision %s, %s, data on the %s%s", precision,
              "channels_last" if tcfg.channels_last else "NCHW", placement,
              ", torch.compile" if tcfg.compile else "")
@@ -362,17 +413,44 @@ def main(cfg: Config) -> dict:
             log.warning("this CPU has no bf16 arithmetic (AVX512-BF16/AMX): bf16 is emulated "
                         "and slower than fp32 here; set train.mixed_precision=fp32")
     model.to(device, memory_format=transform.memory_format)
-    optimizer = make_optimizer(model, tcfg)
+    plan = plan_stages(model, cfg.finetune)
+    freeze_for_good(model, plan, cfg.finetune.bn)  # before DDP wraps the model
+    log.info("stages %s", ", ".join(_describe_stage(plan, i, tcfg.lr)
+                                    for i in range(len(plan.names))))
+    return Setup(model, loaded, plan, transform, train_data, test_data, val_data, source,
+                 placement, in_chans, mean, std)
+
+
+def main(cfg: Config) -> dict:
+    """Train, evaluate after every epoch, export; return the last epoch's metrics."""
+    tcfg = cfg.train
+    accelerator, precision = make_accelerator(tcfg.mixed_precision, tcfg.accumulate)
+    out = prepare_output_dir(cfg, accelerator)
+    set_seed(tcfg.seed)
+    tune_backends(accelerator.device)
+    run = setup(cfg, accelerator, precision)
+    model, plan, transform, placement = run.model, run.plan, run.transform, run.placement
+    train_data, test_data, val_data = run.train_data, run.test_data, run.val_data
+    device = accelerator.device
+    optimizer = make_optimizer(model, tcfg, plan)
     steps_per_epoch = len(train_data) // tcfg.batch_size  # the last partial batch is dropped
-    scheduler = make_scheduler(optimizer, tcfg, steps_per_epoch)
+    scheduler = make_scheduler(optimizer, tcfg, steps_per_epoch, plan)
     model, optimizer, eval_loader = accelerator.prepare(
         model, optimizer, index_loader(len(test_data), tcfg.eval_batch_size))
+    val_loader = (accelerator.prepare(index_loader(len(val_data), tcfg.eval_batch_size))
+                  if val_data is not None else None)
     accelerator.register_for_checkpointing(scheduler)
+    raw = accelerator.unwrap_model(model)
+    ema = EMA(raw, tcfg.ema_decay) if tcfg.ema_decay else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    extras = Extras(plan, cfg.finetune.bn, cfg.data.mixup, cfg.data.cutmix,
+                    cfg.data.mix_switch, ema, raw)
     gen = torch.Generator(device=device).manual_seed(tcfg.seed * 7919 + accelerator.process_index)
     compile_time = None
     if tcfg.compile:
-        sample = gather(train_data, torch.arange(tcfg.batch_size // accelerator.num_processes),
-                        device)
+        per_slice = tcfg.batch_size // accelerator.num_processes // tcfg.accumulate
+        sample = gather(train_data, torch.arange(per_slice), device)
         compile_time = compile_model(model, *sample, transform, accelerator, tcfg.compile_mode)
         accelerator.print(f"compiled the model in {compile_time:.1f} s (not counted as training)")
 
@@ -401,11 +479,18 @@ def main(cfg: Config) -> dict:
         record.update(train_one_epoch(
             model, train_data, transform, optimizer, scheduler, accelerator, tcfg, epoch, gen,
             cfg.data.workers if placement == "host" else None, resume,
-            functools.partial(checkpoint, epoch) if tcfg.checkpoint else None))
+            functools.partial(checkpoint, epoch) if tcfg.checkpoint else None, extras))
         train_time = time.perf_counter() - start  # the .tolist() above waited for the device
         check_finite(record["batch_loss"], epoch, steps_per_epoch, out)
         images = (steps_per_epoch - (resume.step if resume else 0)) * tcfg.batch_size
         record.update(evaluate(model, test_data, transform, eval_loader, accelerator))
+        if val_data is not None:
+            record.update(_prefixed("val", evaluate(model, val_data, transform, val_loader,
+                                                    accelerator)))
+        if ema is not None:
+            with accelerator.autocast():
+                record.update(_prefixed("ema_test", evaluate(ema.module, test_data, transform,
+                                                             eval_loader, accelerator)))
         if epoch == 1 and compile_time is not None:
             record["compile_time"] = round(compile_time, 3)
         record.update(mixed_precision=precision, placement=placement,
@@ -417,22 +502,38 @@ def main(cfg: Config) -> dict:
             f"epoch {epoch}/{tcfg.epochs}: train loss {record['train_loss']:.4f}, train acc "
             f"{record['train_acc']:.4f}, test acc {record['test_acc']:.4f}, "
             f"{train_time:.1f} s ({record['train_images_per_sec']:.0f} img/s)")
+        best, stop = early_stopping(records, tcfg.early_stopping)
         if accelerator.is_main_process:
+            if tcfg.early_stopping and best == epoch:  # the weights to export if it stops
+                save_weights(raw, out / BEST)
             atomic_write_text(out / "metrics.jsonl",
                               "".join(json.dumps(r) + "\n" for r in records))
         if tcfg.checkpoint:  # the epoch is complete (and checked): the next starts at step 0
             save(epoch, steps_per_epoch, torch.zeros(0), torch.zeros((), dtype=torch.long))
+        if stop:
+            accelerator.print(f"early stopping: validation accuracy has not improved for "
+                              f"{tcfg.early_stopping} epochs since epoch {best}")
+            break
 
     if accelerator.is_main_process:
         meta = {"architecture": cfg.model.name, "num_classes": len(train_data.classes),
-                "in_chans": in_chans, "image_size": cfg.data.image_size,
-                "norm": cfg.model.norm, "mean": list(mean),
-                "std": list(std), "interpolation": "bilinear", "class_names": train_data.classes,
-                "recipe": cfg.recipe, "pretrained": loaded.source if loaded else None,
-                "data": source, "finetune_version": __version__}
-        save_model(accelerator.unwrap_model(model), meta, out)
+                "in_chans": run.in_chans, "image_size": cfg.data.image_size,
+                "norm": cfg.model.norm, "mean": list(run.mean), "std": list(run.std),
+                "interpolation": "bilinear", "class_names": train_data.classes,
+                "recipe": cfg.recipe, "pretrained": run.loaded.source if run.loaded else None,
+                "data": run.source, "finetune_version": __version__}
+        if tcfg.early_stopping:  # export the best epoch's weights, not the last one's
+            best, _ = early_stopping(records, tcfg.early_stopping)
+            raw.load_state_dict(load_file(out / BEST))
+            meta["early_stopping"] = {"best_epoch": best, "epochs_run": len(records),
+                                      "val_acc": records[best - 1]["val_acc"]}
+        save_model(raw, meta, out)
+        if ema is not None:
+            save_model(ema.module, {**meta, "ema_decay": tcfg.ema_decay}, out / "ema")
     accelerator.wait_for_everyone()
     final = records[-1]
+    if tcfg.early_stopping:  # the exported model is the best epoch's: report its numbers
+        final = records[early_stopping(records, tcfg.early_stopping)[0] - 1]
     accelerator.print(f"{accuracy_line(final)}; run saved to {out}")
     accelerator.end_training()
     return final

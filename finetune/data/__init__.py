@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
+
 from finetune.config import DataConfig
 from finetune.data.idx import DataError
 from finetune.data.sources import (
@@ -16,7 +18,7 @@ from finetune.data.sources import (
     load_imagefolder,
 )
 
-__all__ = ["DataError", "ImageData", "load_data"]
+__all__ = ["DataError", "ImageData", "load_data", "validation_split"]
 log = logging.getLogger(__name__)
 
 _FIX = ("Fix: install the Debian package (apt-get install dataset-fashion-mnist), pass "
@@ -69,3 +71,21 @@ def load_data(cfg: DataConfig) -> tuple[ImageData, ImageData, str]:
     if len(train) == 0 or len(test) == 0:
         raise DataError(f"{source}: empty split ({len(train)} train, {len(test)} test images).")
     return train, test, source
+
+
+def validation_split(data: ImageData, fraction: float, seed: int) -> tuple[ImageData, ImageData]:
+    """``(train, val)``: ``fraction`` of each class's images, drawn with ``seed``, held out.
+    Both keep the original order of their images."""
+    gen = torch.Generator().manual_seed(seed)
+    held = torch.zeros(len(data), dtype=torch.bool)
+    for k in range(len(data.classes)):
+        members = torch.nonzero(data.labels.cpu() == k).flatten()
+        take = round(fraction * len(members))
+        held[members[torch.randperm(len(members), generator=gen)[:take]]] = True
+    if not held.any() or held.all():
+        raise DataError(f"data.val_split={fraction} of {len(data)} training images leaves "
+                        f"{int(held.sum())} for validation and {int((~held).sum())} for "
+                        f"training; both need some.")
+    def part(mask: torch.Tensor) -> ImageData:
+        return ImageData(data.images[mask], data.labels[mask], data.classes)
+    return part(~held), part(held)

@@ -1,0 +1,336 @@
+"""Fine-tuning strategies: freezing and gradual unfreezing (also on 2 processes), batch-norm
+modes, stage learning rates, schedules, EMA, Mixup/CutMix, early stopping, accumulation,
+clipping and the learning-rate finder."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from test_train import _launch_two_cpu_processes
+
+import finetune
+from finetune.config import ConfigError, FinetuneConfig, TrainConfig, load_config
+from finetune.ema import EMA
+from finetune.mixing import mix_batch, mix_params, soft_targets
+from finetune.models import create_model
+from finetune.optim import make_optimizer, make_scheduler, plan_stages, stages
+from finetune.train import main
+
+STEM = ("conv1.", "bn1.")
+
+
+def _stage_of(key: str) -> str:
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        if key.startswith(name + "."):
+            return name
+    return "head" if key.startswith("fc.") else "stem"
+
+
+@pytest.fixture
+def start_weights(tmp_path):
+    """A 10-class 1-channel ResNet-18 state dict (the 'pretrained' weights), as a .pth file."""
+    torch.manual_seed(3)
+    state = create_model("resnet18", num_classes=10, in_chans=1, image_size=16).state_dict()
+    path = tmp_path / "start.pth"
+    torch.save(state, path)
+    return state, path
+
+
+@pytest.fixture
+def ft_args(tiny_args, start_weights):
+    """The tiny run, starting from ``start_weights`` (same classes: the head is kept)."""
+    return [a for a in tiny_args if not a.startswith("recipe=")] + [
+        "recipe=resnet18_cpu_fmnist", "model.pretrained=true",
+        f"model.weights={start_weights[1]}", "train.mixed_precision=fp32", "train.lr=0.05"]
+
+
+def _changed(before: dict, after: dict) -> set[str]:
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+# --- stages and freezing ---------------------------------------------------------------------
+
+
+def test_stages_cover_every_parameter_once():
+    for name, expected in [
+        ("resnet18", ["stem", "layer1", "layer2", "layer3", "layer4", "head"]),
+        ("vgg11_narrow", ["features1", "features2", "features3", "features4", "features5",
+                          "classifier", "head"]),
+        ("alexnet_lecture", ["features1", "features2", "features3", "classifier", "head"]),
+    ]:
+        model = create_model(name, num_classes=10, in_chans=1, image_size=64)
+        found = stages(model)
+        assert [n for n, _ in found] == expected
+        params = [n for n, _ in model.named_parameters()]
+        owners = [sum(n == p or n.startswith(p + ".") for _, ps in found for p in ps)
+                  for n in params]
+        assert owners == [1] * len(params)
+
+
+def test_linear_probe_changes_only_the_head(ft_args, start_weights, tmp_path):
+    main(load_config(ft_args + ["finetune.freeze=backbone", "train.epochs=1"]))
+    after = load_file(tmp_path / "run" / "model.safetensors")
+    before = {k: v for k, v in start_weights[0].items()}
+    # Weights and batch-norm statistics of the backbone: untouched. The head: trained.
+    assert _changed(before, after) == {"fc.weight", "fc.bias"}
+
+
+def test_frozen_stages_and_bn_modes(ft_args, start_weights, tmp_path):
+    before = start_weights[0]
+    main(load_config(ft_args + ["finetune.freeze=stages:3", "train.epochs=1",
+                                "finetune.bn=freeze_stats"]))
+    changed = _changed(before, load_file(tmp_path / "run" / "model.safetensors"))
+    assert {_stage_of(k) for k in changed} == {"layer3", "layer4", "head"}
+    # freeze_stats: no running statistics moved, anywhere; scale and shift did train.
+    assert not any("running_" in k or "num_batches" in k for k in changed)
+    assert "layer4.0.bn1.weight" in changed
+    main(load_config(ft_args + ["finetune.bn=freeze", "train.epochs=1", "overwrite=true"]))
+    changed = _changed(before, load_file(tmp_path / "run" / "model.safetensors"))
+    assert not any("bn" in k or "downsample.1" in k for k in changed)
+    assert "layer1.0.conv1.weight" in changed
+
+
+def _check_unfreezing(run: Path, before: dict) -> None:
+    """freeze=backbone, unfreeze_at=[2, 3]: epoch 1 trains the head, epoch 2 adds layer4,
+    epoch 3 adds layer3; nothing else ever moves."""
+    ckpts = sorted((run / "checkpoints").iterdir())
+    trained = [{_stage_of(k) for k in _changed(before, load_file(c / "model.safetensors"))}
+               for c in ckpts]
+    assert trained == [{"head"}, {"head", "layer4"}, {"head", "layer4", "layer3"}]
+
+
+def test_gradual_unfreezing_thaws_one_stage_per_epoch(ft_args, start_weights, tmp_path):
+    main(load_config(ft_args + ["finetune.freeze=backbone", "finetune.unfreeze_at=[2,3]",
+                                "train.epochs=3", "train.checkpoint=true",
+                                "train.keep_checkpoints=3"]))
+    _check_unfreezing(tmp_path / "run", start_weights[0])
+
+
+@pytest.mark.slow
+def test_gradual_unfreezing_on_two_processes(ft_args, start_weights, tmp_path):
+    _launch_two_cpu_processes(str(Path(finetune.__file__).parent / "run.py"), *ft_args,
+                              "finetune.freeze=backbone", "finetune.unfreeze_at=[2,3]",
+                              "train.epochs=3", "train.checkpoint=true",
+                              "train.keep_checkpoints=3")
+    _check_unfreezing(tmp_path / "run", start_weights[0])
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("finetune.freeze=stages:6", "5 stages before its head"),
+    ("finetune.freeze=layer3", "valid: none, backbone, stages:N"),
+    ("finetune.unfreeze_at=[2]", "only 0 stages are frozen"),
+])
+def test_freeze_settings_are_checked(setting, message):
+    model = create_model("resnet18", num_classes=10, in_chans=1, image_size=16)
+    cfg = load_config([setting]).finetune
+    with pytest.raises(ConfigError, match=message):
+        plan_stages(model, cfg)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train.early_stopping=2"], "needs a validation split"),
+    (["train.accumulate=3", "train.batch_size=16"], "equal slices"),
+    (["train.schedule=step"], "train.step_epochs"),
+    (["data.val_split=1.5"], r"'data.val_split' must be in \[0, 1\)"),
+])
+def test_strategy_config_errors(args, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(args)
+
+
+# --- learning rates and schedules ------------------------------------------------------------
+
+
+def test_head_multiplier_and_layer_decay():
+    model = create_model("resnet18", num_classes=10, in_chans=1, image_size=16)
+    plan = plan_stages(model, FinetuneConfig(head_lr_mult=10, layer_decay=0.5))
+    optimizer = make_optimizer(model, TrainConfig(lr=0.1), plan)
+    make_scheduler(optimizer, TrainConfig(lr=0.1), steps_per_epoch=5, plan=plan)
+    lr = {plan.names[g["stage"]]: g["lr"] for g in optimizer.param_groups}
+    assert lr == pytest.approx({"head": 1.0, "layer4": 0.05, "layer3": 0.025,
+                                "layer2": 0.0125, "layer1": 0.00625, "stem": 0.003125})
+    # Weight decay: conv and linear weights only.
+    for g in optimizer.param_groups:
+        assert (g["weight_decay"] > 0) == all(p.ndim > 1 for p in g["params"])
+
+
+def _lrs(cfg: TrainConfig, steps: int, steps_per_epoch: int) -> list[float]:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = make_scheduler(opt, cfg, steps_per_epoch)
+    out = []
+    for _ in range(steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_step_schedule_values():
+    cfg = TrainConfig(lr=1.0, epochs=4, schedule="step", step_epochs=[2, 4], step_gamma=0.1)
+    lrs = _lrs(cfg, 20, 5)
+    # Epoch 1 (steps 0-4) and 2 at 1.0... the rate drops at the start of epochs 2 and 4.
+    assert lrs == pytest.approx([1.0] * 5 + [0.1] * 10 + [0.01] * 5)
+
+
+@pytest.mark.parametrize("warmup", [0.0, 0.4])
+def test_onecycle_matches_torch_step_for_step(warmup):
+    cfg = TrainConfig(lr=0.3, epochs=3, schedule="onecycle", warmup_epochs=warmup)
+    mine = _lrs(cfg, 30, 10)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.3)
+    ref = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.3, total_steps=30,
+                                              pct_start=(warmup * 10 / 30) or 0.25,
+                                              cycle_momentum=False)
+    theirs = []
+    for _ in range(30):
+        theirs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        ref.step()
+    assert mine == pytest.approx(theirs, rel=1e-9)
+
+
+# --- EMA, mixing -----------------------------------------------------------------------------
+
+
+def test_ema_is_the_hand_computed_average():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    ema = EMA(model, decay=0.9)
+    w0 = model[0].weight.detach().clone()
+    history = []
+    for step in range(3):
+        with torch.no_grad():
+            model[0].weight.add_(step + 1.0)
+            model[1].running_mean.fill_(step)
+        history.append(model[0].weight.detach().clone())
+        ema.update(model)
+    expected = w0
+    for w in history:
+        expected = 0.9 * expected + 0.1 * w
+    torch.testing.assert_close(ema.module[0].weight, expected, rtol=0, atol=1e-6)
+    assert torch.equal(ema.module[1].running_mean, torch.full((2,), 2.0))  # buffers copied
+
+
+def test_ema_run_evaluates_and_exports_the_average(ft_args, tmp_path):
+    main(load_config(ft_args + ["train.ema_decay=0.5", "train.epochs=1"]))
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert 0 <= record["ema_test_acc"] <= 1 and record["ema_test_total"] == 53
+    ema, raw = (load_file(tmp_path / "run" / d / "model.safetensors") for d in ("ema", "."))
+    assert ema.keys() == raw.keys() and not torch.equal(ema["fc.weight"], raw["fc.weight"])
+    assert json.loads((tmp_path / "run" / "ema" / "model.json").read_text())["ema_decay"] == 0.5
+
+
+def test_mixup_mixes_images_and_labels():
+    x = torch.arange(4 * 1 * 2 * 2, dtype=torch.float32).view(4, 1, 2, 2)
+    y = torch.tensor([0, 1, 2, 1])
+    mixed, t = mix_batch(x, y, 3, 0.0, "mixup", 0.7, None)
+    torch.testing.assert_close(mixed, 0.7 * x + 0.3 * x.flip(0))
+    # Sample 0 is 0.7 of class 0 and 0.3 of sample 3's class 1.
+    torch.testing.assert_close(t[0], torch.tensor([0.7, 0.3, 0.0]))
+    torch.testing.assert_close(t[1], torch.tensor([0.0, 0.7, 0.3]))
+    smoothed = soft_targets(torch.tensor([2]), 4, 0.2)  # as F.cross_entropy's smoothing
+    torch.testing.assert_close(smoothed, torch.tensor([[0.05, 0.05, 0.85, 0.05]]))
+
+
+def test_cutmix_pastes_a_box_and_weights_labels_by_area():
+    kind, lam, box = mix_params(0.0, 1.0, 0.5, 16, seed=0, epoch=1, step=3)
+    assert kind == "cutmix" and (kind, lam, box) == mix_params(0.0, 1.0, 0.5, 16, 0, 1, 3)
+    y0, y1, x0, x1 = box
+    assert lam == pytest.approx(1 - (y1 - y0) * (x1 - x0) / 256)
+    x = torch.randn(2, 1, 16, 16)
+    mixed, t = mix_batch(x, torch.tensor([0, 1]), 2, 0.0, kind, lam, box)
+    torch.testing.assert_close(mixed[0, :, y0:y1, x0:x1], x[1, :, y0:y1, x0:x1])
+    outside = torch.ones(16, 16, dtype=torch.bool)
+    outside[y0:y1, x0:x1] = False
+    torch.testing.assert_close(mixed[0, 0][outside], x[0, 0][outside])
+    torch.testing.assert_close(t[0], torch.tensor([lam, 1 - lam]))
+    kinds = {mix_params(1.0, 1.0, 0.5, 16, 0, 1, s)[0] for s in range(40)}
+    assert kinds == {"mixup", "cutmix"}  # both on: each batch picks one
+
+
+def test_mixup_run_trains(ft_args, tmp_path):
+    main(load_config(ft_args + ["data.mixup=0.4", "data.cutmix=1.0", "train.epochs=1"]))
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert math.isfinite(record["train_loss"]) and record["test_total"] == 53
+
+
+# --- early stopping, accumulation, clipping --------------------------------------------------
+
+
+def test_early_stopping_exports_the_best_epoch(ft_args, tmp_path, monkeypatch):
+    import finetune.train as train
+
+    scripted = iter([0.5, 0.8, 0.6, 0.7, 0.9])  # validation accuracy of epochs 1..5
+    real = train.evaluate
+
+    def evaluate(model, data, *args):
+        result = real(model, data, *args)
+        if len(data) != 53:  # the validation split (the test split has 53 images)
+            result["test_acc"] = next(scripted)
+        return result
+
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    final = main(load_config(ft_args + ["data.val_split=0.25", "train.early_stopping=2",
+                                        "train.epochs=5", "train.checkpoint=true",
+                                        "train.keep_checkpoints=5"]))
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val_acc"] for r in records] == [0.5, 0.8, 0.6, 0.7]  # stopped after epoch 4
+    # 96 images, 9 or 10 per class: a quarter of each class (2) held out, 76 left to train.
+    assert records[0]["val_total"] == 20 and records[0]["test_total"] == 53
+    exported = load_file(run / "model.safetensors")
+    best = load_file(run / "checkpoints" / "epoch0002-step000004" / "model.safetensors")
+    last = load_file(run / "checkpoints" / "epoch0004-step000004" / "model.safetensors")
+    assert not _changed(best, exported) and _changed(last, exported)
+    meta = json.loads((run / "model.json").read_text())
+    assert meta["early_stopping"] == {"best_epoch": 2, "epochs_run": 4, "val_acc": 0.8}
+    assert final["epoch"] == 2
+
+
+def test_accumulation_equals_one_step_on_the_whole_batch(ft_args, start_weights, tmp_path):
+    # Batch norm on running statistics (freeze_stats) makes a slice's output independent of
+    # the other slices, so 4 slices of 4 must give the step of one batch of 16.
+    common = ft_args + ["finetune.bn=freeze_stats", "train.epochs=1"]
+    main(load_config(common + [f"output_dir={tmp_path / 'one'}"]))
+    main(load_config(common + ["train.accumulate=4", f"output_dir={tmp_path / 'four'}"]))
+    one, four = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "four"))
+    for k in one:
+        torch.testing.assert_close(four[k], one[k], rtol=1e-4, atol=1e-5)
+    assert "layer1.0.conv1.weight" in _changed(start_weights[0], one)  # it did train
+    losses = [json.loads((tmp_path / d / "metrics.jsonl").read_text())["batch_loss"]
+              for d in ("one", "four")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+def test_gradient_clipping_bounds_the_step(ft_args, start_weights, tmp_path):
+    # Plain SGD (no momentum) with the gradient norm clipped to 1e-6: no weight moves more
+    # than lr * 1e-6 per step, over 6 steps.
+    main(load_config(ft_args + ["train.clip_grad_norm=1e-6", "train.momentum=0",
+                                "train.epochs=1", "train.schedule=constant",
+                                "train.weight_decay=0", "finetune.bn=freeze_stats"]))
+    after = load_file(tmp_path / "run" / "model.safetensors")
+    moved = max(float((after[k] - v).abs().max()) for k, v in start_weights[0].items()
+                if v.is_floating_point())
+    assert 0 < moved <= 6 * 0.05 * 1e-6 * 1.001
+
+
+# --- LR finder -------------------------------------------------------------------------------
+
+
+def test_lr_find_writes_plot_and_suggestion(ft_args, tmp_path, capsys):
+    from finetune.cli import main as cli_main
+
+    out = tmp_path / "lr"
+    args = [a for a in ft_args if not a.startswith("output_dir=")] + [f"output_dir={out}"]
+    assert cli_main(["lr-find", *args, "start_lr=1e-5", "end_lr=1e3", "steps=40"]) == 0
+    result = json.loads((out / "lr_find.json").read_text())
+    lrs = result["lr"]
+    assert lrs[0] == pytest.approx(1e-5) and lrs[1] / lrs[0] == pytest.approx(1e8 ** (1 / 39))
+    assert lrs[0] <= result["suggested_lr"] <= result["min_loss_lr"]
+    assert len(result["loss"]) == len(lrs) <= 40
+    assert "suggested train.lr=" in capsys.readouterr().out
+    with Image.open(out / "lr_find.png") as im:
+        im.verify()
+    assert not (out / "model.safetensors").exists()
