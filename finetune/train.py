@@ -337,7 +337,7 @@ def main(cfg: Config) -> dict:
     in_chans = cfg.model.in_chans or train_data.images.shape[1]
     model, loaded = build_model(cfg.model, num_classes=len(train_data.classes),
                                 in_chans=in_chans, image_size=cfg.data.image_size,
-                                fetched=fetched)
+                                fetched=fetched, class_names=train_data.classes)
     mean, std = normalization(cfg.data.normalize, loaded, train_data, in_chans)
     transform = BatchTransform(cfg.data.image_size, in_chans, mean, std,
                                hflip=cfg.data.hflip, crop_pad=cfg.data.crop_pad,
@@ -429,7 +429,8 @@ def main(cfg: Config) -> dict:
                 "norm": cfg.model.norm, "mean": list(mean),
                 "std": list(std), "interpolation": "bilinear", "class_names": train_data.classes,
                 "recipe": cfg.recipe, "pretrained": loaded.source if loaded else None,
-                "data": source, "finetune_version": __version__}
+                "data": source, "train_images": len(train_data),
+                "test_images": len(test_data), "finetune_version": __version__}
         save_model(accelerator.unwrap_model(model), meta, out)
     accelerator.wait_for_everyone()
     final = records[-1]
