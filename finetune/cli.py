@@ -21,6 +21,13 @@ commands:
   predict MODEL IMAGE_OR_FOLDER... [--top-k K] [--json]
                                       top-k classes of images (MODEL: run folder or
                                       model.safetensors)
+  compare recipe=A,B [seeds=3] [targets=0.8,0.9] [output_dir=DIR] [A:key=value] [key=value ...]
+                                      train each recipe over paired seeds under one budget
+                                      (data.train_limit=100,1000,... sweeps training-set
+                                      sizes), then write a report (tables, plots, HTML)
+  compare RUN_DIR... [output_dir=DIR] [targets=...]
+                                      the same report from finished runs
+  report RUN_DIR [output_dir=DIR]     the report of one run (plots, report.md/.html)
   lr-find recipe=NAME [start_lr=1e-7] [end_lr=10] [steps=100] [key=value ...]
                                       learning-rate range test: loss-vs-rate plot and a
                                       suggested train.lr
@@ -115,12 +122,55 @@ def _export_onnx(args: list[str]) -> None:
     print(f"wrote {export_onnx(ns.run_dir, ns.out)}")
 
 
+def _compare(args: list[str]) -> None:
+    import shlex
+    import time
+    from pathlib import Path
+
+    from finetune.compare import plan_comparison, run_comparison
+    from finetune.report import build_report, find_runs
+
+    if any(a.startswith("recipe=") for a in args):
+        plan = plan_comparison(args)
+        runs = run_comparison(plan)
+        command = "finetune compare " + " ".join(map(shlex.quote, args))
+        report = build_report(runs, plan.out / "report", plan.targets, command)
+    else:
+        options = {k: v for k, _, v in (a.partition("=") for a in args if "=" in a)}
+        unknown = sorted(set(options) - {"output_dir", "targets"})
+        if unknown:
+            raise ConfigError(f"finetune compare RUN_DIR...: unknown option(s) "
+                              f"{', '.join(unknown)}; valid: output_dir=DIR, targets=0.8,0.9. "
+                              f"To train recipes, start with recipe=A,B.")
+        paths = [a for a in args if "=" not in a]
+        out = Path(options.get("output_dir") or (Path(paths[0]) / "report" if len(paths) == 1
+                   else Path("runs") / "reports" / time.strftime("%Y%m%d-%H%M%S")))
+        from finetune.compare import _float_list
+
+        targets = _float_list("targets", options["targets"]) if "targets" in options else None
+        report = build_report(find_runs(paths), out, targets)
+    print(f"wrote {report} and {report.with_suffix('.html')}")
+
+
+def _report(args: list[str]) -> None:
+    from pathlib import Path
+
+    from finetune.report import build_report, find_runs
+
+    paths = [a for a in args if "=" not in a]
+    options = dict(a.partition("=")[::2] for a in args if "=" in a)
+    if len(paths) != 1 or set(options) - {"output_dir"}:
+        raise ConfigError("usage: finetune report RUN_DIR [output_dir=DIR]")
+    report = build_report(find_runs(paths), options.get("output_dir") or Path(paths[0]) / "report")
+    print(f"wrote {report} and {report.with_suffix('.html')}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="finetune", usage=USAGE)
-    parser.add_argument("command", choices=["train", "evaluate", "predict", "export-onnx",
-                                            "show", "recipes", "models", "show-model",
-                                            "lr-find"])
+    parser.add_argument("command", choices=["train", "evaluate", "predict", "compare", "report",
+                                            "lr-find", "export-onnx", "show", "recipes",
+                                            "models", "show-model"])
     parser.add_argument("args", nargs="*")
     if not argv:
         parser.print_usage()
@@ -141,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
             evaluate_run(args[0], args[1:])
         elif ns.command == "predict":
             _predict(args)
+        elif ns.command == "compare":
+            _compare(args)
+        elif ns.command == "report":
+            _report(args)
         elif ns.command == "lr-find":
             from finetune.lr_find import main as lr_find_main
 

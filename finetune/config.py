@@ -50,6 +50,10 @@ class DataConfig:
     # Use only the first N training / test images (None: all).
     train_limit: int | None = None
     eval_limit: int | None = None
+    # Keep only these classes (names or 0-based indices), relabelled 0..k-1 in this order; e.g.
+    # [1,5,7,8,9] to pretrain on half of Fashion-MNIST and [0,2,3,4,6] to transfer to the rest.
+    # Applied before the limits. None: all classes.
+    classes: list[str] | None = None
     # auto: the pretrained weights' mean/std, else statistics of the training images.
     normalize: str = "auto"
     # On-device augmentation of training batches.

@@ -386,7 +386,7 @@ def setup(cfg: Config, accelerator: Accelerator, precision: str) -> Setup:
     in_chans = cfg.model.in_chans or train_data.images.shape[1]
     model, loaded = build_model(cfg.model, num_classes=len(train_data.classes),
                                 in_chans=in_chans, image_size=cfg.data.image_size,
-                                fetched=fetched)
+                                fetched=fetched, class_names=train_data.classes)
     mean, std = normalization(cfg.data.normalize, loaded, train_data, in_chans)
     transform = BatchTransform(cfg.data.image_size, in_chans, mean, std,
                                hflip=cfg.data.hflip, crop_pad=cfg.data.crop_pad,
@@ -521,7 +521,8 @@ def main(cfg: Config) -> dict:
                 "norm": cfg.model.norm, "mean": list(run.mean), "std": list(run.std),
                 "interpolation": "bilinear", "class_names": train_data.classes,
                 "recipe": cfg.recipe, "pretrained": run.loaded.source if run.loaded else None,
-                "data": run.source, "finetune_version": __version__}
+                "data": run.source, "train_images": len(train_data),
+                "test_images": len(test_data), "finetune_version": __version__}
         if tcfg.early_stopping:  # export the best epoch's weights, not the last one's
             best, _ = early_stopping(records, tcfg.early_stopping)
             raw.load_state_dict(load_file(out / BEST))

@@ -192,3 +192,22 @@ def test_datasets_is_imported_only_when_used():
     code = ("import sys, finetune.cli, finetune.train, finetune.data; "
             "assert 'datasets' not in sys.modules, 'datasets imported eagerly'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_class_subset_relabels_in_the_given_order(fmnist_dir):
+    full_train, full_test, _ = load_data(DataConfig(root=str(fmnist_dir)))
+    train, test, _ = load_data(DataConfig(root=str(fmnist_dir), classes=["7", "T-shirt/top"],
+                                          train_limit=15))
+    assert train.classes == ["Sneaker", "T-shirt/top"]
+    # Class 7 becomes 0 and class 0 becomes 1; order and images are those of the full split.
+    keep = (full_train.labels == 7) | (full_train.labels == 0)
+    expected = torch.where(full_train.labels[keep] == 7, 0, 1)[:15]
+    assert torch.equal(train.labels, expected) and len(train) == 15
+    assert torch.equal(train.images, full_train.images[keep][:15])
+    assert len(test) == int(((full_test.labels == 7) | (full_test.labels == 0)).sum())
+    with pytest.raises(DataError, match="'Boots' is neither a class.*0=T-shirt/top"):
+        load_data(DataConfig(root=str(fmnist_dir), classes=["Boots"]))
+    with pytest.raises(DataError, match="twice"):
+        load_data(DataConfig(root=str(fmnist_dir), classes=["0", "T-shirt/top"]))
+    with pytest.raises(DataError, match="index below 10"):
+        load_data(DataConfig(root=str(fmnist_dir), classes=["10"]))

@@ -167,3 +167,30 @@ def test_torchvision_alexnet_weights_adapt_to_one_channel(tmp_path):
     torch.testing.assert_close(sd["classifier.4.weight"], ref["classifier.4.weight"])
     assert sd["classifier.6.weight"].shape == (10, 4096)
     assert any("classifier.6: classifier replaced" in n for n in loaded.notes)
+
+
+def _export(tmp_path, class_names):
+    """A finetune export (model.safetensors + model.json) of a 5-class 1-channel ResNet-18."""
+    from finetune.export import save_model
+
+    torch.manual_seed(1)
+    model = create_model("resnet18", num_classes=5, in_chans=1, image_size=28)
+    meta = {"architecture": "resnet18", "num_classes": 5, "in_chans": 1, "image_size": 28,
+            "mean": [0.3], "std": [0.4], "class_names": class_names}
+    save_model(model, meta, tmp_path)
+    return model, tmp_path / "model.safetensors"
+
+
+@pytest.mark.parametrize("same_classes", [True, False])
+def test_export_trained_on_other_classes_gets_a_new_head(tmp_path, same_classes):
+    source, path = _export(tmp_path, ["a", "b", "c", "d", "e"])
+    target_classes = ["a", "b", "c", "d", "e"] if same_classes else ["f", "g", "h", "i", "j"]
+    torch.manual_seed(2)
+    model, loaded = build_model(ModelConfig(pretrained=True, weights=str(path)), num_classes=5,
+                                in_chans=1, image_size=28, class_names=target_classes)
+    # The body always comes from the export, and so do its normalisation statistics.
+    torch.testing.assert_close(model.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
+    assert loaded.mean == (0.3,) and loaded.std == (0.4,)
+    # The head (same shape either way) is kept only for the same classes.
+    assert torch.equal(model.fc.weight, source.fc.weight) == same_classes
+    assert any("classifier replaced" in n for n in loaded.notes) != same_classes

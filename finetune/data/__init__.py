@@ -41,6 +41,26 @@ def _load_from_root(cfg: DataConfig, root: Path) -> tuple[ImageData, ImageData, 
         return (*load_imagefolder(root, cfg.image_size), f"imagefolder:{root}")
 
 
+def class_indices(wanted: list[str], classes: list[str]) -> list[int]:
+    """Indices of ``data.classes`` entries, each a class name or a 0-based index."""
+    out = []
+    for entry in map(str, wanted):
+        if entry in classes:
+            index = classes.index(entry)
+        elif entry.isdigit() and int(entry) < len(classes):
+            index = int(entry)
+        else:
+            raise DataError(f"data.classes: '{entry}' is neither a class of this data nor an "
+                            f"index below {len(classes)}. Classes: "
+                            + ", ".join(f"{i}={c}" for i, c in enumerate(classes)))
+        if index in out:
+            raise DataError(f"data.classes names class {index} ({classes[index]}) twice.")
+        out.append(index)
+    if not out:
+        raise DataError("data.classes is empty; list at least one class, or drop the key.")
+    return out
+
+
 def load_data(cfg: DataConfig) -> tuple[ImageData, ImageData, str]:
     """Return ``(train, test, source)`` for the data config, with limits applied."""
     if cfg.source == "hf":
@@ -67,6 +87,9 @@ def load_data(cfg: DataConfig) -> tuple[ImageData, ImageData, str]:
             source = f"hf:{cfg.hf_name}"
     else:
         raise DataError("data.source=imagefolder needs data.root=PATH.")
+    if cfg.classes is not None:
+        keep = class_indices(cfg.classes, train.classes)
+        train, test = train.select(keep), test.select(keep)
     train, test = train.limit(cfg.train_limit), test.limit(cfg.eval_limit)
     if len(train) == 0 or len(test) == 0:
         raise DataError(f"{source}: empty split ({len(train)} train, {len(test)} test images).")

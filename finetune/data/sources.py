@@ -48,6 +48,14 @@ class ImageData:
     def to(self, device: torch.device | str) -> ImageData:
         return ImageData(self.images.to(device), self.labels.to(device), self.classes)
 
+    def select(self, keep: list[int]) -> ImageData:
+        """Only the samples of classes ``keep``, relabelled ``0..len(keep)-1`` in that order."""
+        relabel = torch.full((len(self.classes),), -1, dtype=torch.long)
+        relabel[torch.tensor(keep)] = torch.arange(len(keep))
+        new = relabel[self.labels]
+        mask = new >= 0
+        return ImageData(self.images[mask], new[mask], [self.classes[i] for i in keep])
+
     def limit(self, n: int | None) -> ImageData:
         """The first ``n`` samples (all when ``n`` is None)."""
         if n is None or n >= len(self):

@@ -19,11 +19,12 @@ __all__ = ["LoadedWeights", "WeightsError", "build_model", "create_model", "fetc
 
 
 def build_model(cfg: ModelConfig, *, num_classes: int, in_chans: int, image_size: int,
-                fetched: tuple[dict, str] | None = None
+                fetched: tuple[dict, str] | None = None, class_names: list[str] | None = None
                 ) -> tuple[nn.Module, LoadedWeights | None]:
-    """A model for the run: pretrained (and adapted) when asked, else randomly initialised."""
+    """A model for the run: pretrained (and adapted) when asked, else randomly initialised.
+    ``class_names`` are the run's classes (a head trained on others is replaced)."""
     model = create_model(cfg.name, num_classes=num_classes, in_chans=in_chans,
                          image_size=image_size, norm=cfg.norm, init=cfg.init)
     if cfg.pretrained:
-        return model, load_pretrained(model, cfg.name, cfg.weights, fetched)
+        return model, load_pretrained(model, cfg.name, cfg.weights, fetched, class_names)
     return model, None

@@ -194,21 +194,20 @@ def fetch_state_dict(name: str, weights: str | None) -> tuple[dict[str, torch.Te
         return read_state_dict(path), str(path.resolve())
 
 
-def _sidecar_stats(weights: str | None) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
-    """mean/std from a finetune export's model.json next to a weights file, if there is one."""
-    if not weights:
-        return None
+def _sidecar(weights: str | None) -> dict:
+    """The model.json of a finetune export next to a weights file ({} if there is none)."""
+    if not weights or not Path(weights).suffix:
+        return {}
     meta = Path(weights).expanduser().with_name("model.json")
-    if Path(weights).suffix and meta.is_file():
-        data = json.loads(meta.read_text())
-        if "mean" in data and "std" in data:
-            return tuple(data["mean"]), tuple(data["std"])
-    return None
+    return json.loads(meta.read_text()) if meta.is_file() else {}
 
 
 def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module, first_conv: str,
-                     classifier: str) -> list[str]:
-    """Fit ``state_dict`` to ``model`` in place: input channels and classifier. Returns notes."""
+                     classifier: str, new_classes: bool = False) -> list[str]:
+    """Fit ``state_dict`` to ``model`` in place: input channels and classifier. Returns notes.
+
+    The classifier is replaced when its shape differs, or when ``new_classes`` says the weights
+    were trained on other classes (a head of the same size would otherwise be kept)."""
     notes = []
     target = model.state_dict()
     conv_key = f"{first_conv}.weight"
@@ -221,6 +220,11 @@ def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module, firs
     head = [k for k in state_dict if k.startswith(f"{classifier}.")]
     if not head:
         notes.append(f"{classifier}: not in the weights, new classifier randomly initialised")
+    elif new_classes:
+        for k in head:
+            del state_dict[k]
+        notes.append(f"{classifier}: classifier replaced (the weights were trained on other "
+                     f"classes; new layer randomly initialised)")
     elif any(k in target and state_dict[k].shape != target[k].shape for k in head):
         n_old = state_dict[f"{classifier}.weight"].shape[0]
         n_new = target[f"{classifier}.weight"].shape[0]
@@ -232,18 +236,23 @@ def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module, firs
 
 
 def load_pretrained(model: nn.Module, name: str, weights: str | None,
-                    fetched: tuple[dict[str, torch.Tensor], str] | None = None) -> LoadedWeights:
+                    fetched: tuple[dict[str, torch.Tensor], str] | None = None,
+                    class_names: list[str] | None = None) -> LoadedWeights:
     """Load pretrained weights for architecture ``name`` into ``model``, adapting its first
     conv's input channels and replacing its classifier as needed.
 
     ``fetched`` is what ``fetch_state_dict(name, weights)`` returned, for callers that fetch
     early. Raises :class:`WeightsError` (never falls back to random init) when the weights
-    cannot be fetched or do not fit the architecture.
+    cannot be fetched or do not fit the architecture. A finetune export trained on classes other
+    than ``class_names`` gets a new classifier even when the class count matches.
     """
     spec = get_spec(name)
     state_dict, source = fetched or fetch_state_dict(name, weights)
     state_dict = dict(state_dict)  # adapted below; the caller's copy stays as it was
-    notes = adapt_state_dict(state_dict, model, spec.first_conv, spec.classifier)
+    sidecar = _sidecar(weights)
+    new_classes = (class_names is not None and "class_names" in sidecar
+                   and list(sidecar["class_names"]) != list(class_names))
+    notes = adapt_state_dict(state_dict, model, spec.first_conv, spec.classifier, new_classes)
 
     target = model.state_dict()
     missing_body = [k for k in target if k not in state_dict
@@ -265,7 +274,8 @@ def load_pretrained(model: nn.Module, name: str, weights: str | None,
     model.load_state_dict(state_dict, strict=False)
 
     in_chans = target[f"{spec.first_conv}.weight"].shape[1]
-    mean, std = _sidecar_stats(weights) or (spec.mean, spec.std)
+    mean, std = ((sidecar["mean"], sidecar["std"]) if "mean" in sidecar and "std" in sidecar
+                 else (spec.mean, spec.std))
     for note in notes:
         log.info("adapted pretrained %s: %s", name, note)
     return LoadedWeights(source=source, mean=channel_stats(mean, in_chans),

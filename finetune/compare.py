@@ -1,0 +1,406 @@
+"""``finetune compare``: train recipes over paired seeds under one budget, or collect finished
+runs, and summarise them (means with confidence intervals, paired differences, time to
+accuracy, a data-efficiency curve over training-set sizes).
+
+Each run is a separate ``finetune train`` process (through ``launcher``, e.g. ``accelerate
+launch --num_processes 8``) writing its own run folder, so a comparison that stops part way is
+continued by running the same command again: finished runs are kept, the others resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from finetune.config import Config, load_config, parse_overrides
+from finetune.errors import ConfigError, TrainingError
+from finetune.runs import read_metrics, time_to_accuracy
+from finetune.stats import Estimate, mean_ci, paired_difference
+
+log = logging.getLogger(__name__)
+
+# What "the same budget" means: the same data (and amount of it), image size and epochs.
+BUDGET_KEYS = ("train.epochs", "data.source", "data.root", "data.hf_name", "data.image_size",
+               "data.train_limit", "data.eval_limit", "data.classes")
+# Settings that decide the data order and augmentation draws of a seed: paired seeds share
+# them only when these agree too.
+PAIRING_KEYS = ("train.batch_size", "data.hflip", "data.crop_pad", "data.random_erasing")
+# Settings that say how or where a run ran, not what it was.
+_RUN_ONLY = ("output_dir", "overwrite", "resume", "description", "train.log_every",
+             "train.checkpoint", "train.checkpoint_every", "train.keep_checkpoints",
+             "data.placement", "data.workers")
+
+
+def flat_config(cfg: Config) -> dict:
+    """The config as dotted keys (lists as tuples, so values can be compared and hashed)."""
+    out = {}
+    for section, value in asdict(cfg).items():
+        items = ({f"{section}.{k}": v for k, v in value.items()} if isinstance(value, dict)
+                 else {section: value})
+        out.update({k: tuple(v) if isinstance(v, list) else v for k, v in items.items()})
+    return out
+
+
+@dataclass
+class Run:
+    """A finished run folder: its config, per-epoch metrics and exported model's metadata."""
+
+    path: Path
+    config: Config
+    records: list[dict]
+    meta: dict
+    label: str = ""
+
+    @property
+    def seed(self) -> int:
+        return self.config.train.seed
+
+    @property
+    def train_images(self) -> int:
+        """Training-set size, as recorded in model.json; runs exported before it was recorded:
+        the batches of an epoch times the batch size (the partial last batch is dropped)."""
+        return (self.meta.get("train_images")
+                or len(self.records[0]["batch_loss"]) * self.config.train.batch_size)
+
+    @property
+    def final_acc(self) -> float:
+        return self.records[-1]["test_acc"]
+
+    @property
+    def best_acc(self) -> float:
+        return max(r["test_acc"] for r in self.records)
+
+    @property
+    def train_seconds(self) -> float:
+        return sum(r["epoch_time"] for r in self.records)
+
+    @property
+    def images_per_sec(self) -> float:
+        """Training images over training seconds, all epochs together."""
+        images = sum(r["train_images_per_sec"] * r["epoch_time"] for r in self.records)
+        return images / self.train_seconds if self.train_seconds else 0.0
+
+
+def read_run(path: str | Path) -> Run:
+    """Read a finished run folder; a clear error for anything else."""
+    import json
+
+    path = Path(path)
+    if not (path / "config.yaml").is_file():
+        raise ConfigError(f"{path} is not a finetune run folder (no config.yaml).")
+    cfg = load_config([f"recipe={path / 'config.yaml'}"])
+    records = read_metrics(path)
+    if len(records) < cfg.train.epochs or not (path / "model.json").is_file():
+        raise ConfigError(f"{path}: the run has not finished ({len(records)} of "
+                          f"{cfg.train.epochs} epochs, model "
+                          f"{'exported' if (path / 'model.json').is_file() else 'not exported'})"
+                          f"; finish it with `finetune train recipe={path / 'config.yaml'} "
+                          f"output_dir={path} resume=auto`, or leave it out.")
+    return Run(path, cfg, records, json.loads((path / "model.json").read_text()))
+
+
+def is_finished(path: Path) -> bool:
+    try:
+        read_run(path)
+        return True
+    except (ConfigError, OSError, ValueError):
+        return False
+
+
+def label_runs(runs: list[Run]) -> list[str]:
+    """Give every run a label: runs differing only in seed or training-set size share one.
+
+    The label is the recipe name, extended by the settings that tell apart groups of the same
+    recipe. Returns the labels in order of first appearance.
+    """
+    def key(run: Run) -> tuple:
+        flat = flat_config(run.config)
+        return tuple(sorted((k, v) for k, v in flat.items() if k not in _RUN_ONLY
+                            and k not in ("train.seed", "data.train_limit")))
+
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(key(run), []).append(run)
+    recipes = [members[0].config.recipe or "run" for members in groups.values()]
+    for (settings, members), recipe in zip(groups.items(), recipes, strict=True):
+        label = recipe
+        if recipes.count(recipe) > 1:  # the same recipe with other settings: name them
+            same = [dict(k) for k, r in zip(groups, recipes, strict=True) if r == recipe]
+            mine = dict(settings)
+            shown = [k for k in mine if _stands_out(mine[k], [g[k] for g in same])]
+            if shown:  # (none: the settings most groups share, e.g. the baseline's)
+                label += " (" + ", ".join(f"{k}={_show(mine[k])}" for k in shown) + ")"
+        for run in members:
+            run.label = label
+    return list(dict.fromkeys(run.label for run in runs))
+
+
+def _stands_out(value: object, values: list) -> bool:
+    """Whether a group's setting names it: it differs from the setting most groups share (or
+    no value is most common, e.g. two groups that differ)."""
+    counts = sorted((values.count(v) for v in set(values)), reverse=True)
+    if len(counts) == 1:
+        return False
+    common = max(set(values), key=values.count)
+    return counts[0] == counts[1] or value != common
+
+
+def _show(value: object) -> str:
+    return "[" + ",".join(map(str, value)) + "]" if isinstance(value, tuple) else str(value)
+
+
+def budget_differences(runs: list[Run]) -> list[str]:
+    """``key: label=value, ...`` for each budget key on which runs of one size disagree."""
+    out = []
+    for size in sorted({r.train_images for r in runs}):
+        same = [r for r in runs if r.train_images == size]
+        for key in BUDGET_KEYS:
+            values = {r.label: flat_config(r.config)[key] for r in same}
+            if len(set(values.values())) > 1:
+                out.append(f"{key}: " + ", ".join(f"{k}={_show(v)}" for k, v in values.items()))
+    return out
+
+
+# --- the summary: numbers for the tables -----------------------------------------------------
+
+@dataclass
+class RecipeSummary:
+    label: str
+    seeds: list[int]
+    final: Estimate
+    best: Estimate
+    final_diff: Estimate | None  # against the baseline (the first label), paired by seed
+    best_diff: Estimate | None
+    # target accuracy -> (seeds that reached it, mean epoch, mean training seconds)
+    reach: dict[float, tuple[int, float | None, float | None]]
+    images_per_sec: float
+    train_seconds: float
+    params: int
+
+
+@dataclass
+class Summary:
+    labels: list[str]
+    targets: dict[int, list[float]]  # training-set size -> the accuracies timed
+    # training-set size -> one RecipeSummary per label that has runs of that size
+    by_size: dict[int, list[RecipeSummary]] = field(default_factory=dict)
+    budget_warnings: list[str] = field(default_factory=list)
+
+    @property
+    def sizes(self) -> list[int]:
+        return sorted(self.by_size)
+
+
+def count_parameters(meta: dict) -> int:
+    """Trainable parameters of an exported model, from its model.json (no weights read)."""
+    import torch
+
+    from finetune.models import create_model
+
+    with torch.device("meta"):
+        model = create_model(meta["architecture"], num_classes=meta["num_classes"],
+                             in_chans=meta["in_chans"], image_size=meta["image_size"],
+                             norm=meta.get("norm", "torch"))
+    return sum(p.numel() for p in model.parameters())
+
+
+def default_targets(runs: list[Run]) -> list[float]:
+    """Two accuracies every recipe reaches on average: the lowest mean final accuracy rounded
+    down to a percent, and 5 points below it."""
+    means = []
+    for label in dict.fromkeys(r.label for r in runs):
+        finals = [r.final_acc for r in runs if r.label == label]
+        means.append(sum(finals) / len(finals))
+    top = math.floor(min(means) * 100 + 1e-9) / 100
+    return [round(top - 0.05, 2), top] if top >= 0.05 else [top]
+
+
+def summarize(runs: list[Run], targets: list[float] | None = None) -> Summary:
+    """Per training-set size and label: accuracy estimates, paired differences against the
+    first label, time to the target accuracies, speed and size."""
+    labels = list(dict.fromkeys(r.label for r in runs))
+    summary = Summary(labels, {}, budget_warnings=budget_differences(runs))
+    params = {}
+    for size in sorted({r.train_images for r in runs}):
+        # Unless given, what every recipe reaches on average at this size.
+        summary.targets[size] = sorted(targets or default_targets(
+            [r for r in runs if r.train_images == size]))
+        rows = []
+        baseline = None  # (final, best) by seed of the first label with runs of this size
+        for label in labels:
+            group = sorted((r for r in runs if r.label == label and r.train_images == size),
+                           key=lambda r: r.seed)
+            if not group:
+                continue
+            final = {r.seed: r.final_acc for r in group}
+            best = {r.seed: r.best_acc for r in group}
+            is_base = baseline is None
+            if is_base:
+                baseline = (final, best)
+            reach = {}
+            for target in summary.targets[size]:
+                hits = [hit for r in group if (hit := time_to_accuracy(r.records, target))]
+                reach[target] = (len(hits),
+                                 sum(h[0] for h in hits) / len(hits) if hits else None,
+                                 sum(h[1] for h in hits) / len(hits) if hits else None)
+            if label not in params:
+                params[label] = count_parameters(group[0].meta)
+            rows.append(RecipeSummary(
+                label=label, seeds=[r.seed for r in group],
+                final=mean_ci(list(final.values())), best=mean_ci(list(best.values())),
+                final_diff=None if is_base else paired_difference(baseline[0], final),
+                best_diff=None if is_base else paired_difference(baseline[1], best),
+                reach=reach,
+                images_per_sec=sum(r.images_per_sec for r in group) / len(group),
+                train_seconds=sum(r.train_seconds for r in group) / len(group),
+                params=params[label]))
+        summary.by_size[size] = rows
+    return summary
+
+
+# --- running a comparison --------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    """What ``finetune compare recipe=A,B ...`` runs: one entry per (size, recipe, seed)."""
+
+    recipes: list[str]
+    seeds: list[int]
+    sizes: list[int | None]  # data.train_limit values (None: the recipes' own)
+    out: Path
+    targets: list[float] | None
+    launcher: list[str]
+    # recipe -> its full override list (common ones, its own, seed, size, output_dir)
+    runs: list[tuple[str, int, int | None, Path, list[str]]] = field(default_factory=list)
+
+
+def _float_list(key: str, value: str) -> list[float]:
+    try:
+        return [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{key}={value}: expected comma-separated numbers, e.g. "
+                          f"{key}=0.8,0.9") from None
+
+
+def _seeds(value: str) -> list[int]:
+    """``seeds=3`` -> 0,1,2; ``seeds=0,5,9`` -> those."""
+    try:
+        seeds = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"seeds={value}: give a count (seeds=3) or a list (seeds=0,1,2)."
+                          ) from None
+    if len(seeds) == 1 and "," not in value:
+        if seeds[0] < 1:
+            raise ConfigError(f"seeds={value}: need at least one seed.")
+        seeds = list(range(seeds[0]))
+    if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ConfigError(f"seeds={value}: seeds must be distinct and >= 0.")
+    return seeds
+
+
+def plan_comparison(args: list[str]) -> Plan:
+    """Parse ``recipe=A,B [seeds=N] [targets=...] [output_dir=DIR] [launcher="..."]
+    [A:key=value ...] [key=value ...]`` and validate every run's config before any runs."""
+    recipes, seeds, targets, out, launcher = [], [0, 1, 2], None, None, None
+    sizes: list[int | None] = [None]
+    common, own = [], {}
+    for arg in parse_overrides(args):
+        key, _, value = arg.partition("=")
+        if key == "recipe":
+            recipes = [r for r in value.split(",") if r]
+        elif key == "seeds":
+            seeds = _seeds(value)
+        elif key == "targets":
+            targets = _float_list(key, value)
+        elif key == "output_dir":
+            out = Path(value)
+        elif key == "launcher":
+            launcher = shlex.split(value)
+        elif key == "data.train_limit" and "," in value:
+            sizes = [int(v) for v in _float_list(key, value)]
+        elif ":" in key:  # RECIPE:key=value applies to that recipe only
+            name, _, sub = key.partition(":")
+            own.setdefault(name, []).append(f"{sub}={value}")
+        elif key == "train.seed":
+            raise ConfigError("train.seed is set by compare (seed k of every recipe); use "
+                              "seeds=N or seeds=0,1,2.")
+        else:
+            common.append(arg)
+    if len(recipes) < 1:
+        raise ConfigError("usage: finetune compare recipe=A,B [seeds=3] [key=value ...] "
+                          "or finetune compare RUN_DIR [RUN_DIR ...]")
+    if len(set(recipes)) != len(recipes):
+        raise ConfigError(f"recipe={','.join(recipes)} lists a recipe twice; to compare a "
+                          f"recipe with itself under other settings, copy it to a new file.")
+    unknown = sorted(set(own) - set(recipes))
+    if unknown:
+        raise ConfigError(f"overrides for {', '.join(unknown)}, which is not among the "
+                          f"compared recipes ({', '.join(recipes)}); write RECIPE:key=value.")
+    out = out or Path("runs") / "compare" / time.strftime("%Y%m%d-%H%M%S")
+    run_py = str(Path(__file__).with_name("run.py"))
+    plan = Plan(recipes, seeds, sizes, out, targets,
+                [*(launcher or [sys.executable]), run_py])
+    for size in sizes:
+        configs = {}
+        for recipe in recipes:
+            for seed in seeds:
+                name = Path(recipe).stem
+                folder = out / (f"n{size}" if size else "") / name / f"seed{seed}"
+                run_args = [f"recipe={recipe}", *common, *own.get(recipe, []),
+                            f"train.seed={seed}", f"output_dir={folder}"]
+                if size:
+                    run_args.append(f"data.train_limit={size}")
+                configs[recipe] = load_config(run_args)  # every config checked before any run
+                plan.runs.append((recipe, seed, size, folder, run_args))
+        check_budget(configs)
+    return plan
+
+
+def check_budget(configs: dict[str, Config]) -> None:
+    """Refuse recipes that would not get the same budget; warn where seeds cannot pair."""
+    flat = {name: flat_config(cfg) for name, cfg in configs.items()}
+    for keys, fatal in ((BUDGET_KEYS, True), (PAIRING_KEYS, False)):
+        differ = [k for k in keys if len({f[k] for f in flat.values()}) > 1]
+        if not differ:
+            continue
+        detail = "; ".join(f"{k}: " + ", ".join(f"{n}={_show(f[k])}" for n, f in flat.items())
+                           for k in differ)
+        if fatal:
+            raise ConfigError(f"the recipes do not get the same budget ({detail}). Set it for "
+                              f"all of them on the command line, e.g. "
+                              f"{differ[0]}={_show(next(iter(flat.values()))[differ[0]])}.")
+        log.warning("seeds are paired, but the recipes draw batches or augmentations "
+                    "differently (%s), so seed k does not give them the same draws", detail)
+
+
+def run_comparison(plan: Plan) -> list[Run]:
+    """Train every planned run not finished yet, one process each; return all runs."""
+    total = len(plan.runs)
+    for i, (recipe, seed, size, folder, run_args) in enumerate(plan.runs, start=1):
+        what = f"[{i}/{total}] {recipe} seed {seed}" + (f" on {size} images" if size else "")
+        if is_finished(folder):
+            print(f"{what}: finished earlier, kept ({folder})", flush=True)
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        resume = ["resume=auto"] if (folder / "config.yaml").is_file() else []
+        cmd = [*plan.launcher, *run_args, *resume]
+        print(f"{what}: training -> {folder}", flush=True)
+        start = time.perf_counter()
+        with open(folder / "train.log", "a") as logfile:
+            code = subprocess.call(cmd, stdout=logfile, stderr=subprocess.STDOUT)
+        if code != 0:
+            tail = (folder / "train.log").read_text().splitlines()[-15:]
+            raise TrainingError(f"{what} failed (exit {code}); its log {folder / 'train.log'} "
+                                f"ends with:\n  " + "\n  ".join(tail) + "\nFix it and run the "
+                                "same compare command again: finished runs are kept.")
+        run = read_run(folder)
+        print(f"{what}: test accuracy {run.final_acc:.4f} (best {run.best_acc:.4f}), "
+              f"{run.train_seconds:.1f} s of training, {time.perf_counter() - start:.0f} s "
+              f"in all", flush=True)
+    return [read_run(folder) for *_, folder, _ in plan.runs]

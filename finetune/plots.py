@@ -1,0 +1,170 @@
+"""The report's figures (matplotlib, Agg backend), each written atomically as a PNG.
+
+Every function takes runs grouped by label (``{label: [Run, ...]}``, one Run per seed) and
+draws each label in one colour, so the figures of one report read together.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display, no GUI toolkit needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from finetune.files import atomic_write  # noqa: E402
+from finetune.stats import mean_ci  # noqa: E402
+
+Groups = dict[str, list]  # label -> runs (finetune.compare.Run), one per seed
+
+
+def colour(i: int) -> str:
+    return plt.get_cmap("tab10")(i % 10)
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return path
+
+
+def _mean_band(ax: plt.Axes, x: np.ndarray, per_seed: list[list[float]], c: str, label: str,
+               style: str = "-") -> None:
+    """Mean accuracy over seeds as a line; its 95 % interval as a band (two or more seeds)."""
+    estimates = [mean_ci([s[i] for s in per_seed]) for i in range(len(x))]
+    mean = np.array([e.mean for e in estimates])
+    ax.plot(x, mean, style, color=c, label=label, marker="o", markersize=3)
+    if all(e.half_width is not None for e in estimates):
+        half = np.array([e.half_width for e in estimates])
+        # An accuracy cannot leave [0, 1], whatever a 3-seed interval says.
+        ax.fill_between(x, np.clip(mean - half, 0, 1), np.clip(mean + half, 0, 1), color=c,
+                        alpha=0.15, linewidth=0)
+
+
+def _smooth(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing moving average (shorter at the start), so the curve starts at step 1."""
+    csum = np.cumsum(np.insert(values, 0, 0.0))
+    idx = np.arange(1, len(values) + 1)
+    lo = np.maximum(0, idx - window)
+    return (csum[idx] - csum[lo]) / (idx - lo)
+
+
+def plot_loss(groups: Groups, path: Path) -> Path:
+    """Training loss of every batch (mean over seeds, faint) and its moving average."""
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    for i, (label, runs) in enumerate(groups.items()):
+        steps = min(sum(len(r["batch_loss"]) for r in run.records) for run in runs)
+        losses = np.mean([[v for r in run.records for v in r["batch_loss"]][:steps]
+                          for run in runs], axis=0)
+        x = np.arange(1, steps + 1)
+        ax.plot(x, losses, color=colour(i), alpha=0.25, linewidth=0.8)
+        ax.plot(x, _smooth(losses, max(1, steps // 30)), color=colour(i),
+                label=f"{label} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
+        per_epoch = steps / max(1, len(runs[0].records))
+        for e in range(1, len(runs[0].records)):
+            ax.axvline(e * per_epoch, color="0.85", linewidth=0.6, zorder=0)
+    ax.set_xlabel("training batch (grey lines: epoch ends)")
+    ax.set_ylabel("training loss")
+    ax.set_title("Loss per training batch (faint: every batch; solid: moving average)")
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_accuracy(groups: Groups, path: Path) -> Path:
+    """Train (dashed) and test (solid) accuracy per epoch, mean over seeds with 95 % band."""
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    for i, (label, runs) in enumerate(groups.items()):
+        epochs = min(len(run.records) for run in runs)
+        x = np.arange(1, epochs + 1)
+        for key, style, what in (("test_acc", "-", "test"), ("train_acc", "--", "train")):
+            _mean_band(ax, x, [[r[key] for r in run.records[:epochs]] for run in runs],
+                       colour(i), f"{label}: {what}", style)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy")
+    ax.set_title("Train and test accuracy per epoch (band: 95 % interval over seeds)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_accuracy_vs_time(groups: Groups, path: Path) -> Path:
+    """Test accuracy against cumulative training seconds, one line per run."""
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    for i, (label, runs) in enumerate(groups.items()):
+        for j, run in enumerate(runs):
+            t = np.cumsum([r["epoch_time"] for r in run.records])
+            ax.plot(t, [r["test_acc"] for r in run.records], color=colour(i), marker="o",
+                    markersize=3, alpha=0.8, label=label if j == 0 else None)
+    ax.set_xlabel("training time, s (evaluation and compilation excluded)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("Test accuracy against wall-clock training time (one line per seed)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_per_class(best: dict[str, tuple[list[str], list[list[int]]]], path: Path) -> Path:
+    """Per-class test accuracy (recall) of each label's best run, as grouped bars."""
+    names = next(iter(best.values()))[0]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(names) * max(1, len(best)) / 1.5), 4.2))
+    width = 0.8 / len(best)
+    for i, (label, (_, confusion)) in enumerate(best.items()):
+        m = np.array(confusion, dtype=float)
+        recall = np.diag(m) / np.maximum(m.sum(axis=1), 1)
+        ax.bar(np.arange(len(names)) + (i - (len(best) - 1) / 2) * width, recall, width,
+               color=colour(i), label=label)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("test accuracy of the class (recall)")
+    ax.set_title("Per-class accuracy of each recipe's best run")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_data_efficiency(curves: dict[str, list[tuple[int, object]]], path: Path) -> Path:
+    """Final test accuracy against training-set size: ``curves[label] = [(size, Estimate)]``."""
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    for i, (label, points) in enumerate(curves.items()):
+        sizes = [s for s, _ in points]
+        means = [e.mean for _, e in points]
+        errors = [e.half_width or 0.0 for _, e in points]
+        ax.errorbar(sizes, means, yerr=errors, color=colour(i), marker="o", capsize=4,
+                    label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("training images (log scale)")
+    ax.set_ylabel("final test accuracy")
+    ax.set_title("Data efficiency: accuracy against training-set size (bars: 95 % interval)")
+    ax.legend()
+    ax.grid(alpha=0.3, which="both")
+    return _save(fig, path)
+
+
+def plot_predictions(images: np.ndarray, true: list[str], predicted: list[str],
+                     indices: list[int], title: str, path: Path, columns: int = 8) -> Path:
+    """A grid of test images (uint8 N, C, H, W) titled with their index, true and predicted
+    classes; wrong predictions in red with a red frame."""
+    rows = -(-len(images) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.55 * columns, 1.85 * rows + 0.4),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, t, p, i in zip(axes.flat, images, true, predicted, indices, strict=False):
+        wrong = t != p
+        picture = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
+        ax.imshow(picture, cmap="gray" if image.shape[0] == 1 else None, vmin=0, vmax=255)
+        ax.set_title(f"#{i} {t}\n" + (f"✗ {p}" if wrong else f"✓ {p}"), fontsize=7,
+                     color="red" if wrong else "black")
+        if wrong:
+            ax.axis("on")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_color("red")
+                spine.set_linewidth(2.5)
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+

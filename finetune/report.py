@@ -1,0 +1,307 @@
+"""The comparison report: tables and figures as ``report.md`` (beside its PNGs), a
+self-contained ``report.html`` (figures embedded) and the numbers as ``summary.json``."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+import re
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from finetune import plots
+from finetune.compare import BUDGET_KEYS, Run, Summary, flat_config, label_runs, summarize
+from finetune.config import Config
+from finetune.errors import FinetuneError
+from finetune.evaluation import plot_confusion
+from finetune.files import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+# A report is a list of blocks: ("h", level, text), ("p", text), ("code", text),
+# ("table", header, rows), ("img", file name, caption).
+Block = tuple
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.2f}"
+
+
+def accuracy_table(rows: list, baseline: str, many_seeds: bool) -> Block:
+    ci = " (mean ± 95 % CI)" if many_seeds else ""
+    paired = len(rows) > 1  # a difference column only when there is something to compare
+    header = ["recipe", "seeds", f"final test acc %{ci}", f"best test acc %{ci}",
+              *([f"Δ final vs {baseline} (paired)", f"Δ best vs {baseline} (paired)"]
+                if paired else []), "train img/s", "training s", "parameters"]
+    body = []
+    for r in rows:
+        diffs = [r.final_diff.format() if r.final_diff else "–",
+                 r.best_diff.format() if r.best_diff else "–"]
+        body.append([r.label, ",".join(map(str, r.seeds)), r.final.format(), r.best.format(),
+                     *(diffs if paired else []), f"{r.images_per_sec:,.0f}",
+                     f"{r.train_seconds:,.1f}", f"{r.params:,d}"])
+    return ("table", header, body)
+
+
+def reach_table(rows: list, targets: list[float]) -> Block:
+    header = ["recipe"]
+    for t in targets:
+        header += [f"≥ {_pct(t)} %: epoch", "training s", "seeds reaching"]
+    body = []
+    for r in rows:
+        line = [r.label]
+        for t in targets:
+            n, epoch, seconds = r.reach[t]
+            line += ["–" if epoch is None else f"{epoch:.1f}",
+                     "–" if seconds is None else f"{seconds:.1f}", f"{n}/{len(r.seeds)}"]
+        body.append(line)
+    return ("table", header, body)
+
+
+def settings_blocks(runs: list[Run], labels: list[str]) -> list[Block]:
+    """The budget, the other settings all runs share where they are not finetune's defaults,
+    and a table of the settings that tell the recipes apart."""
+    flat = {label: flat_config(next(r.config for r in runs if r.label == label))
+            for label in labels}
+    defaults = flat_config(Config())
+    skip = {"train.seed", "output_dir", "resume", "overwrite", "description", "recipe",
+            *BUDGET_KEYS}
+    keys = [k for k in defaults if k not in skip]
+    first = flat[labels[0]]
+    same = [k for k in keys if len({f[k] for f in flat.values()}) == 1 and first[k] != defaults[k]]
+    differ = [k for k in keys if len({f[k] for f in flat.values()}) > 1]
+    budget = [k for k in BUDGET_KEYS if k != "data.train_limit"]
+    sizes = sorted({r.train_images for r in runs})
+
+    def show(keys: list[str]) -> str:
+        return ", ".join(f"`{k}={_show(first[k])}`" for k in keys)
+
+    blocks = [("p", "Budget: training images " + ", ".join(f"{s:,d}" for s in sizes) + "; "
+               + show(budget) + "."),
+              ("p", "Other shared settings (where not finetune's defaults): "
+               + (show(same) or "none") + ".")]
+    if differ:
+        blocks += [("p", "What differs between the recipes:"),
+                   ("table", ["setting", *labels],
+                    [[k, *(_show(flat[label][k]) for label in labels)] for k in differ])]
+    return blocks
+
+
+def _show(value: object) -> str:
+    return "[" + ",".join(map(str, value)) + "]" if isinstance(value, tuple) else str(value)
+
+
+def predictions(run: Run, shown: int = 24, errors: int = 16) -> tuple | None:
+    """(images, true names, predicted names, indices) for the first ``shown`` test images and
+    the first ``errors`` misclassified ones after them; None if the test data cannot be read."""
+    from finetune.data import load_data
+    from finetune.inference import load
+
+    try:
+        _, test, _ = load_data(run.config.data)
+        predictor = load(run.path)
+    except FinetuneError as e:
+        log.warning("no image grid: %s", e)
+        return None
+    bf16 = run.records[-1].get("mixed_precision") == "bf16"
+    n = min(len(test), 4096)
+    preds = []
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        for i in range(0, n, 512):
+            preds.append(predictor.model(predictor.transform(test.images[i:i + 512])).argmax(1))
+    preds = torch.cat(preds)
+    labels = test.labels[:n]
+    wrong = [i for i in torch.nonzero(preds != labels).flatten().tolist() if i >= shown]
+    idx = list(range(min(shown, n))) + wrong[:errors]
+    names = predictor.class_names
+    return (test.images[idx].numpy(), [names[int(labels[i])] for i in idx],
+            [names[int(preds[i])] for i in idx], idx)
+
+
+def build_report(runs: list[Run], out: str | Path, targets: list[float] | None = None,
+                 command: str | None = None) -> Path:
+    """Write the report of ``runs`` into ``out``; return the path of report.md."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = label_runs(runs)
+    summary = summarize(runs, targets)
+    size = summary.sizes[-1]  # the figures show the largest training set
+    groups = {label: sorted((r for r in runs if r.label == label and r.train_images == size),
+                            key=lambda r: r.seed) for label in labels}
+    groups = {k: v for k, v in groups.items() if v}
+    best_of = {label: max(group, key=lambda r: r.final_acc) for label, group in groups.items()}
+    best = max(best_of.values(), key=lambda r: r.final_acc)
+    classes = best.meta["class_names"]
+    many_seeds = any(len(g) > 1 for g in groups.values())
+    title = (f"Comparison: {' vs '.join(labels)}" if len(labels) > 1
+             else f"Run report: {labels[0]}")
+
+    blocks: list[Block] = [("h", 1, title)]
+    if command:
+        blocks += [("p", "Reproduce with:"), ("code", command)]
+    blocks += [("p", f"{len(runs)} runs, {len(labels)} recipe{'s' if len(labels) > 1 else ''}"
+                + (", seeds paired: seed k of every recipe shares data order and augmentation "
+                   "draws. Intervals are 95 % Student-t intervals over seeds; a paired "
+                   "difference is the mean of the per-seed differences, with its own interval "
+                   "(it excludes 0 when the difference is unlikely to be seed noise)."
+                   if many_seeds else ".")
+                + " Training time counts training passes only (no evaluation or compilation).")]
+    if summary.budget_warnings:
+        blocks.append(("p", "**Warning: these runs did not get the same budget** — "
+                       + "; ".join(summary.budget_warnings)))
+    blocks += settings_blocks(runs, labels)
+    for s in summary.sizes:
+        rows = summary.by_size[s]
+        blocks += [("h", 2, f"Accuracy on {s:,d} training images"),
+                   accuracy_table(rows, rows[0].label, many_seeds),
+                   ("h", 3, "Time to accuracy (mean over the seeds that reached it)"),
+                   reach_table(rows, summary.targets[s])]
+    figures = {}
+    if len(summary.sizes) > 1:
+        curves = {label: [(s, r.final) for s in summary.sizes for r in summary.by_size[s]
+                          if r.label == label] for label in labels}
+        figures["data_efficiency.png"] = (plots.plot_data_efficiency, (curves,),
+                                          "Final test accuracy against training-set size.")
+    figures.update({
+        "loss.png": (plots.plot_loss, (groups,), "Training loss per batch."),
+        "accuracy.png": (plots.plot_accuracy, (groups,), "Train and test accuracy per epoch."),
+        "accuracy_vs_time.png": (plots.plot_accuracy_vs_time, (groups,),
+                                 "Test accuracy against training time."),
+        "per_class.png": (plots.plot_per_class,
+                          ({k: (classes, r.records[-1]["confusion"]) for k, r in best_of.items()},),
+                          "Per-class test accuracy of each recipe's best run."),
+    })
+    blocks.append(("h", 2, f"Figures ({size:,d} training images)"))
+    for name, (plot, args, caption) in figures.items():
+        plot(*args, out / name)
+        blocks.append(("img", name, caption))
+    plot_confusion(best.records[-1]["confusion"], classes, out / "confusion.png",
+                   f"best run: {best.label}\nseed {best.seed}, "
+                   f"accuracy {best.final_acc:.4f}")
+    blocks.append(("img", "confusion.png", f"Confusion matrix of the best run ({best.path}), "
+                   f"rows normalised; numbers are counts."))
+    grid = predictions(best)
+    if grid is not None:
+        plots.plot_predictions(*grid, title=f"{best.label}, seed {best.seed}: the first test "
+                               f"images, then misclassified ones (red)",
+                               path=out / "predictions.png")
+        blocks.append(("img", "predictions.png", "Test images with true and predicted labels "
+                       "(#index true / ✓ or ✗ predicted); wrong ones framed in red."))
+    else:
+        blocks.append(("p", "No image grid: the best run's model or test data could not be "
+                       "read here (see the warning printed with the report)."))
+    blocks += [("h", 2, "Runs"),
+               ("table", ["recipe", "seed", "training images", "final test acc %",
+                          "best test acc %", "training s", "folder"],
+                [[r.label, str(r.seed), f"{r.train_images:,d}", _pct(r.final_acc),
+                  _pct(r.best_acc), f"{r.train_seconds:.1f}", str(r.path)] for r in runs])]
+
+    atomic_write_text(out / "report.md", to_markdown(blocks))
+    atomic_write_text(out / "report.html", to_html(blocks, out, title))
+    atomic_write_text(out / "summary.json", json.dumps(summary_dict(summary), indent=2) + "\n")
+    return out / "report.md"
+
+
+def summary_dict(summary: Summary) -> dict:
+    """The summary as plain JSON (target keys as strings)."""
+    out = asdict(summary)
+    for rows in out["by_size"].values():
+        for row in rows:
+            row["reach"] = {str(k): list(v) for k, v in row["reach"].items()}
+    return out
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def to_markdown(blocks: list[Block]) -> str:
+    lines = []
+    for block in blocks:
+        kind = block[0]
+        if kind == "h":
+            lines += ["#" * block[1] + " " + block[2], ""]
+        elif kind == "p":
+            lines += [block[1], ""]
+        elif kind == "code":
+            lines += ["```", block[1], "```", ""]
+        elif kind == "table":
+            header, rows = block[1], block[2]
+            lines.append("| " + " | ".join(map(_md_cell, header)) + " |")
+            lines.append("|" + "---|" * len(header))
+            lines += ["| " + " | ".join(map(_md_cell, row)) + " |" for row in rows]
+            lines.append("")
+        elif kind == "img":
+            lines += [f"![{block[2]}]({block[1]})", "", f"*{block[2]}*", ""]
+        else:
+            raise ValueError(f"unknown report block {kind!r}; valid: h, p, code, table, img")
+    return "\n".join(lines)
+
+
+def _inline(text: str) -> str:
+    """Escape, then render the two inline marks the report uses: `code` and **bold**."""
+    text = html.escape(text)
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", text)
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
+color:#222}table{border-collapse:collapse;margin:1em 0;font-size:14px}th,td{border:1px solid
+#ccc;padding:4px 8px;text-align:right;white-space:nowrap}th:first-child,td:first-child{text-align:left}
+th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}figure{margin:1.5em 0}
+figcaption{color:#555;font-size:14px}pre{background:#f6f6f6;padding:.8em;overflow-x:auto}
+code{background:#f6f6f6;padding:0 3px}"""
+
+
+def to_html(blocks: list[Block], folder: Path, title: str) -> str:
+    """One self-contained page: the PNGs embedded as data URIs."""
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+             f"</title><style>{_CSS}</style></head><body>"]
+    for block in blocks:
+        kind = block[0]
+        if kind == "h":
+            parts.append(f"<h{block[1]}>{html.escape(block[2])}</h{block[1]}>")
+        elif kind == "p":
+            parts.append(f"<p>{_inline(block[1])}</p>")
+        elif kind == "code":
+            parts.append(f"<pre><code>{html.escape(block[1])}</code></pre>")
+        elif kind == "table":
+            head = "".join(f"<th>{html.escape(h)}</th>" for h in block[1])
+            body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row)
+                           + "</tr>" for row in block[2])
+            parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        elif kind == "img":
+            data = base64.b64encode((folder / block[1]).read_bytes()).decode()
+            parts.append(f"<figure><img alt='{html.escape(block[2], quote=True)}' "
+                         f"src='data:image/png;base64,{data}'><figcaption>"
+                         f"{html.escape(block[2])}</figcaption></figure>")
+        else:
+            raise ValueError(f"unknown report block {kind!r}; valid: h, p, code, table, img")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def find_runs(paths: list[str | Path]) -> list[Run]:
+    """Finished runs in ``paths``: run folders, or folders searched for run folders."""
+    from finetune.compare import read_run
+
+    runs = []
+    for path in map(Path, paths):
+        if (path / "config.yaml").is_file():
+            runs.append(read_run(path))
+        elif path.is_dir():
+            found = sorted(p.parent for p in path.rglob("model.json")
+                           if (p.parent / "metrics.jsonl").is_file())
+            if not found:
+                raise FinetuneError(f"{path} holds no finished finetune runs (folders with "
+                                    f"config.yaml, metrics.jsonl and model.json).")
+            runs += [read_run(p) for p in found]
+        else:
+            raise FileNotFoundError(f"{path}: no such run folder")
+    if not runs:
+        raise FinetuneError("no runs given: finetune compare RUN_DIR [RUN_DIR ...]")
+    return runs
