@@ -249,10 +249,12 @@ def _inline(text: str) -> str:
     return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", text)
 
 
-_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
-color:#222}table{border-collapse:collapse;margin:1em 0;font-size:14px}th,td{border:1px solid
-#ccc;padding:4px 8px;text-align:right;white-space:nowrap}th:first-child,td:first-child{text-align:left}
-th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}figure{margin:1.5em 0}
+_CSS = """
+body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:14px}
+th,td{border:1px solid #ccc;padding:4px 8px;text-align:right;white-space:nowrap}
+th:first-child,td:first-child{text-align:left}th{background:#f3f3f3}
+img{max-width:100%;border:1px solid #eee}figure{margin:1.5em 0}
 figcaption{color:#555;font-size:14px}pre{background:#f6f6f6;padding:.8em;overflow-x:auto}
 code{background:#f6f6f6;padding:0 3px}"""
 
