@@ -34,6 +34,7 @@ def save_model(model: nn.Module, meta: dict, out_dir: str | Path) -> None:
     if missing:
         raise ValueError(f"model metadata lacks {missing}")
     out_dir = Path(out_dir)
+    model = getattr(model, "_orig_mod", model)
     save_weights(model, out_dir / "model.safetensors")
     atomic_write_text(out_dir / "model.json", json.dumps(meta, indent=2) + "\n")
     if meta["architecture"] in TIMM_ARCHITECTURES:

@@ -203,7 +203,7 @@ def schedule_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], f
             return _cos(1.0, end, (step - up) / (total - 1 - up))
         return factor
     elif cfg.schedule in ("cosine", "constant", "step"):
-        milestones = [e * steps_per_epoch for e in cfg.step_epochs]
+        milestones = [(e - 1) * steps_per_epoch for e in cfg.step_epochs]  # epoch e starts
 
         def factor(step: int) -> float:
             if step < warmup:

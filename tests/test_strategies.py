@@ -148,7 +148,7 @@ def test_strategy_config_errors(args, message):
 def test_head_multiplier_and_layer_decay():
     model = create_model("resnet18", num_classes=10, in_chans=1, image_size=16)
     plan = plan_stages(model, FinetuneConfig(head_lr_mult=10, layer_decay=0.5))
-    optimizer = make_optimizer(model, TrainConfig(lr=0.1), plan)
+    optimizer = make_optimizer(model, TrainConfig(lr=0.1, weight_decay=1e-4), plan)
     make_scheduler(optimizer, TrainConfig(lr=0.1), steps_per_epoch=5, plan=plan)
     lr = {plan.names[g["stage"]]: g["lr"] for g in optimizer.param_groups}
     assert lr == pytest.approx({"head": 1.0, "layer4": 0.05, "layer3": 0.025,
@@ -172,7 +172,7 @@ def _lrs(cfg: TrainConfig, steps: int, steps_per_epoch: int) -> list[float]:
 def test_step_schedule_values():
     cfg = TrainConfig(lr=1.0, epochs=4, schedule="step", step_epochs=[2, 4], step_gamma=0.1)
     lrs = _lrs(cfg, 20, 5)
-    # Epoch 1 (steps 0-4) and 2 at 1.0... the rate drops at the start of epochs 2 and 4.
+    # Epoch 1 (steps 0-4) at 1.0, epochs 2-3 at 0.1, epoch 4 at 0.01.
     assert lrs == pytest.approx([1.0] * 5 + [0.1] * 10 + [0.01] * 5)
 
 
