@@ -69,8 +69,21 @@ class Run:
                 or len(self.records[0]["batch_loss"]) * self.config.train.batch_size)
 
     @property
+    def size(self) -> int:
+        """The training-set size of the budget: ``data.train_limit`` when set (a run that holds
+        out a validation split from it trains on fewer), else the training images."""
+        return self.config.data.train_limit or self.train_images
+
+    @property
+    def final(self) -> dict:
+        """The record of the exported model: the last epoch's, or the best one's when early
+        stopping chose it."""
+        best = self.meta.get("early_stopping", {}).get("best_epoch")
+        return self.records[best - 1] if best else self.records[-1]
+
+    @property
     def final_acc(self) -> float:
-        return self.records[-1]["test_acc"]
+        return self.final["test_acc"]
 
     @property
     def best_acc(self) -> float:
@@ -96,13 +109,16 @@ def read_run(path: str | Path) -> Run:
         raise ConfigError(f"{path} is not a finetune run folder (no config.yaml).")
     cfg = load_config([f"recipe={path / 'config.yaml'}"])
     records = read_metrics(path)
-    if len(records) < cfg.train.epochs or not (path / "model.json").is_file():
+    meta = json.loads((path / "model.json").read_text()) if (path / "model.json").is_file() else {}
+    # An early-stopped run finished with fewer epochs than planned.
+    planned = meta.get("early_stopping", {}).get("epochs_run") or cfg.train.epochs
+    if len(records) < planned or not meta:
         raise ConfigError(f"{path}: the run has not finished ({len(records)} of "
                           f"{cfg.train.epochs} epochs, model "
                           f"{'exported' if (path / 'model.json').is_file() else 'not exported'})"
                           f"; finish it with `finetune train recipe={path / 'config.yaml'} "
                           f"output_dir={path} resume=auto`, or leave it out.")
-    return Run(path, cfg, records, json.loads((path / "model.json").read_text()))
+    return Run(path, cfg, records, meta)
 
 
 def is_finished(path: Path) -> bool:
@@ -158,8 +174,8 @@ def _show(value: object) -> str:
 def budget_differences(runs: list[Run]) -> list[str]:
     """``key: label=value, ...`` for each budget key on which runs of one size disagree."""
     out = []
-    for size in sorted({r.train_images for r in runs}):
-        same = [r for r in runs if r.train_images == size]
+    for size in sorted({r.size for r in runs}):
+        same = [r for r in runs if r.size == size]
         for key in BUDGET_KEYS:
             values = {r.label: flat_config(r.config)[key] for r in same}
             if len(set(values.values())) > 1:
@@ -182,6 +198,8 @@ class RecipeSummary:
     images_per_sec: float
     train_seconds: float
     params: int
+    # The weight average's final test accuracy (train.ema_decay), when the runs kept one.
+    ema_final: Estimate | None = None
 
 
 @dataclass
@@ -227,14 +245,14 @@ def summarize(runs: list[Run], targets: list[float] | None = None) -> Summary:
     labels = list(dict.fromkeys(r.label for r in runs))
     summary = Summary(labels, {}, budget_warnings=budget_differences(runs))
     params = {}
-    for size in sorted({r.train_images for r in runs}):
+    for size in sorted({r.size for r in runs}):
         # Unless given, what every recipe reaches on average at this size.
         summary.targets[size] = sorted(targets or default_targets(
-            [r for r in runs if r.train_images == size]))
+            [r for r in runs if r.size == size]))
         rows = []
         baseline = None  # (final, best) by seed of the first label with runs of this size
         for label in labels:
-            group = sorted((r for r in runs if r.label == label and r.train_images == size),
+            group = sorted((r for r in runs if r.label == label and r.size == size),
                            key=lambda r: r.seed)
             if not group:
                 continue
@@ -259,7 +277,9 @@ def summarize(runs: list[Run], targets: list[float] | None = None) -> Summary:
                 reach=reach,
                 images_per_sec=sum(r.images_per_sec for r in group) / len(group),
                 train_seconds=sum(r.train_seconds for r in group) / len(group),
-                params=params[label]))
+                params=params[label],
+                ema_final=(mean_ci([r.final["ema_test_acc"] for r in group])
+                           if all("ema_test_acc" in r.final for r in group) else None)))
         summary.by_size[size] = rows
     return summary
 

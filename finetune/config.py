@@ -353,11 +353,15 @@ def validate(cfg: Config) -> None:
                           "(a folder with one subfolder of images per class).")
     try:  # shapes only (meta device): catches sizes an architecture cannot take, instantly
         with torch.device("meta"):
-            create_model(cfg.model.name, num_classes=10, in_chans=cfg.model.in_chans or 1,
-                         image_size=cfg.data.image_size, norm=cfg.model.norm)
+            model = create_model(cfg.model.name, num_classes=10,
+                                 in_chans=cfg.model.in_chans or 1,
+                                 image_size=cfg.data.image_size, norm=cfg.model.norm)
     except ValueError as e:
         raise ConfigError(f"model.name={cfg.model.name} cannot take data.image_size="
                           f"{cfg.data.image_size}: {e}") from None
+    from finetune.optim import plan_stages
+
+    plan_stages(model, cfg.finetune)  # freezing settings checked against the model's stages
     if cfg.model.weights and not cfg.model.pretrained:
         raise ConfigError(f"model.weights={cfg.model.weights} is set but model.pretrained=false; "
                           "set model.pretrained=true to load it, or drop model.weights.")

@@ -32,15 +32,18 @@ log = logging.getLogger(__name__)
 
 
 def suggest(lrs: list[float], smoothed: list[float]) -> float:
-    """The rate of steepest descent of the smoothed loss against log(rate), before its minimum."""
+    """The rate where the smoothed loss falls fastest against log(rate) before its minimum,
+    the slope taken across a tenth of the sweep on either side, so that a few noisy batches
+    (the average still settling at the start) do not decide. Too short a fall: a tenth of the
+    rate at the minimum (fastai's other rule)."""
     stop = min(range(len(smoothed)), key=smoothed.__getitem__)
-    if stop < 2:
-        raise ConfigError("the loss fell for fewer than 3 rates of the sweep; lower "
-                          "start_lr or raise steps.")
-    logs = [math.log(lr) for lr in lrs[:stop + 1]]
-    slopes = [(smoothed[i + 1] - smoothed[i - 1]) / (logs[i + 1] - logs[i - 1])
-              for i in range(1, stop)]
-    return lrs[1 + min(range(len(slopes)), key=slopes.__getitem__)]
+    w = max(2, len(lrs) // 10)  # a tenth of the sweep on each side: batch noise averages out
+    points = range(w, stop - w)
+    if len(points) < 3:
+        return lrs[stop] / 10
+    logs = [math.log(lr) for lr in lrs]
+    slope = {i: (smoothed[i + w] - smoothed[i - w]) / (logs[i + w] - logs[i - w]) for i in points}
+    return lrs[min(slope, key=slope.__getitem__)]
 
 
 def lr_find(cfg: Config, start_lr: float = 1e-7, end_lr: float = 10.0, steps: int = 100,
@@ -118,6 +121,9 @@ def plot(result: dict, path: Path) -> None:
     ax.axvline(result["suggested_lr"], color="red", linestyle="--",
                label=f"suggested {result['suggested_lr']:.3g}")
     ax.set_xscale("log")
+    # The divergence at the end would flatten everything else: show up to 1.5x the start.
+    low, start = min(result["smoothed_loss"]), result["smoothed_loss"][0]
+    ax.set_ylim(low - 0.1 * (start - low), 1.5 * start)
     ax.set_xlabel("learning rate (log scale)")
     ax.set_ylabel("training loss")
     ax.set_title(f"LR range test: {result['recipe']}")

@@ -107,8 +107,9 @@ def plan_stages(model: nn.Module, cfg: FinetuneConfig) -> StagePlan:
         raise ConfigError(f"invalid finetune.freeze={cfg.freeze!r}; valid: none, backbone, "
                           f"stages:N (the first N of {', '.join(names[:body])}).")
     if len(cfg.unfreeze_at) > frozen:
-        raise ConfigError(f"finetune.unfreeze_at lists {len(cfg.unfreeze_at)} epochs but only "
-                          f"{frozen} stages are frozen (finetune.freeze={cfg.freeze}).")
+        raise ConfigError(f"finetune.unfreeze_at lists {len(cfg.unfreeze_at)} epochs but "
+                          f"finetune.freeze={cfg.freeze} freezes {frozen} stage"
+                          f"{'' if frozen == 1 else 's'}; thaw at most one per frozen stage.")
     if sorted(cfg.unfreeze_at) != list(cfg.unfreeze_at) or any(e < 2 for e in cfg.unfreeze_at):
         raise ConfigError(f"finetune.unfreeze_at={list(cfg.unfreeze_at)} must be increasing "
                           f"epochs >= 2 (epoch 1 trains what freeze leaves trainable).")

@@ -34,16 +34,19 @@ def _pct(x: float | None) -> str:
 def accuracy_table(rows: list, baseline: str, many_seeds: bool) -> Block:
     ci = " (mean ± 95 % CI)" if many_seeds else ""
     paired = len(rows) > 1  # a difference column only when there is something to compare
+    ema = any(r.ema_final for r in rows)
     header = ["recipe", "seeds", f"final test acc %{ci}", f"best test acc %{ci}",
               *([f"Δ final vs {baseline} (paired)", f"Δ best vs {baseline} (paired)"]
-                if paired else []), "train img/s", "training s", "parameters"]
+                if paired else []), *(["EMA final test acc %"] if ema else []),
+              "train img/s", "training s", "parameters"]
     body = []
     for r in rows:
         diffs = [r.final_diff.format() if r.final_diff else "–",
                  r.best_diff.format() if r.best_diff else "–"]
         body.append([r.label, ",".join(map(str, r.seeds)), r.final.format(), r.best.format(),
-                     *(diffs if paired else []), f"{r.images_per_sec:,.0f}",
-                     f"{r.train_seconds:,.1f}", f"{r.params:,d}"])
+                     *(diffs if paired else []),
+                     *([r.ema_final.format() if r.ema_final else "–"] if ema else []),
+                     f"{r.images_per_sec:,.0f}", f"{r.train_seconds:,.1f}", f"{r.params:,d}"])
     return ("table", header, body)
 
 
@@ -75,7 +78,7 @@ def settings_blocks(runs: list[Run], labels: list[str]) -> list[Block]:
     same = [k for k in keys if len({f[k] for f in flat.values()}) == 1 and first[k] != defaults[k]]
     differ = [k for k in keys if len({f[k] for f in flat.values()}) > 1]
     budget = [k for k in BUDGET_KEYS if k != "data.train_limit"]
-    sizes = sorted({r.train_images for r in runs})
+    sizes = sorted({r.size for r in runs})
 
     def show(keys: list[str]) -> str:
         return ", ".join(f"`{k}={_show(first[k])}`" for k in keys)
@@ -130,7 +133,7 @@ def build_report(runs: list[Run], out: str | Path, targets: list[float] | None =
     labels = label_runs(runs)
     summary = summarize(runs, targets)
     size = summary.sizes[-1]  # the figures show the largest training set
-    groups = {label: sorted((r for r in runs if r.label == label and r.train_images == size),
+    groups = {label: sorted((r for r in runs if r.label == label and r.size == size),
                             key=lambda r: r.seed) for label in labels}
     groups = {k: v for k, v in groups.items() if v}
     best_of = {label: max(group, key=lambda r: r.final_acc) for label, group in groups.items()}
@@ -172,14 +175,14 @@ def build_report(runs: list[Run], out: str | Path, targets: list[float] | None =
         "accuracy_vs_time.png": (plots.plot_accuracy_vs_time, (groups,),
                                  "Test accuracy against training time."),
         "per_class.png": (plots.plot_per_class,
-                          ({k: (classes, r.records[-1]["confusion"]) for k, r in best_of.items()},),
+                          ({k: (classes, r.final["confusion"]) for k, r in best_of.items()},),
                           "Per-class test accuracy of each recipe's best run."),
     })
     blocks.append(("h", 2, f"Figures ({size:,d} training images)"))
     for name, (plot, args, caption) in figures.items():
         plot(*args, out / name)
         blocks.append(("img", name, caption))
-    plot_confusion(best.records[-1]["confusion"], classes, out / "confusion.png",
+    plot_confusion(best.final["confusion"], classes, out / "confusion.png",
                    f"best run: {best.label}\nseed {best.seed}, "
                    f"accuracy {best.final_acc:.4f}")
     blocks.append(("img", "confusion.png", f"Confusion matrix of the best run ({best.path}), "

@@ -119,16 +119,17 @@ def test_gradual_unfreezing_on_two_processes(ft_args, start_weights, tmp_path):
     _check_unfreezing(tmp_path / "run", start_weights[0])
 
 
-@pytest.mark.parametrize("setting, message", [
-    ("finetune.freeze=stages:6", "5 stages before its head"),
-    ("finetune.freeze=layer3", "valid: none, backbone, stages:N"),
-    ("finetune.unfreeze_at=[2]", "only 0 stages are frozen"),
+@pytest.mark.parametrize("settings, message", [
+    (["finetune.freeze=stages:6"], "5 stages before its head"),
+    (["finetune.freeze=layer3"], "valid: none, backbone, stages:N"),
+    (["finetune.unfreeze_at=[2]"], "freezes 0 stages; thaw at most one per frozen stage"),
+    (["finetune.freeze=stages:2", "finetune.unfreeze_at=[3,2]"], "must be increasing"),
+    (["model.name=vgg11_narrow", "data.image_size=32", "finetune.freeze=stages:7"],
+     "6 stages before its head"),
 ])
-def test_freeze_settings_are_checked(setting, message):
-    model = create_model("resnet18", num_classes=10, in_chans=1, image_size=16)
-    cfg = load_config([setting]).finetune
-    with pytest.raises(ConfigError, match=message):
-        plan_stages(model, cfg)
+def test_freeze_settings_are_checked_up_front(settings, message):
+    with pytest.raises(ConfigError, match=message):  # by load_config: before any data or model
+        load_config(settings)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -287,6 +288,10 @@ def test_early_stopping_exports_the_best_epoch(ft_args, tmp_path, monkeypatch):
     meta = json.loads((run / "model.json").read_text())
     assert meta["early_stopping"] == {"best_epoch": 2, "epochs_run": 4, "val_acc": 0.8}
     assert final["epoch"] == 2
+    # A comparison reads it as finished, with the exported (best) epoch's accuracy as final.
+    from finetune.compare import read_run
+
+    assert read_run(run).final_acc == records[1]["test_acc"]
 
 
 def test_accumulation_equals_one_step_on_the_whole_batch(ft_args, start_weights, tmp_path):
@@ -334,3 +339,31 @@ def test_lr_find_writes_plot_and_suggestion(ft_args, tmp_path, capsys):
     with Image.open(out / "lr_find.png") as im:
         im.verify()
     assert not (out / "model.safetensors").exists()
+
+
+def _untimed_metrics(run: Path) -> list[dict]:
+    """metrics.jsonl without the fields that measure time (they differ run to run)."""
+    return [{k: v for k, v in json.loads(line).items()
+             if not k.endswith("_time") and k != "train_images_per_sec"}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_is_exact_with_every_strategy_on(ft_args, tmp_path):
+    """Stopped mid-epoch and resumed, a run with gradual unfreezing, discriminative rates,
+    Mixup/CutMix, EMA, clipping, accumulation and early stopping ends bit-identical."""
+    args = ft_args + ["finetune.freeze=backbone", "finetune.unfreeze_at=[2]",
+                      "finetune.head_lr_mult=5", "finetune.layer_decay=0.8", "data.mixup=0.4",
+                      "data.cutmix=1.0", "train.ema_decay=0.9", "train.clip_grad_norm=2.0",
+                      "train.accumulate=2", "data.val_split=0.2", "train.early_stopping=5",
+                      "train.epochs=2", "train.checkpoint=true", "train.checkpoint_every=2",
+                      "train.keep_checkpoints=10"]
+    run = tmp_path / "run"
+    main(load_config(args))
+    weights = {d: load_file(run / d / "model.safetensors") for d in (".", "ema")}
+    metrics = _untimed_metrics(run)
+    mid = run / "checkpoints" / "epoch0002-step000002"
+    main(load_config(args + [f"resume={mid}", "output_dir=null"]))
+    assert _untimed_metrics(run) == metrics
+    for d, w in weights.items():
+        resumed = load_file(run / d / "model.safetensors")
+        assert not _changed(w, resumed), d
