@@ -16,6 +16,7 @@ it out for ImageNet weights.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def main() -> int:
             plan.runs.append((f"{RECIPE} [{name}]", seed, None, folder, args))
     runs = run_comparison(plan)
     report = build_report(runs, ns.out / "report", [float(t) for t in ns.targets.split(",")],
-                          command="python " + " ".join(map(str, sys.argv)))
+                          command="python " + shlex.join(sys.argv))
     print(f"wrote {report}")
     return 0
 

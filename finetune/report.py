@@ -140,8 +140,9 @@ def build_report(runs: list[Run], out: str | Path, targets: list[float] | None =
     best = max(best_of.values(), key=lambda r: r.final_acc)
     classes = best.meta["class_names"]
     many_seeds = any(len(g) > 1 for g in groups.values())
-    title = (f"Comparison: {' vs '.join(labels)}" if len(labels) > 1
-             else f"Run report: {labels[0]}")
+    title = (f"Run report: {labels[0]}" if len(labels) == 1
+             else f"Comparison: {' vs '.join(labels)}" if len(labels) <= 3
+             else f"Comparison of {len(labels)} settings with {labels[0]}")
 
     blocks: list[Block] = [("h", 1, title)]
     if command:
