@@ -64,6 +64,8 @@ def evaluate_run(run_dir: str | Path, overrides: list[str]) -> dict:
     point ``data.*`` elsewhere); write ``evaluation.json`` and ``confusion.png`` there."""
     run_dir = Path(run_dir)
     saved = run_dir / "config.yaml"
+    if not saved.is_file() and (run_dir.parent / "config.yaml").is_file():
+        saved = run_dir.parent / "config.yaml"  # <run>/ema/: the weight average of a run
     cfg = load_config(([f"recipe={saved}"] if saved.is_file() else []) + overrides)
     # The run's own precision and memory layout: its test accuracy is then reproduced exactly
     # (bf16 against fp32 can flip a borderline prediction).

@@ -221,6 +221,11 @@ def test_ema_run_evaluates_and_exports_the_average(ft_args, tmp_path):
     ema, raw = (load_file(tmp_path / "run" / d / "model.safetensors") for d in ("ema", "."))
     assert ema.keys() == raw.keys() and not torch.equal(ema["fc.weight"], raw["fc.weight"])
     assert json.loads((tmp_path / "run" / "ema" / "model.json").read_text())["ema_decay"] == 0.5
+    # `finetune evaluate RUN/ema` rebuilds the average with its run's data and precision.
+    from finetune.evaluation import evaluate_run
+
+    result = evaluate_run(tmp_path / "run" / "ema", [])
+    assert result["test_correct"] == record["ema_test_correct"]
 
 
 def test_mixup_mixes_images_and_labels():
