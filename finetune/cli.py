@@ -145,9 +145,9 @@ def _compare(args: list[str]) -> None:
         paths = [a for a in args if "=" not in a]
         out = Path(options.get("output_dir") or (Path(paths[0]) / "report" if len(paths) == 1
                    else Path("runs") / "reports" / time.strftime("%Y%m%d-%H%M%S")))
-        from finetune.compare import _float_list
+        from finetune.compare import float_list
 
-        targets = _float_list("targets", options["targets"]) if "targets" in options else None
+        targets = float_list("targets", options["targets"]) if "targets" in options else None
         report = build_report(find_runs(paths), out, targets)
     print(f"wrote {report} and {report.with_suffix('.html')}")
 

@@ -296,11 +296,11 @@ class Plan:
     out: Path
     targets: list[float] | None
     launcher: list[str]
-    # recipe -> its full override list (common ones, its own, seed, size, output_dir)
+    # (recipe, seed, size, run folder, its full overrides: common, its own, seed, size, folder)
     runs: list[tuple[str, int, int | None, Path, list[str]]] = field(default_factory=list)
 
 
-def _float_list(key: str, value: str) -> list[float]:
+def float_list(key: str, value: str) -> list[float]:
     try:
         return [float(v) for v in value.split(",") if v.strip()]
     except ValueError:
@@ -337,13 +337,17 @@ def plan_comparison(args: list[str]) -> Plan:
         elif key == "seeds":
             seeds = _seeds(value)
         elif key == "targets":
-            targets = _float_list(key, value)
+            targets = float_list(key, value)
         elif key == "output_dir":
             out = Path(value)
         elif key == "launcher":
             launcher = shlex.split(value)
         elif key == "data.train_limit" and "," in value:
-            sizes = [int(v) for v in _float_list(key, value)]
+            try:
+                sizes = [int(v) for v in value.split(",") if v.strip()]
+            except ValueError:
+                raise ConfigError(f"{key}={value}: expected comma-separated image counts, "
+                                  f"e.g. {key}=100,1000,10000") from None
         elif ":" in key:  # RECIPE:key=value applies to that recipe only
             name, _, sub = key.partition(":")
             own.setdefault(name, []).append(f"{sub}={value}")
@@ -371,10 +375,10 @@ def plan_comparison(args: list[str]) -> Plan:
         for recipe in recipes:
             for seed in seeds:
                 name = Path(recipe).stem
-                folder = out / (f"n{size}" if size else "") / name / f"seed{seed}"
+                folder = out / (f"n{size}" if size is not None else "") / name / f"seed{seed}"
                 run_args = [f"recipe={recipe}", *common, *own.get(recipe, []),
                             f"train.seed={seed}", f"output_dir={folder}"]
-                if size:
+                if size is not None:
                     run_args.append(f"data.train_limit={size}")
                 configs[recipe] = load_config(run_args)  # every config checked before any run
                 plan.runs.append((recipe, seed, size, folder, run_args))

@@ -233,6 +233,8 @@ def test_plan_expands_sizes_seeds_and_per_recipe_overrides(tmp_path, fmnist_dir)
     (["recipe=resnet18_cpu_fmnist,resnet18_cpu_fmnist"], "twice"),
     (["recipe=resnet18_cpu_fmnist", "targets=high"], "comma-separated numbers"),
     (["recipe=resnet18_cpu_fmnist", "train.epoch=3"], "Did you mean 'train.epochs'"),
+    (["recipe=resnet18_cpu_fmnist", "data.train_limit=100,1e3"], "comma-separated image counts"),
+    (["recipe=resnet18_cpu_fmnist", "data.train_limit=100,0"], "'data.train_limit' must be a"),
 ])
 def test_plan_refusals(args, message):
     with pytest.raises(ConfigError, match=message):
