@@ -128,7 +128,8 @@ def _compare(args: list[str]) -> None:
     from pathlib import Path
 
     from finetune.compare import plan_comparison, run_comparison
-    from finetune.report import build_report, find_runs
+    from finetune.report import build_report
+    from finetune.runs import find_runs
 
     if any(a.startswith("recipe=") for a in args):
         plan = plan_comparison(args)
@@ -155,7 +156,8 @@ def _compare(args: list[str]) -> None:
 def _report(args: list[str]) -> None:
     from pathlib import Path
 
-    from finetune.report import build_report, find_runs
+    from finetune.report import build_report
+    from finetune.runs import find_runs
 
     paths = [a for a in args if "=" not in a]
     options = dict(a.partition("=")[::2] for a in args if "=" in a)

@@ -15,12 +15,12 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune.config import Config, load_config, parse_overrides
+from finetune.config import Config, flat_config, load_config, parse_overrides, show_value
 from finetune.errors import ConfigError, TrainingError
-from finetune.runs import read_metrics, time_to_accuracy
+from finetune.runs import Run, finished_run, read_run, time_to_accuracy
 from finetune.stats import Estimate, mean_ci, paired_difference
 
 log = logging.getLogger(__name__)
@@ -35,98 +35,6 @@ PAIRING_KEYS = ("train.batch_size", "data.hflip", "data.crop_pad", "data.random_
 _RUN_ONLY = ("output_dir", "overwrite", "resume", "description", "train.log_every",
              "train.checkpoint", "train.checkpoint_every", "train.keep_checkpoints",
              "data.placement", "data.workers")
-
-
-def flat_config(cfg: Config) -> dict:
-    """The config as dotted keys (lists as tuples, so values can be compared and hashed)."""
-    out = {}
-    for section, value in asdict(cfg).items():
-        items = ({f"{section}.{k}": v for k, v in value.items()} if isinstance(value, dict)
-                 else {section: value})
-        out.update({k: tuple(v) if isinstance(v, list) else v for k, v in items.items()})
-    return out
-
-
-@dataclass
-class Run:
-    """A finished run folder: its config, per-epoch metrics and exported model's metadata."""
-
-    path: Path
-    config: Config
-    records: list[dict]
-    meta: dict
-    label: str = ""
-
-    @property
-    def seed(self) -> int:
-        return self.config.train.seed
-
-    @property
-    def train_images(self) -> int:
-        """Training-set size, as recorded in model.json; runs exported before it was recorded:
-        the batches of an epoch times the batch size (the partial last batch is dropped)."""
-        return (self.meta.get("train_images")
-                or len(self.records[0]["batch_loss"]) * self.config.train.batch_size)
-
-    @property
-    def size(self) -> int:
-        """The training-set size of the budget: ``data.train_limit`` when set (a run that holds
-        out a validation split from it trains on fewer), else the training images."""
-        return self.config.data.train_limit or self.train_images
-
-    @property
-    def final(self) -> dict:
-        """The record of the exported model: the last epoch's, or the best one's when early
-        stopping chose it."""
-        best = self.meta.get("early_stopping", {}).get("best_epoch")
-        return self.records[best - 1] if best else self.records[-1]
-
-    @property
-    def final_acc(self) -> float:
-        return self.final["test_acc"]
-
-    @property
-    def best_acc(self) -> float:
-        return max(r["test_acc"] for r in self.records)
-
-    @property
-    def train_seconds(self) -> float:
-        return sum(r["epoch_time"] for r in self.records)
-
-    @property
-    def images_per_sec(self) -> float:
-        """Training images over training seconds, all epochs together."""
-        images = sum(r["train_images_per_sec"] * r["epoch_time"] for r in self.records)
-        return images / self.train_seconds if self.train_seconds else 0.0
-
-
-def read_run(path: str | Path) -> Run:
-    """Read a finished run folder; a clear error for anything else."""
-    import json
-
-    path = Path(path)
-    if not (path / "config.yaml").is_file():
-        raise ConfigError(f"{path} is not a finetune run folder (no config.yaml).")
-    cfg = load_config([f"recipe={path / 'config.yaml'}"])
-    records = read_metrics(path)
-    meta = json.loads((path / "model.json").read_text()) if (path / "model.json").is_file() else {}
-    # An early-stopped run finished with fewer epochs than planned.
-    planned = meta.get("early_stopping", {}).get("epochs_run") or cfg.train.epochs
-    if len(records) < planned or not meta:
-        raise ConfigError(f"{path}: the run has not finished ({len(records)} of "
-                          f"{cfg.train.epochs} epochs, model "
-                          f"{'exported' if (path / 'model.json').is_file() else 'not exported'})"
-                          f"; finish it with `finetune train recipe={path / 'config.yaml'} "
-                          f"output_dir={path} resume=auto`, or leave it out.")
-    return Run(path, cfg, records, meta)
-
-
-def is_finished(path: Path) -> bool:
-    try:
-        read_run(path)
-        return True
-    except (ConfigError, OSError, ValueError):
-        return False
 
 
 def label_runs(runs: list[Run]) -> list[str]:
@@ -151,7 +59,7 @@ def label_runs(runs: list[Run]) -> list[str]:
             mine = dict(settings)
             shown = [k for k in mine if _stands_out(mine[k], [g[k] for g in same])]
             if shown:  # (none: the settings most groups share, e.g. the baseline's)
-                label += " (" + ", ".join(f"{k}={_show(mine[k])}" for k in shown) + ")"
+                label += " (" + ", ".join(f"{k}={show_value(mine[k])}" for k in shown) + ")"
         for run in members:
             run.label = label
     return list(dict.fromkeys(run.label for run in runs))
@@ -167,19 +75,19 @@ def _stands_out(value: object, values: list) -> bool:
     return counts[0] == counts[1] or value != common
 
 
-def _show(value: object) -> str:
-    return "[" + ",".join(map(str, value)) + "]" if isinstance(value, tuple) else str(value)
+def disagreements(flat: dict[str, dict], keys: tuple[str, ...]) -> dict[str, str]:
+    """For each of ``keys`` on which the flat configs ``{name: flat_config}`` disagree:
+    ``key -> "key: name=value, name=value"``."""
+    return {k: f"{k}: " + ", ".join(f"{n}={show_value(f[k])}" for n, f in flat.items())
+            for k in keys if len({f[k] for f in flat.values()}) > 1}
 
 
 def budget_differences(runs: list[Run]) -> list[str]:
     """``key: label=value, ...`` for each budget key on which runs of one size disagree."""
     out = []
     for size in sorted({r.size for r in runs}):
-        same = [r for r in runs if r.size == size]
-        for key in BUDGET_KEYS:
-            values = {r.label: flat_config(r.config)[key] for r in same}
-            if len(set(values.values())) > 1:
-                out.append(f"{key}: " + ", ".join(f"{k}={_show(v)}" for k, v in values.items()))
+        flat = {r.label: flat_config(r.config) for r in runs if r.size == size}
+        out += disagreements(flat, BUDGET_KEYS).values()
     return out
 
 
@@ -390,15 +298,15 @@ def check_budget(configs: dict[str, Config]) -> None:
     """Refuse recipes that would not get the same budget; warn where seeds cannot pair."""
     flat = {name: flat_config(cfg) for name, cfg in configs.items()}
     for keys, fatal in ((BUDGET_KEYS, True), (PAIRING_KEYS, False)):
-        differ = [k for k in keys if len({f[k] for f in flat.values()}) > 1]
+        differ = disagreements(flat, keys)
         if not differ:
             continue
-        detail = "; ".join(f"{k}: " + ", ".join(f"{n}={_show(f[k])}" for n, f in flat.items())
-                           for k in differ)
+        detail = "; ".join(differ.values())
         if fatal:
+            first = next(iter(differ))
             raise ConfigError(f"the recipes do not get the same budget ({detail}). Set it for "
                               f"all of them on the command line, e.g. "
-                              f"{differ[0]}={_show(next(iter(flat.values()))[differ[0]])}.")
+                              f"{first}={show_value(next(iter(flat.values()))[first])}.")
         log.warning("seeds are paired, but the recipes draw batches or augmentations "
                     "differently (%s), so seed k does not give them the same draws", detail)
 
@@ -406,10 +314,13 @@ def check_budget(configs: dict[str, Config]) -> None:
 def run_comparison(plan: Plan) -> list[Run]:
     """Train every planned run not finished yet, one process each; return all runs."""
     total = len(plan.runs)
+    runs = []
     for i, (recipe, seed, size, folder, run_args) in enumerate(plan.runs, start=1):
         what = f"[{i}/{total}] {recipe} seed {seed}" + (f" on {size} images" if size else "")
-        if is_finished(folder):
+        run = finished_run(folder)
+        if run is not None:
             print(f"{what}: finished earlier, kept ({folder})", flush=True)
+            runs.append(run)
             continue
         folder.mkdir(parents=True, exist_ok=True)
         resume = ["resume=auto"] if (folder / "config.yaml").is_file() else []
@@ -427,4 +338,5 @@ def run_comparison(plan: Plan) -> list[Run]:
         print(f"{what}: test accuracy {run.final_acc:.4f} (best {run.best_acc:.4f}), "
               f"{run.train_seconds:.1f} s of training, {time.perf_counter() - start:.0f} s "
               f"in all", flush=True)
-    return [read_run(folder) for *_, folder, _ in plan.runs]
+        runs.append(run)
+    return runs

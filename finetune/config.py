@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +181,10 @@ NON_NEGATIVE = ("data.crop_pad", "data.workers", "train.checkpoint_every", "trai
                 "data.mixup", "data.cutmix", "train.step_gamma")
 
 
+PROBABILITY = ("data.random_erasing", "data.mix_switch")
+FRACTION = ("data.val_split", "train.ema_decay")  # 1 would leave nothing / never move
+
+
 def _schema_keys(cls: type = Config, prefix: str = "") -> list[str]:
     """All dotted keys of the schema, e.g. ``["recipe", ..., "train.epochs", ...]``."""
     keys = []
@@ -331,11 +335,11 @@ def validate(cfg: Config) -> None:
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"unknown model '{cfg.model.name}' for 'model.name'.{hint} "
                           f"Valid values: {', '.join(list_models())} (see `finetune models`).")
-    if not 0 <= cfg.data.random_erasing <= 1:
-        raise ConfigError(f"'data.random_erasing' is a probability in [0, 1], got "
-                          f"{cfg.data.random_erasing}.")
-    for key in ("data.val_split", "data.mix_switch", "train.ema_decay"):
-        if not 0 <= get(key) < 1 and not (key == "data.mix_switch" and get(key) == 1):
+    for key in PROBABILITY:
+        if not 0 <= get(key) <= 1:
+            raise ConfigError(f"'{key}' is a probability in [0, 1], got {get(key)}.")
+    for key in FRACTION:
+        if not 0 <= get(key) < 1:
             raise ConfigError(f"'{key}' must be in [0, 1), got {get(key)}.")
     if cfg.train.early_stopping and not cfg.data.val_split:
         raise ConfigError("train.early_stopping needs a validation split: set data.val_split "
@@ -365,6 +369,22 @@ def validate(cfg: Config) -> None:
     if cfg.model.weights and not cfg.model.pretrained:
         raise ConfigError(f"model.weights={cfg.model.weights} is set but model.pretrained=false; "
                           "set model.pretrained=true to load it, or drop model.weights.")
+
+
+def flat_config(cfg: Config) -> dict[str, Any]:
+    """The config as dotted keys, ``{"recipe": .., "train.epochs": .., ...}``; lists become
+    tuples, so that values can be compared and hashed."""
+    out = {}
+    for section, value in asdict(cfg).items():
+        items = ({f"{section}.{k}": v for k, v in value.items()} if isinstance(value, dict)
+                 else {section: value})
+        out.update({k: tuple(v) if isinstance(v, list) else v for k, v in items.items()})
+    return out
+
+
+def show_value(value: Any) -> str:
+    """A config value as it is written on the command line (``[0,2,3]`` for a list)."""
+    return "[" + ",".join(map(str, value)) + "]" if isinstance(value, tuple | list) else str(value)
 
 
 def to_yaml(cfg: Config) -> str:

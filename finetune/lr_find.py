@@ -24,7 +24,7 @@ from finetune.config import Config, load_config
 from finetune.data.loader import batches_on, train_batches
 from finetune.errors import ConfigError
 from finetune.files import atomic_write, atomic_write_text
-from finetune.optim import make_optimizer, set_bn_modes
+from finetune.optim import enter_epoch, make_optimizer
 from finetune.speed import make_accelerator, tune_backends
 from finetune.train import setup
 
@@ -70,8 +70,7 @@ def lr_find(cfg: Config, start_lr: float = 1e-7, end_lr: float = 10.0, steps: in
             yield from batches_on(data, indices, accelerator.device, None)
 
     model.train()
-    set_bn_modes(run.model, run.plan, 1, cfg.finetune.bn)
-    thawing = run.plan.frozen_parameters(run.model, 1)
+    thawing = enter_epoch(run.model, run.plan, 1, cfg.finetune.bn)
     ratio = (end_lr / start_lr) ** (1 / (steps - 1))
     lrs, losses, smoothed = [], [], []
     avg, best = 0.0, math.inf

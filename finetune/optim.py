@@ -77,15 +77,16 @@ class StagePlan:
     scale: list[float]
     trains_from: list[int | None]
 
-    def frozen_at(self, epoch: int) -> list[int]:
-        """Indices of the stages that do not train in ``epoch`` (1-based)."""
-        return [i for i, e in enumerate(self.trains_from) if e is None or epoch < e]
+    def frozen(self, i: int, epoch: int | None = None) -> bool:
+        """Whether stage ``i`` does not train in ``epoch`` (1-based; None: ever, i.e. never
+        trains)."""
+        start = self.trains_from[i]
+        return start is None or (epoch is not None and epoch < start)
 
-    def frozen_parameters(self, model: nn.Module, epoch: int) -> list[nn.Parameter]:
-        """Parameters that have gradients but must not change in ``epoch`` (stages that thaw
-        later): their gradients are dropped before each step."""
-        frozen = [q for i in self.frozen_at(epoch) for q in self.prefixes[i]]
-        return [p for n, p in model.named_parameters() if p.requires_grad and _in(n, frozen)]
+    def frozen_prefixes(self, epoch: int | None = None) -> list[str]:
+        """Module prefixes of the stages frozen in ``epoch`` (None: frozen for the whole run)."""
+        return [q for i, prefixes in enumerate(self.prefixes) if self.frozen(i, epoch)
+                for q in prefixes]
 
 
 def plan_stages(model: nn.Module, cfg: FinetuneConfig) -> StagePlan:
@@ -131,7 +132,7 @@ def plan_stages(model: nn.Module, cfg: FinetuneConfig) -> StagePlan:
 def freeze_for_good(model: nn.Module, plan: StagePlan, bn: str) -> None:
     """``requires_grad=False`` for stages that never train (and for batch-norm weights with
     ``finetune.bn=freeze``); call before the model is wrapped for distribution."""
-    never = [p for i in plan.frozen_at(10**9) for p in plan.prefixes[i]]
+    never = plan.frozen_prefixes()
     for name, p in model.named_parameters():
         if _in(name, never):
             p.requires_grad_(False)
@@ -142,13 +143,16 @@ def freeze_for_good(model: nn.Module, plan: StagePlan, bn: str) -> None:
                     p.requires_grad_(False)
 
 
-def set_bn_modes(model: nn.Module, plan: StagePlan, epoch: int, bn: str) -> None:
-    """After ``model.train()``: batch norms of frozen stages, and all of them unless
-    ``finetune.bn=train``, normalise with their running statistics and stop updating them."""
-    frozen = [p for i in plan.frozen_at(epoch) for p in plan.prefixes[i]]
+def enter_epoch(model: nn.Module, plan: StagePlan, epoch: int, bn: str) -> list[nn.Parameter]:
+    """After ``model.train()``, set up ``epoch``: batch norms of frozen stages, and all of them
+    unless ``finetune.bn=train``, normalise with their running statistics and stop updating
+    them. Returns the parameters that have gradients but must not change this epoch (stages
+    that thaw later): their gradients are to be dropped before each step."""
+    frozen = plan.frozen_prefixes(epoch)
     for name, m in model.named_modules():
         if isinstance(m, BN_TYPES) and (bn != "train" or _in(name, frozen)):
             m.eval()
+    return [p for n, p in model.named_parameters() if p.requires_grad and _in(n, frozen)]
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, plan: StagePlan | None = None
@@ -234,12 +238,10 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per
         group.setdefault("lr_scale", 1.0)
 
     def for_group(group: dict) -> Callable[[int], float]:
-        start = plan.trains_from[group["stage"]] if plan and "stage" in group else 0
-        scale = group["lr_scale"]
+        stage, scale = group.get("stage") if plan else None, group["lr_scale"]
 
         def lam(step: int) -> float:
-            epoch = step // steps_per_epoch + 1
-            frozen = start is None or epoch < start
+            frozen = stage is not None and plan.frozen(stage, step // steps_per_epoch + 1)
             return 0.0 if frozen else scale * factor(step)
         return lam
 

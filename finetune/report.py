@@ -14,11 +14,12 @@ from pathlib import Path
 import torch
 
 from finetune import plots
-from finetune.compare import BUDGET_KEYS, Run, Summary, flat_config, label_runs, summarize
-from finetune.config import Config
+from finetune.compare import BUDGET_KEYS, Summary, label_runs, summarize
+from finetune.config import Config, flat_config, show_value
 from finetune.errors import FinetuneError
 from finetune.evaluation import plot_confusion
 from finetune.files import atomic_write_text
+from finetune.runs import Run
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def settings_blocks(runs: list[Run], labels: list[str]) -> list[Block]:
     sizes = sorted({r.size for r in runs})
 
     def show(keys: list[str]) -> str:
-        return ", ".join(f"`{k}={_show(first[k])}`" for k in keys)
+        return ", ".join(f"`{k}={show_value(first[k])}`" for k in keys)
 
     blocks = [("p", "Budget: training images " + ", ".join(f"{s:,d}" for s in sizes) + "; "
                + show(budget) + "."),
@@ -90,12 +91,8 @@ def settings_blocks(runs: list[Run], labels: list[str]) -> list[Block]:
     if differ:
         blocks += [("p", "What differs between the recipes:"),
                    ("table", ["setting", *labels],
-                    [[k, *(_show(flat[label][k]) for label in labels)] for k in differ])]
+                    [[k, *(show_value(flat[label][k]) for label in labels)] for k in differ])]
     return blocks
-
-
-def _show(value: object) -> str:
-    return "[" + ",".join(map(str, value)) + "]" if isinstance(value, tuple) else str(value)
 
 
 def predictions(run: Run, shown: int = 24, errors: int = 16) -> tuple | None:
@@ -289,25 +286,3 @@ def to_html(blocks: list[Block], folder: Path, title: str) -> str:
             raise ValueError(f"unknown report block {kind!r}; valid: h, p, code, table, img")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
-
-
-def find_runs(paths: list[str | Path]) -> list[Run]:
-    """Finished runs in ``paths``: run folders, or folders searched for run folders."""
-    from finetune.compare import read_run
-
-    runs = []
-    for path in map(Path, paths):
-        if (path / "config.yaml").is_file():
-            runs.append(read_run(path))
-        elif path.is_dir():
-            found = sorted(p.parent for p in path.rglob("model.json")
-                           if (p.parent / "metrics.jsonl").is_file())
-            if not found:
-                raise FinetuneError(f"{path} holds no finished finetune runs (folders with "
-                                    f"config.yaml, metrics.jsonl and model.json).")
-            runs += [read_run(p) for p in found]
-        else:
-            raise FileNotFoundError(f"{path}: no such run folder")
-    if not runs:
-        raise FinetuneError("no runs given: finetune compare RUN_DIR [RUN_DIR ...]")
-    return runs

@@ -14,7 +14,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,7 +34,7 @@ from finetune.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from finetune.config import Config, TrainConfig, load_config, to_yaml
+from finetune.config import Config, TrainConfig, flat_config, load_config, show_value, to_yaml
 from finetune.data import ImageData, load_data, validation_split
 from finetune.data.loader import (
     BatchTransform,
@@ -52,11 +52,11 @@ from finetune.mixing import mix_batch, mix_params
 from finetune.models import LoadedWeights, build_model, fetch_state_dict
 from finetune.optim import (
     StagePlan,
+    enter_epoch,
     freeze_for_good,
     make_optimizer,
     make_scheduler,
     plan_stages,
-    set_bn_modes,
 )
 from finetune.runs import read_metrics
 from finetune.speed import (
@@ -207,9 +207,8 @@ def train_one_epoch(model: nn.Module, data: ImageData, transform: BatchTransform
     model.train()
     thawing = []  # parameters of stages that train later: their gradients are dropped
     if extras.plan is not None:
-        raw = extras.raw_model or model  # names as the plan has them (not DDP's module.*)
-        set_bn_modes(raw, extras.plan, epoch, extras.bn)
-        thawing = extras.plan.frozen_parameters(raw, epoch)
+        # names as the plan has them (not DDP's module.*)
+        thawing = enter_epoch(extras.raw_model or model, extras.plan, epoch, extras.bn)
     mixing = extras.mixup > 0 or extras.cutmix > 0
     num_classes = len(data.classes)
     device = accelerator.device
@@ -305,24 +304,15 @@ def check_same_run(out: Path, cfg: Config) -> None:
     saved = out / "config.yaml"
     if not saved.is_file():
         return  # nothing started there yet: resume=auto starts it
-    old, new = _run_settings(load_config([f"recipe={saved}"])), _run_settings(cfg)
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    old, new = flat_config(load_config([f"recipe={saved}"])), flat_config(cfg)
+    # How to run it, not what to run: free to differ.
+    changed = sorted(k for k in old if old[k] != new[k]
+                     and k not in ("resume", "overwrite", "output_dir"))
     if changed:
         raise ConfigError(
             f"cannot resume the run in {out} with a different config: "
-            + ", ".join(f"{k}={new.get(k)} (was {old.get(k)})" for k in changed)
+            + ", ".join(f"{k}={show_value(new[k])} (was {show_value(old[k])})" for k in changed)
             + ". Resume with the same settings, or start a new run in another output_dir.")
-
-
-def _run_settings(cfg: Config) -> dict:
-    """The config as dotted keys, without those that say how to run it, not what to run."""
-    out = {}
-    for section, value in asdict(cfg).items():
-        if isinstance(value, dict):
-            out.update({f"{section}.{k}": v for k, v in value.items()})
-        elif section not in ("resume", "overwrite", "output_dir"):
-            out[section] = value
-    return out
 
 
 def resume_run(cfg: Config, out: Path, accelerator: Accelerator, gen: torch.Generator,
@@ -515,6 +505,7 @@ def main(cfg: Config) -> dict:
                               f"{tcfg.early_stopping} epochs since epoch {best}")
             break
 
+    best, _ = early_stopping(records, tcfg.early_stopping)  # None without early stopping
     if accelerator.is_main_process:
         meta = {"architecture": cfg.model.name, "num_classes": len(train_data.classes),
                 "in_chans": run.in_chans, "image_size": cfg.data.image_size,
@@ -523,8 +514,7 @@ def main(cfg: Config) -> dict:
                 "recipe": cfg.recipe, "pretrained": run.loaded.source if run.loaded else None,
                 "data": run.source, "train_images": len(train_data),
                 "test_images": len(test_data), "finetune_version": __version__}
-        if tcfg.early_stopping:  # export the best epoch's weights, not the last one's
-            best, _ = early_stopping(records, tcfg.early_stopping)
+        if best is not None:  # export the best epoch's weights, not the last one's
             raw.load_state_dict(load_file(out / BEST))
             meta["early_stopping"] = {"best_epoch": best, "epochs_run": len(records),
                                       "val_acc": records[best - 1]["val_acc"]}
@@ -532,9 +522,8 @@ def main(cfg: Config) -> dict:
         if ema is not None:
             save_model(ema.module, {**meta, "ema_decay": tcfg.ema_decay}, out / "ema")
     accelerator.wait_for_everyone()
-    final = records[-1]
-    if tcfg.early_stopping:  # the exported model is the best epoch's: report its numbers
-        final = records[early_stopping(records, tcfg.early_stopping)[0] - 1]
+    # The exported model's numbers: the last epoch's, or the best one's with early stopping.
+    final = records[-1] if best is None else records[best - 1]
     accelerator.print(f"{accuracy_line(final)}; run saved to {out}")
     accelerator.end_training()
     return final

@@ -17,13 +17,13 @@ from finetune.compare import (
     default_targets,
     label_runs,
     plan_comparison,
-    read_run,
     summarize,
 )
 from finetune.config import ConfigError, load_config, to_yaml
 from finetune.export import save_model
 from finetune.models import create_model
-from finetune.report import build_report, find_runs
+from finetune.report import build_report
+from finetune.runs import find_runs, read_run
 from finetune.stats import mean_ci, paired_difference, t_quantile
 
 # --- statistics ------------------------------------------------------------------------------

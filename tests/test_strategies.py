@@ -294,7 +294,7 @@ def test_early_stopping_exports_the_best_epoch(ft_args, tmp_path, monkeypatch):
     assert meta["early_stopping"] == {"best_epoch": 2, "epochs_run": 4, "val_acc": 0.8}
     assert final["epoch"] == 2
     # A comparison reads it as finished, with the exported (best) epoch's accuracy as final.
-    from finetune.compare import read_run
+    from finetune.runs import read_run
 
     assert read_run(run).final_acc == records[1]["test_acc"]
 

@@ -101,8 +101,9 @@ def validation_split(data: ImageData, fraction: float, seed: int) -> tuple[Image
     Both keep the original order of their images."""
     gen = torch.Generator().manual_seed(seed)
     held = torch.zeros(len(data), dtype=torch.bool)
+    labels = data.labels.cpu()
     for k in range(len(data.classes)):
-        members = torch.nonzero(data.labels.cpu() == k).flatten()
+        members = torch.nonzero(labels == k).flatten()
         take = round(fraction * len(members))
         held[members[torch.randperm(len(members), generator=gen)[:take]]] = True
     if not held.any() or held.all():

@@ -220,17 +220,14 @@ def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module, firs
     head = [k for k in state_dict if k.startswith(f"{classifier}.")]
     if not head:
         notes.append(f"{classifier}: not in the weights, new classifier randomly initialised")
-    elif new_classes:
-        for k in head:
-            del state_dict[k]
-        notes.append(f"{classifier}: classifier replaced (the weights were trained on other "
-                     f"classes; new layer randomly initialised)")
-    elif any(k in target and state_dict[k].shape != target[k].shape for k in head):
+    elif new_classes or any(k in target and state_dict[k].shape != target[k].shape
+                            for k in head):
         n_old = state_dict[f"{classifier}.weight"].shape[0]
         n_new = target[f"{classifier}.weight"].shape[0]
         for k in head:
             del state_dict[k]
-        notes.append(f"{classifier}: classifier replaced, {n_old} -> {n_new} classes "
+        why = ", the weights' classes differ" if new_classes else ""
+        notes.append(f"{classifier}: classifier replaced, {n_old} -> {n_new} classes{why} "
                      f"(new layer randomly initialised)")
     return notes
 
