@@ -18,6 +18,7 @@ then --steps steps are timed, waiting for the device at both ends.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -30,12 +31,15 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from finetune.config import DataConfig, TrainConfig
+from finetune.assemble import Parts, Training
+from finetune.config import Config, DataConfig, TrainConfig
 from finetune.data import ImageData, load_data
 from finetune.data.loader import BatchTransform
 from finetune.models import create_model
+from finetune.optim import make_optimizer, make_scheduler, plan_stages
 from finetune.speed import compile_model, tune_backends
-from finetune.train import make_optimizer, train_one_epoch
+from finetune.step import StepOptions
+from finetune.train import train_one_epoch
 
 
 class LectureFashionMNIST(Dataset):
@@ -93,26 +97,33 @@ def finetune_loop(data: ImageData, args, variant: str) -> float:
     accelerator = Accelerator(mixed_precision=precision)
     device = accelerator.device
     tune_backends(device)
-    cfg = TrainConfig(epochs=1, batch_size=args.batch_size, lr=0.01, log_every=10**9)
+    cfg = Config(train=TrainConfig(epochs=1, batch_size=args.batch_size, lr=0.01,
+                                   log_every=10**9))
     torch.manual_seed(0)
     model = create_model(args.model, num_classes=10, in_chans=1, image_size=args.image_size)
     transform = BatchTransform(args.image_size, 1, (0.286,), (0.353,), hflip=True,
                                channels_last=True)
     model.to(device, memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    plan = plan_stages(model, cfg.finetune)
+    optimizer = make_optimizer(model, cfg.train, plan)
+    scheduler = make_scheduler(optimizer, lambda step: 1.0)
+    prepared, optimizer = accelerator.prepare(model, optimizer)
     on_device = data.to(device)
-    gen = torch.Generator(device).manual_seed(0)
+    opts = StepOptions(num_classes=10)
+    t = Training(prepared, model, optimizer, scheduler, lambda step: 1.0, opts, 0, None, None,
+                 None, torch.Generator(device).manual_seed(0))
     if "compile" in variant:
         mode = "reduce-overhead" if "cudagraphs" in variant else "default"
-        compile_model(model, on_device.images[:args.batch_size],
-                      on_device.labels[:args.batch_size], transform, accelerator, mode)
+        compile_model(prepared, optimizer, on_device.images[:args.batch_size],
+                      on_device.labels[:args.batch_size], transform, accelerator, opts, mode)
 
     def epoch(n_steps: int) -> float:
         part = on_device.limit(n_steps * args.batch_size)
+        parts = Parts(model, None, plan, transform, part, part, None, "bench", "device", 1,
+                      transform.mean, transform.std)
         start = time.perf_counter()
-        train_one_epoch(model, part, transform, optimizer, scheduler, accelerator, cfg, 1, gen)
+        train_one_epoch(cfg, parts, dataclasses.replace(t, steps_per_epoch=n_steps),
+                        accelerator, 1)
         return time.perf_counter() - start  # train_one_epoch ends by reading its metrics
 
     epoch(args.warmup)

@@ -9,7 +9,9 @@ Using a trained model::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from finetune.version import __version__
+
+__all__ = ["__version__", "load", "predict"]
 
 
 def load(path, device="cpu"):

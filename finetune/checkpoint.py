@@ -98,3 +98,19 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> LoopState:
     return LoopState(saved["epoch"], saved["step"], saved["gen_state"],
                      saved["losses"].to(accelerator.device),
                      saved["correct"].to(accelerator.device))
+
+
+def restore(resume: str | None, out: Path, accelerator: Accelerator, gen: torch.Generator
+            ) -> LoopState | None:
+    """Restore the checkpoint ``resume`` names (model, optimizer, scheduler, RNG, and the
+    augmentation generator ``gen``); return this process's loop state, or None when the run
+    starts from its beginning."""
+    path = find_checkpoint(resume, out) if resume else None
+    if path is None:
+        if resume:
+            accelerator.print(f"resume=auto: no checkpoint in {out}; starting from scratch")
+        return None
+    state = load_checkpoint(accelerator, path)
+    gen.set_state(state.gen_state)
+    accelerator.print(f"resumed from {path} (epoch {state.epoch}, {state.step} steps done)")
+    return state

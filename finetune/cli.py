@@ -1,4 +1,6 @@
-"""The ``finetune`` command: train, evaluate, and inspect recipes and models."""
+"""The ``finetune`` command (also ``python -m finetune``): train, evaluate, compare, and
+inspect recipes and models. ``finetune COMMAND --help`` lists each command's arguments and the
+config keys it takes."""
 
 from __future__ import annotations
 
@@ -7,37 +9,13 @@ import errno
 import logging
 import os
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
-from finetune.config import list_recipes, load_config, to_yaml
-from finetune.errors import ConfigError, DataError, FinetuneError
+from finetune.config import SCHEMA_KEYS, describe_keys, list_recipes, load_config, split_options
+from finetune.errors import ConfigError, FinetuneError
 
-USAGE = """finetune COMMAND [ARGS]
-
-commands:
-  train recipe=NAME [key=value ...]   train, evaluate and export (also: accelerate launch
-                                      finetune/run.py recipe=NAME ...)
-  evaluate RUN_DIR [data.key=value]   rebuild an exported model: accuracy, per-class
-                                      precision/recall, confusion matrix (JSON and PNG)
-  predict MODEL IMAGE_OR_FOLDER... [--top-k K] [--json]
-                                      top-k classes of images (MODEL: run folder or
-                                      model.safetensors)
-  compare recipe=A,B [seeds=3] [targets=0.8,0.9] [output_dir=DIR] [A:key=value] [key=value ...]
-                                      train each recipe over paired seeds under one budget
-                                      (data.train_limit=100,1000,... sweeps training-set
-                                      sizes), then write a report (tables, plots, HTML)
-  compare RUN_DIR... [output_dir=DIR] [targets=...]
-                                      the same report from finished runs
-  report RUN_DIR [output_dir=DIR]     the report of one run (plots, report.md/.html)
-  lr-find recipe=NAME [start_lr=1e-7] [end_lr=10] [steps=100] [key=value ...]
-                                      learning-rate range test: loss-vs-rate plot and a
-                                      suggested train.lr
-  export-onnx RUN_DIR [--out PATH]    write model.onnx (dynamic batch)
-  show recipe=NAME [key=value ...]    print the resolved config
-  recipes                             list recipes
-  models                              list registered models with parameter counts
-  show-model [recipe=NAME] [key=value ...]
-                                      print each layer's output shape and parameters
-"""
+OVERRIDES = "key=value"  # how config overrides appear in usage lines
 
 
 def _setup_logging() -> None:
@@ -52,46 +30,30 @@ def _setup_logging() -> None:
     log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
-def _models() -> None:
-    import torch
+# --- the commands ----------------------------------------------------------------------------
 
-    from finetune.models import create_model, list_models
-    from finetune.models.pretrained import PRETRAINED
+def _train(ns: argparse.Namespace) -> None:
+    from finetune.train import main as train_main
 
-    print(f"{'model':<16} {'params (3x224x224, 1000 classes)':>34}  weights")
-    for name in list_models():
-        with torch.device("meta"):  # counts shapes only: no memory, no init time
-            params = sum(p.numel() for p in create_model(name).parameters())
-        weights = "ImageNet (torchvision)" if name in PRETRAINED else ""
-        print(f"{name:<16} {params:>34,d}  {weights}")
+    train_main(load_config(ns.args))
 
 
-def _show_model(args: list[str]) -> None:
-    from finetune.models import create_model
-    from finetune.models.summary import summarize
+def _evaluate(ns: argparse.Namespace) -> None:
+    from finetune.evaluation import evaluate_run
 
-    cfg = load_config(args)
-    in_chans, size, classes = cfg.model.in_chans or 1, cfg.data.image_size, 10
-    model = create_model(cfg.model.name, num_classes=classes, in_chans=in_chans,
-                         image_size=size, norm=cfg.model.norm, init=cfg.model.init)
-    print(f"{cfg.model.name}: in_chans={in_chans} (model.in_chans), image_size={size} "
-          f"(data.image_size), num_classes={classes}")
-    print(summarize(model, (1, in_chans, size, size)))
+    if "=" in ns.run_dir:
+        raise ConfigError("usage: finetune evaluate RUN_DIR [data.key=value ...]")
+    evaluate_run(ns.run_dir, ns.args)
 
 
-def _predict(args: list[str]) -> None:
+def _predict(ns: argparse.Namespace) -> None:
     import json
 
     from PIL import Image, UnidentifiedImageError
 
+    from finetune.data import DataError
     from finetune.inference import image_files, load
 
-    parser = argparse.ArgumentParser(prog="finetune predict")
-    parser.add_argument("model", help="run folder or model.safetensors")
-    parser.add_argument("images", nargs="+", help="image files or folders")
-    parser.add_argument("--top-k", type=int, default=3)
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    ns = parser.parse_args(args)
     predictor = load(ns.model)
     files = image_files(ns.images)
     images = []
@@ -112,108 +74,173 @@ def _predict(args: list[str]) -> None:
         print(f"{str(f):<{width}}  " + "  ".join(f"{c} {p:.3f}" for c, p in r))
 
 
-def _export_onnx(args: list[str]) -> None:
-    from finetune.export import export_onnx
-
-    parser = argparse.ArgumentParser(prog="finetune export-onnx")
-    parser.add_argument("run_dir")
-    parser.add_argument("--out", default=None, help="default: RUN_DIR/model.onnx")
-    ns = parser.parse_args(args)
-    print(f"wrote {export_onnx(ns.run_dir, ns.out)}")
-
-
-def _compare(args: list[str]) -> None:
+def _compare(ns: argparse.Namespace) -> None:
     import shlex
     import time
-    from pathlib import Path
 
-    from finetune.compare import plan_comparison, run_comparison
+    from finetune.compare import float_list, plan_comparison, run_comparison
     from finetune.report import build_report
     from finetune.runs import find_runs
 
-    if any(a.startswith("recipe=") for a in args):
-        plan = plan_comparison(args)
+    if any(a.startswith("recipe=") for a in ns.args):
+        plan = plan_comparison(ns.args)
         runs = run_comparison(plan)
-        command = "finetune compare " + " ".join(map(shlex.quote, args))
+        command = "finetune compare " + " ".join(map(shlex.quote, ns.args))
         report = build_report(runs, plan.out / "report", plan.targets, command)
     else:
-        options = {k: v for k, _, v in (a.partition("=") for a in args if "=" in a)}
-        unknown = sorted(set(options) - {"output_dir", "targets"})
+        paths = [a for a in ns.args if "=" not in a]
+        options, unknown = split_options([a for a in ns.args if "=" in a],
+                                         ("output_dir", "targets"))
         if unknown:
             raise ConfigError(f"finetune compare RUN_DIR...: unknown option(s) "
-                              f"{', '.join(unknown)}; valid: output_dir=DIR, targets=0.8,0.9. "
-                              f"To train recipes, start with recipe=A,B.")
-        paths = [a for a in args if "=" not in a]
+                              f"{', '.join(sorted(unknown))}; valid: output_dir=DIR, "
+                              f"targets=0.8,0.9. To train recipes, start with recipe=A,B.")
         out = Path(options.get("output_dir") or (Path(paths[0]) / "report" if len(paths) == 1
                    else Path("runs") / "reports" / time.strftime("%Y%m%d-%H%M%S")))
-        from finetune.compare import float_list
-
         targets = float_list("targets", options["targets"]) if "targets" in options else None
         report = build_report(find_runs(paths), out, targets)
     print(f"wrote {report} and {report.with_suffix('.html')}")
 
 
-def _report(args: list[str]) -> None:
-    from pathlib import Path
-
+def _report(ns: argparse.Namespace) -> None:
     from finetune.report import build_report
     from finetune.runs import find_runs
 
-    paths = [a for a in args if "=" not in a]
-    options = dict(a.partition("=")[::2] for a in args if "=" in a)
-    if len(paths) != 1 or set(options) - {"output_dir"}:
-        raise ConfigError("usage: finetune report RUN_DIR [output_dir=DIR]")
-    report = build_report(find_runs(paths), options.get("output_dir") or Path(paths[0]) / "report")
+    options, unknown = split_options(ns.args, ("output_dir",))
+    if unknown or "=" in ns.run_dir:
+        raise ConfigError(f"unknown option(s) {', '.join(unknown)}; usage: finetune report "
+                          f"RUN_DIR [output_dir=DIR]")
+    out = options.get("output_dir") or Path(ns.run_dir) / "report"
+    report = build_report(find_runs([ns.run_dir]), out)
     print(f"wrote {report} and {report.with_suffix('.html')}")
+
+
+def _lr_find(ns: argparse.Namespace) -> None:
+    from finetune.lr_find import main as lr_find_main
+
+    lr_find_main(ns.args)
+
+
+def _export_onnx(ns: argparse.Namespace) -> None:
+    from finetune.export import export_onnx
+
+    print(f"wrote {export_onnx(ns.run_dir, ns.out)}")
+
+
+def _show(ns: argparse.Namespace) -> None:
+    from finetune.assemble import check_model
+    from finetune.config import to_yaml
+
+    cfg = load_config(ns.args)
+    check_model(cfg)
+    print(to_yaml(cfg), end="")
+
+
+def _recipes(ns: argparse.Namespace) -> None:
+    for name, description in list_recipes().items():
+        print(f"{name:<28} {description}")
+
+
+def _models(ns: argparse.Namespace) -> None:
+    from finetune.models import count_parameters, list_models
+    from finetune.registry import get_pretrained_cfg
+
+    print(f"{'model':<16} {'params (3x224x224, 1000 classes)':>34}  weights")
+    for name in list_models():
+        weights = "ImageNet (torchvision)" if get_pretrained_cfg(name)["tv_weights"] else ""
+        print(f"{name:<16} {count_parameters(name):>34,d}  {weights}")
+
+
+def _show_model(ns: argparse.Namespace) -> None:
+    from finetune.assemble import check_model
+    from finetune.models import create_model
+    from finetune.models.summary import summarize
+
+    cfg = load_config(ns.args)
+    check_model(cfg)
+    in_chans, size, classes = cfg.model.in_chans or 1, cfg.data.image_size, 10
+    model = create_model(cfg.model.name, num_classes=classes, in_chans=in_chans,
+                         image_size=size, norm=cfg.model.norm, init=cfg.model.init)
+    print(f"{cfg.model.name}: in_chans={in_chans} (model.in_chans), image_size={size} "
+          f"(data.image_size), num_classes={classes}")
+    print(summarize(model, (1, in_chans, size, size)))
+
+
+# --- the parser: one sub-command each, with its arguments and config keys --------------------
+
+def _keys(*prefixes: str) -> str:
+    keys = [k for k in SCHEMA_KEYS if not prefixes or k.startswith(prefixes)]
+    return "config keys (key=value):\n" + describe_keys(keys)
+
+
+def _overrides(p: argparse.ArgumentParser, what: str = "recipe=NAME and config overrides"
+               ) -> None:
+    p.add_argument("args", nargs="*", metavar=OVERRIDES, help=what)
+
+
+def _add(sub: argparse._SubParsersAction, name: str, run: Callable, summary: str,
+         description: str = "", epilog: str = "") -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=summary, description=description or summary, epilog=epilog,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(run=run)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="finetune", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _overrides(_add(sub, "train", _train, "train, evaluate every epoch and export",
+                    "Train a recipe (recipe=NAME or a .yaml path) with key=value overrides. "
+                    "The same as `accelerate launch -m finetune.run recipe=NAME ...`.",
+                    _keys()))
+    p = _add(sub, "evaluate", _evaluate, "rebuild an exported model and measure it: accuracy, "
+             "per-class precision/recall, evaluation.json, confusion.png",
+             epilog=_keys("data."))
+    p.add_argument("run_dir", help="a run folder (or its ema/ folder)")
+    _overrides(p, "data.* overrides: evaluate on other data than the run's")
+    p = _add(sub, "predict", _predict, "top-k classes of images")
+    p.add_argument("model", help="run folder or model.safetensors")
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _overrides(_add(sub, "compare", _compare, "train recipes over paired seeds under one "
+                    "budget and report, or report finished runs",
+                    "finetune compare recipe=A,B [seeds=3|0,5,9] [targets=0.8,0.9] "
+                    "[output_dir=DIR] [launcher=\"accelerate launch ...\"] [A:key=value] "
+                    "[key=value ...]\n  data.train_limit=100,1000 sweeps training-set sizes.\n"
+                    "finetune compare RUN_DIR... [output_dir=DIR] [targets=...]: the same "
+                    "report from finished runs.", _keys()),
+               "recipe=A,B, seeds=, targets=, output_dir=, launcher=, [RECIPE:]key=value; "
+               "or run folders")
+    p = _add(sub, "report", _report, "the report of one finished run (plots, report.md/.html)")
+    p.add_argument("run_dir")
+    _overrides(p, "output_dir=DIR (default RUN_DIR/report)")
+    _overrides(_add(sub, "lr-find", _lr_find, "learning-rate range test: loss against rate, "
+                    "a plot and a suggested train.lr",
+                    "finetune lr-find recipe=NAME [start_lr=1e-7] [end_lr=10] [steps=100] "
+                    "[output_dir=DIR] [key=value ...]", _keys()),
+               "recipe=NAME, start_lr=, end_lr=, steps=, config overrides")
+    p = _add(sub, "export-onnx", _export_onnx, "write model.onnx (dynamic batch)")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="default: RUN_DIR/model.onnx")
+    _overrides(_add(sub, "show", _show, "print the resolved config, nothing run",
+                    epilog=_keys()))
+    _add(sub, "recipes", _recipes, "list recipes")
+    _add(sub, "models", _models, "list registered models with parameter counts")
+    _overrides(_add(sub, "show-model", _show_model, "each layer's output shape and parameters",
+                    epilog=_keys("recipe", "model.", "data.image_size")))
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="finetune", usage=USAGE)
-    parser.add_argument("command", choices=["train", "evaluate", "predict", "compare", "report",
-                                            "lr-find", "export-onnx", "show", "recipes",
-                                            "models", "show-model"])
-    parser.add_argument("args", nargs="*")
-    if not argv:
-        parser.print_usage()
-        return 2
-    ns = parser.parse_args(argv[:1])
-    args = argv[1:]
+    try:
+        ns = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2), already printed
+        return e.code if isinstance(e.code, int) else 2
     _setup_logging()
     try:
-        if ns.command == "train":
-            from finetune.train import main as train_main
-
-            train_main(load_config(args))
-        elif ns.command == "evaluate":
-            if not args or "=" in args[0]:
-                raise ConfigError("usage: finetune evaluate RUN_DIR [data.key=value ...]")
-            from finetune.evaluation import evaluate_run
-
-            evaluate_run(args[0], args[1:])
-        elif ns.command == "predict":
-            _predict(args)
-        elif ns.command == "compare":
-            _compare(args)
-        elif ns.command == "report":
-            _report(args)
-        elif ns.command == "lr-find":
-            from finetune.lr_find import main as lr_find_main
-
-            lr_find_main(args)
-        elif ns.command == "export-onnx":
-            _export_onnx(args)
-        elif ns.command == "show":
-            print(to_yaml(load_config(args)), end="")
-        elif ns.command == "recipes":
-            for name, description in list_recipes().items():
-                print(f"{name:<28} {description}")
-        elif ns.command == "models":
-            _models()
-        elif ns.command == "show-model":
-            _show_model(args)
-        else:
-            raise ConfigError(f"unknown command {ns.command}")
+        ns.run(ns)
     except (FinetuneError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

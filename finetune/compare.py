@@ -18,9 +18,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune.config import Config, flat_config, load_config, parse_overrides, show_value
+from finetune.config import Config, flat_config, load_config, show_value, split_options
 from finetune.errors import ConfigError, TrainingError
-from finetune.runs import Run, finished_run, read_run, time_to_accuracy
+from finetune.runs import CONFIG, Run, finished_run, read_run, time_to_accuracy
 from finetune.stats import Estimate, mean_ci, paired_difference
 
 log = logging.getLogger(__name__)
@@ -124,16 +124,12 @@ class Summary:
 
 
 def count_parameters(meta: dict) -> int:
-    """Trainable parameters of an exported model, from its model.json (no weights read)."""
-    import torch
+    """Parameters of an exported model, from its model.json (no weights read)."""
+    from finetune.models import count_parameters as count
 
-    from finetune.models import create_model
-
-    with torch.device("meta"):
-        model = create_model(meta["architecture"], num_classes=meta["num_classes"],
-                             in_chans=meta["in_chans"], image_size=meta["image_size"],
-                             norm=meta.get("norm", "torch"))
-    return sum(p.numel() for p in model.parameters())
+    return count(meta["architecture"], num_classes=meta["num_classes"],
+                 in_chans=meta["in_chans"], image_size=meta["image_size"],
+                 norm=meta.get("norm", "torch"))
 
 
 def default_targets(runs: list[Run]) -> list[float]:
@@ -235,22 +231,19 @@ def _seeds(value: str) -> list[int]:
 def plan_comparison(args: list[str]) -> Plan:
     """Parse ``recipe=A,B [seeds=N] [targets=...] [output_dir=DIR] [launcher="..."]
     [A:key=value ...] [key=value ...]`` and validate every run's config before any runs."""
-    recipes, seeds, targets, out, launcher = [], [0, 1, 2], None, None, None
+    from finetune.assemble import check_model
+
+    options, rest = split_options(args, ("recipe", "seeds", "targets", "output_dir", "launcher"))
+    recipes = [r for r in options.get("recipe", "").split(",") if r]
+    seeds = _seeds(options["seeds"]) if "seeds" in options else [0, 1, 2]
+    targets = float_list("targets", options["targets"]) if "targets" in options else None
+    out = Path(options["output_dir"]) if "output_dir" in options else None
+    launcher = shlex.split(options["launcher"]) if "launcher" in options else None
     sizes: list[int | None] = [None]
     common, own = [], {}
-    for arg in parse_overrides(args):
+    for arg in rest:
         key, _, value = arg.partition("=")
-        if key == "recipe":
-            recipes = [r for r in value.split(",") if r]
-        elif key == "seeds":
-            seeds = _seeds(value)
-        elif key == "targets":
-            targets = float_list(key, value)
-        elif key == "output_dir":
-            out = Path(value)
-        elif key == "launcher":
-            launcher = shlex.split(value)
-        elif key == "data.train_limit" and "," in value:
+        if key == "data.train_limit" and "," in value:
             try:
                 sizes = [int(v) for v in value.split(",") if v.strip()]
             except ValueError:
@@ -289,6 +282,7 @@ def plan_comparison(args: list[str]) -> Plan:
                 if size is not None:
                     run_args.append(f"data.train_limit={size}")
                 configs[recipe] = load_config(run_args)  # every config checked before any run
+                check_model(configs[recipe])
                 plan.runs.append((recipe, seed, size, folder, run_args))
         check_budget(configs)
     return plan
@@ -323,7 +317,7 @@ def run_comparison(plan: Plan) -> list[Run]:
             runs.append(run)
             continue
         folder.mkdir(parents=True, exist_ok=True)
-        resume = ["resume=auto"] if (folder / "config.yaml").is_file() else []
+        resume = ["resume=auto"] if (folder / CONFIG).is_file() else []
         cmd = [*plan.launcher, *run_args, *resume]
         print(f"{what}: training -> {folder}", flush=True)
         start = time.perf_counter()

@@ -7,7 +7,6 @@ every key, type and value before any data or weights are touched.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from finetune.errors import ConfigError
+from finetune.errors import ConfigError, did_you_mean
 from finetune.registry import INITS, NORMS
 
 __all__ = ["Config", "ConfigError", "DataConfig", "FinetuneConfig", "ModelConfig", "TrainConfig",
@@ -198,12 +197,29 @@ def _schema_keys(cls: type = Config, prefix: str = "") -> list[str]:
 
 
 SCHEMA_KEYS = _schema_keys()
+
+
+def _key_types(cls: type = Config, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for f in fields(cls):
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        if is_dataclass(default):
+            out.update(_key_types(type(default), f"{prefix}{f.name}."))
+        else:
+            out[prefix + f.name] = str(f.type)
+    return out
+
+
+def describe_keys(keys: list[str]) -> str:
+    """One line per key: its type, default and, where it has them, its valid values."""
+    defaults, types = flat_config(Config()), _key_types()
+    width = max(len(k) for k in keys)
+    lines = []
+    for key in keys:
+        valid = f"  [{'|'.join(CHOICES[key])}]" if key in CHOICES else ""
+        lines.append(f"  {key:<{width}}  {types[key]} = {show_value(defaults[key])}{valid}")
+    return "\n".join(lines)
 _SECTIONS = {k.split(".")[0] for k in SCHEMA_KEYS if "." in k}
-
-
-def _did_you_mean(key: str) -> str:
-    close = difflib.get_close_matches(key, SCHEMA_KEYS, n=1, cutoff=0.6)
-    return f" Did you mean '{close[0]}'?" if close else ""
 
 
 def _check_keys(keys: list[str], where: str) -> None:
@@ -213,7 +229,7 @@ def _check_keys(keys: list[str], where: str) -> None:
         section = key.split(".")[0]
         valid = [k for k in SCHEMA_KEYS if k.startswith(section + ".")] if section in _SECTIONS \
             else sorted({k.split(".")[0] for k in SCHEMA_KEYS})
-        raise ConfigError(f"unknown config key '{key}' in {where}.{_did_you_mean(key)} "
+        raise ConfigError(f"unknown config key '{key}' in {where}.{did_you_mean(key, SCHEMA_KEYS)} "
                           f"Valid keys: {', '.join(valid)}.")
 
 
@@ -257,10 +273,22 @@ def _recipe_path(name: str) -> Path:
     if path.is_file():
         return path
     names = list(list_recipes())
-    close = difflib.get_close_matches(name, names, n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
-    raise ConfigError(f"unknown recipe '{name}'.{hint} Available: {', '.join(names)} "
+    raise ConfigError(f"unknown recipe '{name}'.{did_you_mean(name, names)} Available: "
+                      f"{', '.join(names)} "
                       f"(see `finetune recipes`), or pass a path to a .yaml file.")
+
+
+def split_options(args: list[str], names: tuple[str, ...]) -> tuple[dict[str, str], list[str]]:
+    """``({name: value} for the command's own options among ``names``, the other arguments)``:
+    how a command takes ``start_lr=1e-5`` beside config overrides like ``train.lr=0.1``."""
+    options, rest = {}, []
+    for arg in parse_overrides(args):
+        key, _, value = arg.partition("=")
+        if key in names:
+            options[key] = value
+        else:
+            rest.append(arg)
+    return options, rest
 
 
 def parse_overrides(args: list[str]) -> list[str]:
@@ -275,15 +303,8 @@ def parse_overrides(args: list[str]) -> list[str]:
 
 def load_config(args: list[str]) -> Config:
     """Build a validated :class:`Config` from ``recipe=NAME`` and ``key=value`` arguments."""
-    overrides = parse_overrides(list(args))
-    recipe = None
-    rest = []
-    for arg in overrides:
-        key, _, value = arg.partition("=")
-        if key == "recipe":
-            recipe = value
-        else:
-            rest.append(arg)
+    options, rest = split_options(list(args), ("recipe",))
+    recipe = options.get("recipe")
 
     layers = [OmegaConf.structured(Config)]
     if recipe:
@@ -307,11 +328,9 @@ def load_config(args: list[str]) -> Config:
 
 
 def validate(cfg: Config) -> None:
-    """Reject values the schema's types allow but a run cannot use."""
-    import torch
-
-    from finetune.models import create_model, list_models  # here: the zoo imports this module
-
+    """Reject values the schema's types allow but a run cannot use. What depends on the model
+    (its name, the image sizes it takes, its stages) is checked by
+    :func:`finetune.assemble.check_model`, so that reading a config needs no model zoo."""
     def get(key: str) -> Any:
         section, _, name = key.partition(".")
         return getattr(getattr(cfg, section), name)
@@ -330,11 +349,6 @@ def validate(cfg: Config) -> None:
     for key in NON_NEGATIVE:
         if get(key) < 0:
             raise ConfigError(f"'{key}' must be >= 0, got {get(key)}.")
-    if cfg.model.name not in list_models():
-        close = difflib.get_close_matches(cfg.model.name, list_models(), n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"unknown model '{cfg.model.name}' for 'model.name'.{hint} "
-                          f"Valid values: {', '.join(list_models())} (see `finetune models`).")
     for key in PROBABILITY:
         if not 0 <= get(key) <= 1:
             raise ConfigError(f"'{key}' is a probability in [0, 1], got {get(key)}.")
@@ -355,17 +369,6 @@ def validate(cfg: Config) -> None:
     if cfg.data.source == "imagefolder" and not cfg.data.root:
         raise ConfigError("data.source=imagefolder needs data.root=PATH "
                           "(a folder with one subfolder of images per class).")
-    try:  # shapes only (meta device): catches sizes an architecture cannot take, instantly
-        with torch.device("meta"):
-            model = create_model(cfg.model.name, num_classes=10,
-                                 in_chans=cfg.model.in_chans or 1,
-                                 image_size=cfg.data.image_size, norm=cfg.model.norm)
-    except ValueError as e:
-        raise ConfigError(f"model.name={cfg.model.name} cannot take data.image_size="
-                          f"{cfg.data.image_size}: {e}") from None
-    from finetune.optim import plan_stages
-
-    plan_stages(model, cfg.finetune)  # freezing settings checked against the model's stages
     if cfg.model.weights and not cfg.model.pretrained:
         raise ConfigError(f"model.weights={cfg.model.weights} is set but model.pretrained=false; "
                           "set model.pretrained=true to load it, or drop model.weights.")

@@ -13,17 +13,19 @@ import copy
 import torch
 from torch import nn
 
+from finetune.models.interface import unwrap
+
 
 class EMA:
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = decay
-        self.module = copy.deepcopy(getattr(model, "_orig_mod", model)).eval()
+        self.module = copy.deepcopy(unwrap(model)).eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        model = getattr(model, "_orig_mod", model)
+        model = unwrap(model)
         ema = list(self.module.parameters())
         torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 1 - self.decay)
         for mine, theirs in zip(self.module.buffers(), model.buffers(), strict=True):

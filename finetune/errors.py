@@ -23,3 +23,11 @@ class ExportError(FinetuneError, RuntimeError):
 
 class TrainingError(FinetuneError, RuntimeError):
     """Training cannot go on (e.g. the loss is no longer finite)."""
+
+
+def did_you_mean(word: str, choices: list[str] | tuple[str, ...], cutoff: float = 0.6) -> str:
+    """`` Did you mean 'X'?`` for the closest of ``choices``, or an empty string."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=cutoff)
+    return f" Did you mean '{close[0]}'?" if close else ""

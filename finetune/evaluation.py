@@ -1,4 +1,6 @@
-"""``finetune evaluate``: rebuild an exported model, measure it, write the report files."""
+"""Evaluation: accuracy and loss over a test set counted exactly once across processes (used
+every epoch by training), and ``finetune evaluate``, which rebuilds an exported model,
+measures it and writes the report files."""
 
 from __future__ import annotations
 
@@ -6,14 +8,59 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import nn
 
 from finetune.config import load_config
-from finetune.data import DataError, load_data
-from finetune.data.loader import index_loader
-from finetune.files import atomic_write, atomic_write_text
+from finetune.data import DataError, ImageData, load_data
+from finetune.data.loader import BatchTransform, gather, index_loader
+from finetune.errors import TrainingError
+from finetune.files import atomic_write_text
 from finetune.inference import load
+from finetune.runs import CONFUSION, EVALUATION, config_file
 from finetune.speed import make_accelerator
-from finetune.train import accuracy_line, evaluate
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, data: ImageData, transform: BatchTransform, loader,
+             accelerator: Accelerator) -> dict:
+    """Accuracy and mean loss over every sample of ``data`` exactly once, across processes.
+
+    ``loader`` is an Accelerate-prepared index loader (:func:`index_loader`); ``data`` may
+    live on the device or in host memory.
+    """
+    model.eval()
+    k = len(data.classes)
+    # confusion[true, predicted], accumulated on the device: no host sync per batch.
+    confusion = torch.zeros(k * k, dtype=torch.long, device=accelerator.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    seen = torch.zeros(len(data), dtype=torch.long, device=accelerator.device)
+    for idx in loader:
+        torch.compiler.cudagraph_mark_step_begin()
+        images, labels = gather(data, idx, accelerator.device)
+        logits = model(transform(images))
+        loss = F.cross_entropy(logits.float(), labels, reduction="none")
+        preds, labels, loss, idx = accelerator.gather_for_metrics(
+            (logits.argmax(1), labels, loss, idx))
+        # index_add_, not bincount: bincount reads its input's max on the host (a sync).
+        confusion.index_add_(0, labels * k + preds, torch.ones_like(preds))
+        seen.index_add_(0, idx, torch.ones_like(idx))
+        loss_sum += loss.sum()
+    confusion = confusion.view(k, k).cpu()
+    n, correct = int(confusion.sum()), int(confusion.trace())
+    if not bool((seen == 1).all()):  # every test sample counted exactly once, over all processes
+        raise TrainingError(f"evaluation counted {int((seen == 0).sum())} test samples never and "
+                            f"{int((seen > 1).sum())} more than once; this is a bug in finetune's "
+                            f"sharding, please report it.")
+    return {"test_acc": correct / n, "test_loss": float(loss_sum) / n,
+            "test_correct": correct, "test_total": n, "confusion": confusion.tolist()}
+
+
+def accuracy_line(result: dict) -> str:
+    """What `finetune train` ends with and `finetune evaluate` prints: the same line."""
+    return (f"test accuracy {result['test_acc']:.4f} "
+            f"({result['test_correct']}/{result['test_total']})")
 
 
 def per_class(confusion: list[list[int]], class_names: list[str]) -> list[dict]:
@@ -32,41 +79,14 @@ def per_class(confusion: list[list[int]], class_names: list[str]) -> list[dict]:
     return rows
 
 
-def plot_confusion(confusion: list[list[int]], class_names: list[str], path: Path,
-                   title: str) -> None:
-    """Row-normalized confusion matrix with counts, as a PNG (written atomically)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    m = torch.tensor(confusion, dtype=torch.float64)
-    rates = m / m.sum(dim=1, keepdim=True).clamp_min(1)
-    k = len(class_names)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * k, 0.8 + 0.6 * k), dpi=120)
-    ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
-    for i in range(k):
-        for j in range(k):
-            ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=8,
-                    color="white" if rates[i, j] > 0.5 else "black")
-    ax.set_xticks(range(k), class_names, rotation=45, ha="right")
-    ax.set_yticks(range(k), class_names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
-
-
 def evaluate_run(run_dir: str | Path, overrides: list[str]) -> dict:
     """Evaluate the model exported in ``run_dir`` on its recipe's test data (``overrides`` may
     point ``data.*`` elsewhere); write ``evaluation.json`` and ``confusion.png`` there."""
+    from finetune.plots import plot_confusion  # matplotlib: only when there is a figure
+
     run_dir = Path(run_dir)
-    saved = run_dir / "config.yaml"
-    if not saved.is_file() and (run_dir.parent / "config.yaml").is_file():
-        saved = run_dir.parent / "config.yaml"  # <run>/ema/: the weight average of a run
-    cfg = load_config(([f"recipe={saved}"] if saved.is_file() else []) + overrides)
+    saved = config_file(run_dir)
+    cfg = load_config(([f"recipe={saved}"] if saved else []) + overrides)
     # The run's own precision and memory layout: its test accuracy is then reproduced exactly
     # (bf16 against fp32 can flip a borderline prediction).
     accelerator, _ = make_accelerator(cfg.train.mixed_precision)
@@ -80,7 +100,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str]) -> dict:
         _, test_data, source = load_data(cfg.data)
     if test_data.classes != meta["class_names"]:
         raise DataError(f"the test data's classes {test_data.classes} differ from the model's "
-                         f"{meta['class_names']}")
+                        f"{meta['class_names']}")
     loader = accelerator.prepare(index_loader(len(test_data), cfg.train.eval_batch_size))
     with accelerator.autocast():
         result = evaluate(predictor.model, test_data.to(accelerator.device),
@@ -88,8 +108,8 @@ def evaluate_run(run_dir: str | Path, overrides: list[str]) -> dict:
     result["per_class"] = per_class(result["confusion"], meta["class_names"])
     result["data"] = source
     if accelerator.is_main_process:
-        atomic_write_text(run_dir / "evaluation.json", json.dumps(result, indent=2) + "\n")
-        plot_confusion(result["confusion"], meta["class_names"], run_dir / "confusion.png",
+        atomic_write_text(run_dir / EVALUATION, json.dumps(result, indent=2) + "\n")
+        plot_confusion(result["confusion"], meta["class_names"], run_dir / CONFUSION,
                        f"{meta['architecture']}: accuracy {result['test_acc']:.4f}")
         accelerator.print(f"{accuracy_line(result)} on {source}")
         width = max(len(name) for name in meta["class_names"])
@@ -97,5 +117,5 @@ def evaluate_run(run_dir: str | Path, overrides: list[str]) -> dict:
         for row in result["per_class"]:
             accelerator.print(f"{row['class']:<{width}}  {row['precision']:9.4f}  "
                               f"{row['recall']:6.4f}  {row['support']:7d}")
-        accelerator.print(f"wrote {run_dir / 'evaluation.json'} and {run_dir / 'confusion.png'}")
+        accelerator.print(f"wrote {run_dir / EVALUATION} and {run_dir / CONFUSION}")
     return result

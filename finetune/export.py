@@ -14,36 +14,48 @@ from torch import nn
 
 from finetune.errors import ExportError
 from finetune.files import atomic_write, atomic_write_text
-from finetune.models import create_model
+from finetune.models import create_model, unwrap
+from finetune.version import __version__
 
+WEIGHTS = "model.safetensors"
+META = "model.json"
+TIMM_CONFIG = "config.json"
 REQUIRED_META = ("architecture", "num_classes", "in_chans", "image_size", "mean", "std",
                  "class_names")
 
 
+def model_meta(*, architecture: str, class_names: list[str], in_chans: int, image_size: int,
+               norm: str, mean: tuple[float, ...], std: tuple[float, ...], recipe: str | None,
+               pretrained: str | None, data: str, train_images: int, test_images: int) -> dict:
+    """``model.json``'s content: what rebuilds and feeds the model (``REQUIRED_META``), and
+    where it came from."""
+    return {"architecture": architecture, "num_classes": len(class_names),
+            "in_chans": in_chans, "image_size": image_size, "norm": norm, "mean": list(mean),
+            "std": list(std), "interpolation": "bilinear", "class_names": list(class_names),
+            "recipe": recipe, "pretrained": pretrained, "data": data,
+            "train_images": train_images, "test_images": test_images,
+            "finetune_version": __version__}
+
+
 def save_weights(model: nn.Module, path: str | Path) -> None:
     """The model's state dict as one safetensors file, written atomically."""
-    # torch.compile wraps the module; its state-dict keys carry an _orig_mod. prefix.
-    model = getattr(model, "_orig_mod", model)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in unwrap(model).state_dict().items()}
     atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
 
 
 def save_model(model: nn.Module, meta: dict, out_dir: str | Path) -> None:
-    """Write ``out_dir/model.safetensors`` and ``out_dir/model.json``."""
+    """Write ``out_dir/model.safetensors`` and ``out_dir/model.json``, and timm's
+    ``config.json`` for a model whose ``pretrained_cfg`` says timm loads it unchanged."""
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise ValueError(f"model metadata lacks {missing}")
     out_dir = Path(out_dir)
-    model = getattr(model, "_orig_mod", model)
-    save_weights(model, out_dir / "model.safetensors")
-    atomic_write_text(out_dir / "model.json", json.dumps(meta, indent=2) + "\n")
-    if meta["architecture"] in TIMM_ARCHITECTURES:
-        atomic_write_text(out_dir / "config.json",
+    model = unwrap(model)
+    save_weights(model, out_dir / WEIGHTS)
+    atomic_write_text(out_dir / META, json.dumps(meta, indent=2) + "\n")
+    if getattr(model, "pretrained_cfg", {}).get("timm_compatible"):
+        atomic_write_text(out_dir / TIMM_CONFIG,
                           json.dumps(timm_config(meta, model), indent=2) + "\n")
-
-
-# Architectures whose state dict timm's model of the same name loads unchanged.
-TIMM_ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 
 def timm_config(meta: dict, model: nn.Module) -> dict:
@@ -53,7 +65,7 @@ def timm_config(meta: dict, model: nn.Module) -> dict:
     return {
         "architecture": meta["architecture"],
         "num_classes": meta["num_classes"],
-        "num_features": model.fc.in_features,
+        "num_features": model.get_classifier().in_features,
         "model_args": {"in_chans": meta["in_chans"]},
         "pretrained_cfg": {
             "input_size": [meta["in_chans"], size, size],
@@ -63,8 +75,8 @@ def timm_config(meta: dict, model: nn.Module) -> dict:
             "crop_pct": 1.0,
             "crop_mode": "center",
             "num_classes": meta["num_classes"],
-            "first_conv": "conv1",
-            "classifier": "fc",
+            "first_conv": model.pretrained_cfg["first_conv"],
+            "classifier": model.get_classifier(name_only=True),
         },
         "label_names": list(meta["class_names"]),
     }
@@ -73,16 +85,34 @@ def timm_config(meta: dict, model: nn.Module) -> dict:
 def read_meta(path: str | Path) -> tuple[Path, dict]:
     """``(weights_file, metadata)`` for a run folder or a ``model.safetensors`` path."""
     path = Path(path)
-    weights = path / "model.safetensors" if path.is_dir() else path
-    meta_file = weights.with_name("model.json")
+    weights = path / WEIGHTS if path.is_dir() else path
+    meta_file = weights.with_name(META)
     if not weights.is_file() or not meta_file.is_file():
-        raise ExportError(f"{path}: no exported model here (need model.safetensors and "
-                          f"model.json side by side, as a finished `finetune train` writes).")
+        raise ExportError(f"{path}: no exported model here (need {WEIGHTS} and "
+                          f"{META} side by side, as a finished `finetune train` writes).")
+    return weights, _read_json(meta_file)
+
+
+def exported_meta(folder: str | Path) -> dict:
+    """The ``model.json`` of the export in ``folder``, or {} when nothing was exported there."""
+    meta_file = Path(folder) / META
+    return _read_json(meta_file) if meta_file.is_file() else {}
+
+
+def _read_json(meta_file: Path) -> dict:
     meta = json.loads(meta_file.read_text())
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise ExportError(f"{meta_file}: missing fields {missing}.")
-    return weights, meta
+    return meta
+
+
+def meta_beside(weights_file: str | Path | None) -> dict:
+    """The ``model.json`` of a finetune export beside a weights file, or {} (other weights)."""
+    if weights_file is None or not Path(weights_file).expanduser().is_file():
+        return {}
+    meta_file = Path(weights_file).expanduser().with_name(META)
+    return json.loads(meta_file.read_text()) if meta_file.is_file() else {}
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
@@ -94,7 +124,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     try:
         model.load_state_dict(load_file(weights, device=str(device)))
     except RuntimeError as e:
-        raise ExportError(f"{weights} does not match model.json "
+        raise ExportError(f"{weights} does not match {META} "
                           f"({meta['architecture']}): {str(e).splitlines()[0]}") from None
     return model.to(device).eval(), meta
 

@@ -28,6 +28,8 @@ class Predictor:
     transform: BatchTransform
     class_names: list[str]
     meta: dict
+    # "bf16": run under bf16 autocast on the model's device, as a bf16 run was evaluated.
+    precision: str = "fp32"
 
     @property
     def device(self) -> torch.device:
@@ -46,13 +48,20 @@ class Predictor:
         return image
 
     @torch.inference_mode()
-    def logits(self, images: list[Image.Image | torch.Tensor], batch_size: int = 256
-               ) -> torch.Tensor:
-        """Logits (N, num_classes). Images may differ in size: each is resized on its own,
-        then the model runs on batches of ``batch_size``."""
-        x = [self.transform(self.to_uint8(im)[None].to(self.device)) for im in images]
-        return torch.cat([self.model(torch.cat(x[i:i + batch_size]))
-                          for i in range(0, len(x), batch_size)])
+    def logits(self, images: torch.Tensor | list[Image.Image | torch.Tensor],
+               batch_size: int = 256) -> torch.Tensor:
+        """Logits (N, num_classes) of a uint8 batch (N, C, H, W) or a list of images, which
+        may differ in size (each is then resized on its own); the model runs on batches of
+        ``batch_size``."""
+        if isinstance(images, torch.Tensor):
+            batches = [self.transform(images[i:i + batch_size].to(self.device))
+                       for i in range(0, len(images), batch_size)]
+        else:
+            x = [self.transform(self.to_uint8(im)[None].to(self.device)) for im in images]
+            batches = [torch.cat(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+        with torch.autocast(self.device.type, dtype=torch.bfloat16,
+                            enabled=self.precision == "bf16"):
+            return torch.cat([self.model(b) for b in batches])
 
     def predict(self, images: list[Image.Image | torch.Tensor], top_k: int = 5
                 ) -> list[list[tuple[str, float]]]:
@@ -63,11 +72,12 @@ class Predictor:
                 for vs, ix in zip(values.tolist(), indices.tolist(), strict=True)]
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> Predictor:
+def load(path: str | Path, device: str | torch.device = "cpu", precision: str = "fp32"
+         ) -> Predictor:
     """Load an exported model (a run folder or its ``model.safetensors``) for prediction."""
     model, meta = load_model(path, device=device)
     transform = BatchTransform(meta["image_size"], meta["in_chans"], meta["mean"], meta["std"])
-    return Predictor(model, transform, list(meta["class_names"]), meta)
+    return Predictor(model, transform, list(meta["class_names"]), meta, precision)
 
 
 def image_files(paths: list[str | Path]) -> list[Path]:

@@ -1,17 +1,17 @@
-"""Optimizer and learning-rate schedule for fine-tuning: parameters grouped by network stage,
-each stage with its own rate (head multiplier, layer-wise decay) and frozen until its epoch.
+"""Optimizer and learning-rate schedule for fine-tuning: parameters grouped by the stages the
+model declares (``group_matcher``, see ``finetune.models.interface``), each stage with its own
+rate scale (head multiplier, layer-wise decay) and frozen until its epoch.
 
-Stages run from the input to the classifier: for ResNets ``stem, layer1..layer4, head``; for
-VGG/AlexNet the feature blocks between poolings, the classifier's hidden layers, ``head``; for
-any other model ``body, head`` (head: the last linear layer).
-
-Freezing is done two ways, so that it stays correct with several processes (parameters must not
-change ``requires_grad`` once DistributedDataParallel wraps the model):
+A frozen stage is frozen one of two ways, so that it stays correct with several processes
+(parameters must not change ``requires_grad`` once DistributedDataParallel wraps the model):
 - stages frozen for the whole run get ``requires_grad=False`` before the model is wrapped: no
   gradients, no optimizer state, no compute for their weight gradients;
-- stages that unfreeze at a later epoch (``finetune.unfreeze_at``) keep their gradients but have
-  a learning rate of zero, and their gradients are dropped before each step, so the optimizer
-  leaves them and its state for them untouched until they thaw.
+- stages that unfreeze at a later epoch (``finetune.unfreeze_at``) keep computing gradients,
+  which the training step drops before each update until they thaw, so the optimizer leaves
+  them and its state for them untouched.
+
+The scheduler alone sets each group's ``lr``: ``train.lr`` x schedule x the group's
+``lr_scale``.
 """
 
 from __future__ import annotations
@@ -25,55 +25,18 @@ from torch import nn
 
 from finetune.config import FinetuneConfig, TrainConfig
 from finetune.errors import ConfigError
+from finetune.models.interface import stages, unwrap
 
 BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
 
-def stages(model: nn.Module) -> list[tuple[str, list[str]]]:
-    """``[(stage name, [module prefixes]), ...]`` from the input to the classifier."""
-    model = getattr(model, "_orig_mod", model)
-    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    head = linears[-1] if linears else None
-    if all(hasattr(model, f"layer{i}") for i in range(1, 5)):  # ResNets
-        layers = [f"layer{i}" for i in range(1, 5)]
-        stem = [name for name, _ in model.named_children()
-                if name not in layers and name != head and _has_params(getattr(model, name))]
-        out = [("stem", stem)] + [(name, [name]) for name in layers]
-    elif isinstance(getattr(model, "features", None), nn.Sequential):  # VGG, AlexNet
-        out, block = [], []
-        for name, m in model.features.named_children():
-            block.append(f"features.{name}")
-            if isinstance(m, nn.MaxPool2d):
-                out.append((f"features{len(out) + 1}", block))
-                block = []
-        if block:
-            out.append((f"features{len(out) + 1}", block))
-        hidden = [f"classifier.{n}" for n, m in model.classifier.named_children()
-                  if f"classifier.{n}" != head and _has_params(m)]
-        if hidden:
-            out.append(("classifier", hidden))
-    else:
-        out = [("body", [name for name, m in model.named_children()
-                         if name != head and _has_params(m)])]
-    out = [(name, prefixes) for name, prefixes in out if prefixes]
-    return out + ([("head", [head])] if head else [])
-
-
-def _has_params(module: nn.Module) -> bool:
-    return any(True for _ in module.parameters())
-
-
-def _in(name: str, prefixes: list[str]) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in prefixes)
-
-
 @dataclass
 class StagePlan:
-    """Per stage: its learning-rate scale and the epoch from which it trains (0: from the start,
-    None: never)."""
+    """Per stage, from the input to the head: its name, parameter names, learning-rate scale
+    and the epoch from which it trains (0: from the start, None: never)."""
 
     names: list[str]
-    prefixes: list[list[str]]
+    params: list[list[str]]
     scale: list[float]
     trains_from: list[int | None]
 
@@ -83,10 +46,18 @@ class StagePlan:
         start = self.trains_from[i]
         return start is None or (epoch is not None and epoch < start)
 
-    def frozen_prefixes(self, epoch: int | None = None) -> list[str]:
-        """Module prefixes of the stages frozen in ``epoch`` (None: frozen for the whole run)."""
-        return [q for i, prefixes in enumerate(self.prefixes) if self.frozen(i, epoch)
-                for q in prefixes]
+    def frozen_params(self, epoch: int | None = None) -> set[str]:
+        """Parameter names of the stages frozen in ``epoch`` (None: for the whole run)."""
+        return {n for i, names in enumerate(self.params) if self.frozen(i, epoch) for n in names}
+
+    def describe(self) -> str:
+        """``stem (frozen), layer4 (frozen until epoch 3, lr x0.7), head (trains, lr x10)``."""
+        parts = []
+        for name, when, scale in zip(self.names, self.trains_from, self.scale, strict=True):
+            state = "frozen" if when is None else f"frozen until epoch {when}" if when else \
+                "trains"
+            parts.append(f"{name} ({state}, lr x{scale:.3g})")
+        return ", ".join(parts)
 
 
 def plan_stages(model: nn.Module, cfg: FinetuneConfig) -> StagePlan:
@@ -120,21 +91,22 @@ def plan_stages(model: nn.Module, cfg: FinetuneConfig) -> StagePlan:
     # Gradual unfreezing thaws the deepest frozen stage first (nearest the head).
     for k, epoch in enumerate(cfg.unfreeze_at):
         trains_from[frozen - 1 - k] = epoch
-    scale = []
-    for i, name in enumerate(names):
-        if name == "head":
-            scale.append(cfg.head_lr_mult)
-        else:  # the stage next to the head gets decay^1, the stem decay^body
-            scale.append(cfg.layer_decay ** (body - i))
+    # The head gets its multiplier; the stage next to it decay^1, the first one decay^body.
+    scale = [cfg.head_lr_mult if name == "head" else cfg.layer_decay ** (body - i)
+             for i, name in enumerate(names)]
     return StagePlan(names, [p for _, p in found], scale, trains_from)
+
+
+def _module_names(params: set[str]) -> set[str]:
+    return {name.rpartition(".")[0] for name in params}
 
 
 def freeze_for_good(model: nn.Module, plan: StagePlan, bn: str) -> None:
     """``requires_grad=False`` for stages that never train (and for batch-norm weights with
     ``finetune.bn=freeze``); call before the model is wrapped for distribution."""
-    never = plan.frozen_prefixes()
+    never = plan.frozen_params()
     for name, p in model.named_parameters():
-        if _in(name, never):
+        if name in never:
             p.requires_grad_(False)
     if bn == "freeze":
         for m in model.modules():
@@ -147,43 +119,46 @@ def enter_epoch(model: nn.Module, plan: StagePlan, epoch: int, bn: str) -> list[
     """After ``model.train()``, set up ``epoch``: batch norms of frozen stages, and all of them
     unless ``finetune.bn=train``, normalise with their running statistics and stop updating
     them. Returns the parameters that have gradients but must not change this epoch (stages
-    that thaw later): their gradients are to be dropped before each step."""
-    frozen = plan.frozen_prefixes(epoch)
+    that thaw later): the training step drops their gradients."""
+    model = unwrap(model)
+    frozen = plan.frozen_params(epoch)
+    frozen_modules = _module_names(frozen)
     for name, m in model.named_modules():
-        if isinstance(m, BN_TYPES) and (bn != "train" or _in(name, frozen)):
+        if isinstance(m, BN_TYPES) and (bn != "train" or name in frozen_modules):
             m.eval()
-    return [p for n, p in model.named_parameters() if p.requires_grad and _in(n, frozen)]
+    return [p for n, p in model.named_parameters() if p.requires_grad and n in frozen]
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, plan: StagePlan | None = None
                    ) -> torch.optim.Optimizer:
     """SGD or AdamW over one parameter group per (stage, decay or not): weight decay only on
-    conv and linear weights, never on norms and biases; each group's ``lr_scale`` is its
-    stage's. Parameters that do not require gradients are left out.
+    conv and linear weights, never on norms and biases; each group carries its stage's
+    ``lr_scale`` (the scheduler applies it). Parameters that do not require gradients are
+    left out.
 
     The fused implementation (one kernel for all parameters) is used where the parameters'
     device has one; build the optimizer after moving the model.
     """
+    model = unwrap(model)
     plan = plan or plan_stages(model, FinetuneConfig())
-    named = [(n, p) for n, p in getattr(model, "_orig_mod", model).named_parameters()
-             if p.requires_grad]
+    params = dict(model.named_parameters())
+    trainable = {n for n, p in params.items() if p.requires_grad}
     groups = []
-    for i, prefixes in enumerate(plan.prefixes):
-        mine = [p for n, p in named if _in(n, prefixes)]
+    for i, names in enumerate(plan.params):
+        mine = [params[n] for n in names if n in trainable]
         for decay in (True, False):
-            params = [p for p in mine if (p.ndim > 1) == decay]
-            if params:
-                groups.append({"params": params, "stage": i, "lr_scale": plan.scale[i],
-                               "weight_decay": cfg.weight_decay if decay else 0.0,
-                               "lr": cfg.lr * plan.scale[i]})
+            chosen = [p for p in mine if (p.ndim > 1) == decay]
+            if chosen:
+                groups.append({"params": chosen, "stage": i, "lr_scale": plan.scale[i],
+                               "weight_decay": cfg.weight_decay if decay else 0.0})
     grouped = sum(len(g["params"]) for g in groups)
-    if grouped != len(named):  # a parameter outside every stage would silently never train
-        raise ConfigError(f"{len(named) - grouped} parameters belong to no stage of "
-                          f"{type(model).__name__}; this is a bug in finetune.optim.stages.")
+    if grouped != len(trainable):  # a parameter outside every stage would silently never train
+        raise ConfigError(f"{len(trainable) - grouped} parameters belong to no stage of "
+                          f"{type(model).__name__}; its group_matcher misses them.")
     from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
     fused = all(p.device.type in _get_fused_kernels_supported_devices() and p.is_floating_point()
-                for _, p in named)
+                for p in params.values() if p.requires_grad)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
                                nesterov=cfg.nesterov and cfg.momentum > 0, fused=fused)
@@ -228,22 +203,12 @@ def _cos(start: float, end: float, pct: float) -> float:
     return end + (start - end) / 2 * (math.cos(math.pi * pct) + 1)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int,
-                   plan: StagePlan | None = None) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step schedule over the whole run, per group: the schedule's factor, times the
-    group's stage scale, times zero while its stage is frozen."""
-    factor = schedule_factor(cfg, steps_per_epoch)
-    for group in optimizer.param_groups:  # LambdaLR multiplies initial_lr: make that train.lr
-        group["lr"] = cfg.lr
-        group.setdefault("lr_scale", 1.0)
+def make_scheduler(optimizer: torch.optim.Optimizer, factor: Callable[[int], float]
+                   ) -> torch.optim.lr_scheduler.LambdaLR:
+    """The one place a group's ``lr`` is set: per step, the optimizer's base rate
+    (``train.lr``) x ``factor(step)`` x the group's ``lr_scale``."""
+    def for_group(scale: float) -> Callable[[int], float]:
+        return lambda step: scale * factor(step)
 
-    def for_group(group: dict) -> Callable[[int], float]:
-        stage, scale = group.get("stage") if plan else None, group["lr_scale"]
-
-        def lam(step: int) -> float:
-            frozen = stage is not None and plan.frozen(stage, step // steps_per_epoch + 1)
-            return 0.0 if frozen else scale * factor(step)
-        return lam
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer,
-                                             [for_group(g) for g in optimizer.param_groups])
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [for_group(g.setdefault("lr_scale", 1.0)) for g in optimizer.param_groups])

@@ -1,7 +1,8 @@
-"""The report's figures (matplotlib, Agg backend), each written atomically as a PNG.
+"""Every figure finetune draws (matplotlib, Agg backend), each written atomically as a PNG:
+the report's, the confusion matrix of ``finetune evaluate`` and the learning-rate finder's.
 
-Every function takes runs grouped by label (``{label: [Run, ...]}``, one Run per seed) and
-draws each label in one colour, so the figures of one report read together.
+The report's functions take runs grouped by label (``{label: [Run, ...]}``, one Run per seed)
+and draw each label in one colour, so the figures of one report read together.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def colour(i: int) -> str:
     return plt.get_cmap("tab10")(i % 10)
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def save_figure(fig: plt.Figure, path: Path) -> Path:
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
@@ -70,7 +71,7 @@ def plot_loss(groups: Groups, path: Path) -> Path:
     ax.set_ylabel("training loss")
     ax.set_title("Loss per training batch (faint: every batch; solid: moving average)")
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_accuracy(groups: Groups, path: Path) -> Path:
@@ -87,7 +88,7 @@ def plot_accuracy(groups: Groups, path: Path) -> Path:
     ax.set_title("Train and test accuracy per epoch (band: 95 % interval over seeds)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_accuracy_vs_time(groups: Groups, path: Path) -> Path:
@@ -103,7 +104,7 @@ def plot_accuracy_vs_time(groups: Groups, path: Path) -> Path:
     ax.set_title("Test accuracy against wall-clock training time (one line per seed)")
     ax.legend()
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_per_class(best: dict[str, tuple[list[str], list[list[int]]]], path: Path) -> Path:
@@ -122,7 +123,7 @@ def plot_per_class(best: dict[str, tuple[list[str], list[list[int]]]], path: Pat
     ax.set_title("Per-class accuracy of each recipe's best run")
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_data_efficiency(curves: dict[str, list[tuple[int, object]]], path: Path) -> Path:
@@ -140,7 +141,7 @@ def plot_data_efficiency(curves: dict[str, list[tuple[int, object]]], path: Path
     ax.set_title("Data efficiency: accuracy against training-set size (bars: 95 % interval)")
     ax.legend()
     ax.grid(alpha=0.3, which="both")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_predictions(images: np.ndarray, true: list[str], predicted: list[str],
@@ -166,5 +167,43 @@ def plot_predictions(images: np.ndarray, true: list[str], predicted: list[str],
                 spine.set_color("red")
                 spine.set_linewidth(2.5)
     fig.suptitle(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
+
+
+def plot_confusion(confusion: list[list[int]], class_names: list[str], path: Path,
+                   title: str) -> Path:
+    """Row-normalized confusion matrix with counts."""
+    m = np.array(confusion, dtype=np.float64)
+    rates = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+    k = len(class_names)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * k, 0.8 + 0.6 * k), dpi=120)
+    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=8,
+                    color="white" if rates[i, j] > 0.5 else "black")
+    ax.set_xticks(range(k), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(k), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    return save_figure(fig, path)
+
+
+def plot_lr_find(result: dict, path: Path) -> Path:
+    """The learning-rate range test: loss per batch and smoothed, the suggested rate."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(result["lr"], result["loss"], color="0.75", linewidth=0.8, label="loss per batch")
+    ax.plot(result["lr"], result["smoothed_loss"], label="smoothed")
+    ax.axvline(result["suggested_lr"], color="red", linestyle="--",
+               label=f"suggested {result['suggested_lr']:.3g}")
+    ax.set_xscale("log")
+    # The divergence at the end would flatten everything else: show up to 1.5x the start.
+    low, start = min(result["smoothed_loss"]), result["smoothed_loss"][0]
+    ax.set_ylim(low - 0.1 * (start - low), 1.5 * start)
+    ax.set_xlabel("learning rate (log scale)")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"LR range test: {result['recipe']}")
+    ax.legend()
+    return save_figure(fig, path)

@@ -1,29 +1,69 @@
-"""Model registry: builders registered by name (duplicates raise), created by name."""
+"""Model registry: builders registered by name with their pretrained config (duplicates
+raise), created by name.
+
+As in timm, each family file declares its models' ``pretrained_cfg`` beside their builders:
+where the weights live, the preprocessing they expect, and the names of the first convolution
+and the classifier. ``create_model`` sets it on the model it builds, so everything downstream
+(the pretrained adapter, stages, export) reads it from the model, timm's or ours alike.
+"""
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
+from typing import Any
 
+import torch
 from torch import nn
+
+from finetune.errors import did_you_mean
 
 ModelBuilder = Callable[..., nn.Module]
 _MODELS: dict[str, ModelBuilder] = {}
+_CFGS: dict[str, dict[str, Any]] = {}
 NORMS = ("torch", "scratch")
 INITS = ("default", "xavier")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def register_model(fn: ModelBuilder) -> ModelBuilder:
-    """Decorator: register ``fn`` under its function name."""
-    name = fn.__name__
-    if name in _MODELS:
-        raise ValueError(f"model '{name}' is already registered")
-    _MODELS[name] = fn
-    return fn
+def make_cfg(first_conv: str, classifier: str, tv_weights: str = "", hf_hub_id: str = "",
+             **kwargs: Any) -> dict[str, Any]:
+    """A timm-style ``pretrained_cfg``: ``tv_weights`` names torchvision's weights enum
+    (e.g. ``ResNet18_Weights``), ``hf_hub_id`` the default timm weights on the hub; empty
+    when there are none."""
+    return {"tv_weights": tv_weights, "hf_hub_id": hf_hub_id, "num_classes": 1000,
+            "input_size": (3, 224, 224), "interpolation": "bilinear", "crop_pct": 0.875,
+            "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "first_conv": first_conv,
+            "classifier": classifier, **kwargs}
+
+
+def register_model(pretrained_cfg: dict[str, Any]) -> Callable[[ModelBuilder], ModelBuilder]:
+    """Decorator: register a builder under its function name with its ``pretrained_cfg``."""
+
+    def register(fn: ModelBuilder) -> ModelBuilder:
+        name = fn.__name__
+        if name in _MODELS:
+            raise ValueError(f"model '{name}' is already registered")
+        _MODELS[name], _CFGS[name] = fn, dict(pretrained_cfg)
+        return fn
+
+    return register
 
 
 def list_models() -> list[str]:
     return sorted(_MODELS)
+
+
+def get_pretrained_cfg(name: str) -> dict[str, Any]:
+    """The registered ``pretrained_cfg`` of model ``name`` (a copy)."""
+    check_model_name(name)
+    return dict(_CFGS[name])
+
+
+def check_model_name(name: str) -> None:
+    if name not in _MODELS:
+        raise ValueError(f"unknown model '{name}'.{did_you_mean(name, list_models())} "
+                         f"Registered: {', '.join(list_models())}")
 
 
 def norm_layer(norm: str) -> type[nn.Module]:
@@ -56,13 +96,17 @@ def init_weights(model: nn.Module, init: str) -> None:
 def create_model(name: str, *, num_classes: int = 1000, in_chans: int = 3,
                  image_size: int = 224, norm: str = "torch", init: str = "default"
                  ) -> nn.Module:
-    """Build a registered model with randomly initialised weights."""
-    if name in _MODELS:
-        model = _MODELS[name](num_classes=num_classes, in_chans=in_chans, image_size=image_size,
-                              norm_layer=norm_layer(norm))
-        init_weights(model, init)
-        return model
-    else:
-        close = difflib.get_close_matches(name, list_models(), n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ValueError(f"unknown model '{name}'.{hint} Registered: {', '.join(list_models())}")
+    """Build a registered model with randomly initialised weights and its ``pretrained_cfg``."""
+    check_model_name(name)
+    model = _MODELS[name](num_classes=num_classes, in_chans=in_chans, image_size=image_size,
+                          norm_layer=norm_layer(norm))
+    init_weights(model, init)
+    model.pretrained_cfg = get_pretrained_cfg(name)
+    return model
+
+
+def count_parameters(name: str, **kwargs: Any) -> int:
+    """Parameters of model ``name`` built with ``kwargs``, counted on the meta device (shapes
+    only: no memory, no init time)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in create_model(name, **kwargs).parameters())

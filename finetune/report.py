@@ -17,7 +17,6 @@ from finetune import plots
 from finetune.compare import BUDGET_KEYS, Summary, label_runs, summarize
 from finetune.config import Config, flat_config, show_value
 from finetune.errors import FinetuneError
-from finetune.evaluation import plot_confusion
 from finetune.files import atomic_write_text
 from finetune.runs import Run
 
@@ -103,23 +102,66 @@ def predictions(run: Run, shown: int = 24, errors: int = 16) -> tuple | None:
 
     try:
         _, test, _ = load_data(run.config.data)
-        predictor = load(run.path)
+        predictor = load(run.path, precision=run.records[-1].get("mixed_precision", "fp32"))
     except FinetuneError as e:
         log.warning("no image grid: %s", e)
         return None
-    bf16 = run.records[-1].get("mixed_precision") == "bf16"
     n = min(len(test), 4096)
-    preds = []
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        for i in range(0, n, 512):
-            preds.append(predictor.model(predictor.transform(test.images[i:i + 512])).argmax(1))
-    preds = torch.cat(preds)
+    preds = predictor.logits(test.images[:n], batch_size=512).argmax(1)
     labels = test.labels[:n]
     wrong = [i for i in torch.nonzero(preds != labels).flatten().tolist() if i >= shown]
     idx = list(range(min(shown, n))) + wrong[:errors]
     names = predictor.class_names
     return (test.images[idx].numpy(), [names[int(labels[i])] for i in idx],
             [names[int(preds[i])] for i in idx], idx)
+
+
+def figure_blocks(runs: list[Run], summary: Summary, labels: list[str], out: Path
+                  ) -> list[Block]:
+    """Draw the figures into ``out`` (for the largest training set) and return their blocks."""
+    size = summary.sizes[-1]
+    groups = {label: sorted((r for r in runs if r.label == label and r.size == size),
+                            key=lambda r: r.seed) for label in labels}
+    groups = {k: v for k, v in groups.items() if v}
+    best_of = {label: max(group, key=lambda r: r.final_acc) for label, group in groups.items()}
+    best = max(best_of.values(), key=lambda r: r.final_acc)
+    classes = best.meta["class_names"]
+    blocks: list[Block] = []
+    figures = {}
+    if len(summary.sizes) > 1:
+        curves = {label: [(s, r.final) for s in summary.sizes for r in summary.by_size[s]
+                          if r.label == label] for label in labels}
+        figures["data_efficiency.png"] = (plots.plot_data_efficiency, (curves,),
+                                          "Final test accuracy against training-set size.")
+    figures.update({
+        "loss.png": (plots.plot_loss, (groups,), "Training loss per batch."),
+        "accuracy.png": (plots.plot_accuracy, (groups,), "Train and test accuracy per epoch."),
+        "accuracy_vs_time.png": (plots.plot_accuracy_vs_time, (groups,),
+                                 "Test accuracy against training time."),
+        "per_class.png": (plots.plot_per_class,
+                          ({k: (classes, r.final["confusion"]) for k, r in best_of.items()},),
+                          "Per-class test accuracy of each recipe's best run."),
+    })
+    blocks.append(("h", 2, f"Figures ({size:,d} training images)"))
+    for name, (plot, args, caption) in figures.items():
+        plot(*args, out / name)
+        blocks.append(("img", name, caption))
+    plots.plot_confusion(best.final["confusion"], classes, out / "confusion.png",
+                   f"best run: {best.label}\nseed {best.seed}, "
+                   f"accuracy {best.final_acc:.4f}")
+    blocks.append(("img", "confusion.png", f"Confusion matrix of the best run ({best.path}), "
+                   f"rows normalised; numbers are counts."))
+    grid = predictions(best)
+    if grid is not None:
+        plots.plot_predictions(*grid, title=f"{best.label}, seed {best.seed}: the first test "
+                               f"images, then misclassified ones (red)",
+                               path=out / "predictions.png")
+        blocks.append(("img", "predictions.png", "Test images with true and predicted labels "
+                       "(#index true / ✓ or ✗ predicted); wrong ones framed in red."))
+    else:
+        blocks.append(("p", "No image grid: the best run's model or test data could not be "
+                       "read here (see the warning printed with the report)."))
+    return blocks
 
 
 def build_report(runs: list[Run], out: str | Path, targets: list[float] | None = None,
@@ -129,14 +171,8 @@ def build_report(runs: list[Run], out: str | Path, targets: list[float] | None =
     out.mkdir(parents=True, exist_ok=True)
     labels = label_runs(runs)
     summary = summarize(runs, targets)
-    size = summary.sizes[-1]  # the figures show the largest training set
-    groups = {label: sorted((r for r in runs if r.label == label and r.size == size),
-                            key=lambda r: r.seed) for label in labels}
-    groups = {k: v for k, v in groups.items() if v}
-    best_of = {label: max(group, key=lambda r: r.final_acc) for label, group in groups.items()}
-    best = max(best_of.values(), key=lambda r: r.final_acc)
-    classes = best.meta["class_names"]
-    many_seeds = any(len(g) > 1 for g in groups.values())
+    largest = [r for r in runs if r.size == summary.sizes[-1]]  # what the figures show
+    many_seeds = any(sum(r.label == label for r in largest) > 1 for label in labels)
     title = (f"Run report: {labels[0]}" if len(labels) == 1
              else f"Comparison: {' vs '.join(labels)}" if len(labels) <= 3
              else f"Comparison of {len(labels)} settings with {labels[0]}")
@@ -161,40 +197,7 @@ def build_report(runs: list[Run], out: str | Path, targets: list[float] | None =
                    accuracy_table(rows, rows[0].label, many_seeds),
                    ("h", 3, "Time to accuracy (mean over the seeds that reached it)"),
                    reach_table(rows, summary.targets[s])]
-    figures = {}
-    if len(summary.sizes) > 1:
-        curves = {label: [(s, r.final) for s in summary.sizes for r in summary.by_size[s]
-                          if r.label == label] for label in labels}
-        figures["data_efficiency.png"] = (plots.plot_data_efficiency, (curves,),
-                                          "Final test accuracy against training-set size.")
-    figures.update({
-        "loss.png": (plots.plot_loss, (groups,), "Training loss per batch."),
-        "accuracy.png": (plots.plot_accuracy, (groups,), "Train and test accuracy per epoch."),
-        "accuracy_vs_time.png": (plots.plot_accuracy_vs_time, (groups,),
-                                 "Test accuracy against training time."),
-        "per_class.png": (plots.plot_per_class,
-                          ({k: (classes, r.final["confusion"]) for k, r in best_of.items()},),
-                          "Per-class test accuracy of each recipe's best run."),
-    })
-    blocks.append(("h", 2, f"Figures ({size:,d} training images)"))
-    for name, (plot, args, caption) in figures.items():
-        plot(*args, out / name)
-        blocks.append(("img", name, caption))
-    plot_confusion(best.final["confusion"], classes, out / "confusion.png",
-                   f"best run: {best.label}\nseed {best.seed}, "
-                   f"accuracy {best.final_acc:.4f}")
-    blocks.append(("img", "confusion.png", f"Confusion matrix of the best run ({best.path}), "
-                   f"rows normalised; numbers are counts."))
-    grid = predictions(best)
-    if grid is not None:
-        plots.plot_predictions(*grid, title=f"{best.label}, seed {best.seed}: the first test "
-                               f"images, then misclassified ones (red)",
-                               path=out / "predictions.png")
-        blocks.append(("img", "predictions.png", "Test images with true and predicted labels "
-                       "(#index true / ✓ or ✗ predicted); wrong ones framed in red."))
-    else:
-        blocks.append(("p", "No image grid: the best run's model or test data could not be "
-                       "read here (see the warning printed with the report)."))
+    blocks += figure_blocks(runs, summary, labels, out)
     blocks += [("h", 2, "Runs"),
                ("table", ["recipe", "seed", "training images", "final test acc %",
                           "best test acc %", "training s", "folder"],

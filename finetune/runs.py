@@ -1,24 +1,161 @@
-"""Reading run folders: per-epoch metrics, time to a given accuracy, finished runs with their
-config and exported model's metadata."""
+"""The run folder, owned here: what each file is called, how config, metrics and exports are
+written and read, whether a folder may take a new run or be resumed, and which weights a
+finished run exports (the last epoch's or early stopping's best; the weight average beside).
+
+    <run>/config.yaml          the resolved config (``recipe=<run>/config.yaml`` reruns it)
+    <run>/metrics.jsonl        one record per finished epoch
+    <run>/model.safetensors    the export (+ model.json, config.json: finetune.export's format)
+    <run>/ema/                 the weight average's export (train.ema_decay)
+    <run>/best.safetensors     the best epoch's weights while early stopping watches
+    <run>/checkpoints/         finetune.checkpoint's
+    <run>/evaluation.json, confusion.png   written by ``finetune evaluate``
+"""
 
 from __future__ import annotations
 
 import json
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.config import Config, load_config
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from safetensors.torch import load_file
+from torch import nn
+
+from finetune.checkpoint import CHECKPOINTS, find_checkpoint, list_checkpoints
+from finetune.config import Config, flat_config, load_config, show_value, to_yaml
 from finetune.errors import ConfigError
+from finetune.export import META, WEIGHTS, exported_meta, save_model, save_weights
+from finetune.files import atomic_write_text
+
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+BEST = "best.safetensors"
+EMA = "ema"
+EVALUATION = "evaluation.json"
+CONFUSION = "confusion.png"
+
+
+# --- starting and resuming -------------------------------------------------------------------
+
+def prepare_output_dir(cfg: Config, accelerator: Accelerator) -> Path:
+    """The run folder: ``output_dir``, the run a ``resume=PATH`` checkpoint belongs to, or
+    runs/<recipe>/<timestamp> agreed by all processes. A folder holding a run is refused unless
+    the run is resumed (with the same config) or ``overwrite=true``."""
+    if cfg.resume not in (None, "auto"):
+        out = find_checkpoint(cfg.resume, Path()).parent.parent  # <run>/checkpoints/<ckpt>
+        if cfg.output_dir and Path(cfg.output_dir).resolve() != out.resolve():
+            raise ConfigError(f"resume={cfg.resume} belongs to the run in {out}, not to "
+                              f"output_dir={cfg.output_dir}; drop output_dir or make them agree.")
+    elif cfg.output_dir:
+        out = Path(cfg.output_dir)
+    elif cfg.resume == "auto":
+        raise ConfigError("resume=auto needs output_dir=PATH: the folder of the run to continue.")
+    else:
+        stamp = broadcast_object_list([time.strftime("%Y%m%d-%H%M%S")])[0]
+        out = Path("runs") / (cfg.recipe or "run") / stamp
+    if cfg.resume:
+        check_same_run(out, cfg)
+        return out
+    held = [name for name in (METRICS, WEIGHTS) if (out / name).exists()]
+    held += [CHECKPOINTS] if list_checkpoints(out) else []
+    if held and not cfg.overwrite:
+        raise ConfigError(f"output_dir {out} already holds a run ({', '.join(held)}); continue "
+                          f"it with resume=auto, pass another output_dir=PATH, or overwrite=true "
+                          f"to replace it.")
+    return out
+
+
+def check_same_run(out: Path, cfg: Config) -> None:
+    """A resumed run must be the run that was started: same config but for how it is run."""
+    saved = out / CONFIG
+    if not saved.is_file():
+        return  # nothing started there yet: resume=auto starts it
+    old, new = flat_config(load_config([f"recipe={saved}"])), flat_config(cfg)
+    # How to run it, not what to run: free to differ.
+    changed = sorted(k for k in old if old[k] != new[k]
+                     and k not in ("resume", "overwrite", "output_dir"))
+    if changed:
+        raise ConfigError(
+            f"cannot resume the run in {out} with a different config: "
+            + ", ".join(f"{k}={show_value(new[k])} (was {show_value(old[k])})" for k in changed)
+            + ". Resume with the same settings, or start a new run in another output_dir.")
+
+
+def start_run(out: Path, cfg: Config, accelerator: Accelerator) -> None:
+    """Write the run's config (main process); a replaced run's checkpoints go with it, so
+    that they are never resumed."""
+    if accelerator.is_main_process:
+        if cfg.overwrite and not cfg.resume:
+            shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / CONFIG, to_yaml(cfg))
+    accelerator.wait_for_everyone()
+
+
+def config_file(run_dir: str | Path) -> Path | None:
+    """The config of the run an export belongs to: ``<run>/config.yaml``, also for the weight
+    average's export in ``<run>/ema``; None when there is none."""
+    run_dir = Path(run_dir)
+    for folder in (run_dir, run_dir.parent) if run_dir.name == EMA else (run_dir,):
+        if (folder / CONFIG).is_file():
+            return folder / CONFIG
+    return None
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+def write_metrics(out: Path, records: list[dict]) -> None:
+    atomic_write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """The records of ``<run_dir>/metrics.jsonl``, one per finished epoch."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS
     if not path.is_file():
-        raise ConfigError(f"{run_dir} holds no metrics.jsonl: not a finetune run folder, or "
+        raise ConfigError(f"{run_dir} holds no {METRICS}: not a finetune run folder, or "
                           f"its first epoch has not finished.")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
+
+def metrics_before(out: Path, epoch: int) -> list[dict]:
+    """The records of the epochs before ``epoch`` (a resumed run continues them)."""
+    return [r for r in read_metrics(out) if r["epoch"] < epoch] if (out / METRICS).is_file() \
+        else []
+
+
+# --- what a run exports ----------------------------------------------------------------------
+
+def early_stopping(records: list[dict], patience: int) -> tuple[int | None, bool]:
+    """(the epoch with the best validation accuracy, whether to stop now): stop once
+    ``patience`` epochs have passed without improving on it. (None, False) when off."""
+    if not patience:
+        return None, False
+    best = max(records, key=lambda r: (r["val_acc"], -r["epoch"]))["epoch"]
+    return best, records[-1]["epoch"] - best >= patience
+
+
+def keep_best(model: nn.Module, out: Path) -> None:
+    """Keep this epoch's weights as the best so far (early stopping exports them)."""
+    save_weights(model, out / BEST)
+
+
+def export_run(out: Path, model: nn.Module, meta: dict, records: list[dict], best: int | None,
+               ema: nn.Module | None = None, ema_decay: float = 0.0) -> None:
+    """Export the run's model: the last epoch's weights, or with early stopping (``best``)
+    the best epoch's; the weight average's (``ema``) into ``<run>/ema``."""
+    if best is not None:
+        model.load_state_dict(load_file(out / BEST))
+        meta = {**meta, "early_stopping": {"best_epoch": best, "epochs_run": len(records),
+                                           "val_acc": records[best - 1]["val_acc"]}}
+    save_model(model, meta, out)
+    if ema is not None:
+        save_model(ema, {**meta, "ema_decay": ema_decay}, out / EMA)
+
+
+# --- finished runs ---------------------------------------------------------------------------
 
 def time_to_accuracy(records: list[dict], target: float) -> tuple[int, float] | None:
     """(epoch, training seconds) when the test accuracy first reached ``target``: seconds
@@ -88,17 +225,17 @@ class Run:
 def read_run(path: str | Path) -> Run:
     """Read a finished run folder; a clear error for anything else."""
     path = Path(path)
-    if not (path / "config.yaml").is_file():
-        raise ConfigError(f"{path} is not a finetune run folder (no config.yaml).")
-    cfg = load_config([f"recipe={path / 'config.yaml'}"])
+    if not (path / CONFIG).is_file():
+        raise ConfigError(f"{path} is not a finetune run folder (no {CONFIG}).")
+    cfg = load_config([f"recipe={path / CONFIG}"])
     records = read_metrics(path)
-    meta = json.loads((path / "model.json").read_text()) if (path / "model.json").is_file() else {}
+    meta = exported_meta(path)
     # An early-stopped run finished with fewer epochs than planned.
     planned = meta.get("early_stopping", {}).get("epochs_run") or cfg.train.epochs
     if len(records) < planned or not meta:
         raise ConfigError(f"{path}: the run has not finished ({len(records)} of {planned} "
                           f"epochs, model {'exported' if meta else 'not exported'})"
-                          f"; finish it with `finetune train recipe={path / 'config.yaml'} "
+                          f"; finish it with `finetune train recipe={path / CONFIG} "
                           f"output_dir={path} resume=auto`, or leave it out.")
     return Run(path, cfg, records, meta)
 
@@ -115,14 +252,14 @@ def find_runs(paths: list[str | Path]) -> list[Run]:
     """Finished runs in ``paths``: run folders, or folders searched for run folders."""
     runs = []
     for path in map(Path, paths):
-        if (path / "config.yaml").is_file():
+        if (path / CONFIG).is_file():
             runs.append(read_run(path))
         elif path.is_dir():
-            found = sorted(p.parent for p in path.rglob("model.json")
-                           if (p.parent / "metrics.jsonl").is_file())
+            found = sorted(p.parent for p in path.rglob(CONFIG)
+                           if (p.parent / METRICS).is_file() and (p.parent / META).is_file())
             if not found:
                 raise ConfigError(f"{path} holds no finished finetune runs (folders with "
-                                  f"config.yaml, metrics.jsonl and model.json).")
+                                  f"{CONFIG}, {METRICS} and an exported model).")
             runs += [read_run(p) for p in found]
         else:
             raise FileNotFoundError(f"{path}: no such run folder")

@@ -3,18 +3,19 @@ backend tuning, torch.compile, and reading a device value without waiting for it
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
 from accelerate.utils import GradientAccumulationPlugin
 from torch import nn
 
 from finetune.data.loader import BatchTransform
 from finetune.errors import ConfigError
+from finetune.step import StepOptions, train_step
 
 log = logging.getLogger(__name__)
 
@@ -120,34 +121,35 @@ def copy_to_host(t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None
     return host, event
 
 
-def compile_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                  transform: BatchTransform, accelerator: Accelerator,
-                  mode: str = "default") -> float:
-    """``torch.compile`` the model in place and run one training forward/backward so that
-    compilation is over before the first epoch's clock starts. Weights, buffers (batch-norm
-    statistics), gradients and random state are left as they were. Returns the seconds taken.
-    """
+def compile_model(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+                  labels: torch.Tensor, transform: BatchTransform, accelerator: Accelerator,
+                  opts: StepOptions, mode: str = "default") -> float:
+    """``torch.compile`` the model in place and run one training step so that compilation is
+    over before the first epoch's clock starts. Weights, buffers (batch-norm statistics),
+    optimizer state, gradients and random state are left as they were. Returns the seconds
+    taken."""
     start = time.perf_counter()
     model.compile(mode=mode)
-    buffers = [b.clone() for b in model.buffers()]
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    state = copy.deepcopy(optimizer.state_dict())
+    scaler = copy.deepcopy(accelerator.scaler.state_dict()) if accelerator.scaler else None
     cuda = [accelerator.device] if accelerator.device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         model.train()
         x = transform(images, train=True, gen=torch.Generator(images.device).manual_seed(0))
         try:
-            loss = F.cross_entropy(model(x), labels)
-            accelerator.backward(loss)
+            loss, _ = train_step(model, optimizer, accelerator, x, labels, opts, epoch=0)
         except Exception as e:  # Inductor fails in many types; to the user they mean one thing
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise ConfigError(
                 f"train.compile=true: torch.compile failed ({type(e).__name__}: {first[:300]}). "
                 f"On a CPU it needs a C++ compiler (g++); install one, or set "
                 f"train.compile=false.") from e
-    model.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        for b, saved in zip(model.buffers(), buffers, strict=True):
-            b.copy_(saved)
-    float(loss.detach())  # waits for the device
+    float(loss)  # waits for the device
+    model.load_state_dict(weights)
+    optimizer.load_state_dict(state)
+    if scaler is not None:
+        accelerator.scaler.load_state_dict(scaler)
     return time.perf_counter() - start
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import gzip
 import random
+import socket
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import hypothesis
@@ -51,6 +54,30 @@ def write_fake_fmnist(folder: Path, n_train: int = 96, n_test: int = 53, gz: boo
         write_idx(folder / f"{split}-images-idx3-ubyte", images, gz)
         write_idx(folder / f"{split}-labels-idx1-ubyte", labels, gz)
     return folder
+
+
+# Seconds and speeds differ from run to run (an interrupted run and an uninterrupted one too).
+TIMING = {"epoch_time", "eval_time", "train_images_per_sec", "compile_time"}
+
+
+def untimed_metrics(run: Path) -> list[dict]:
+    """A run's metrics.jsonl records without the fields that measure time."""
+    from finetune.runs import read_metrics
+
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in read_metrics(run)]
+
+
+def launch_two_cpu_processes(*args: str) -> str:
+    """Run ``accelerate launch --cpu --num_processes 2 ARGS`` (gloo), return its output."""
+    with socket.socket() as sock:  # a free port, so parallel CI jobs do not collide
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(port), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
 
 
 @pytest.fixture

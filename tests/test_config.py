@@ -1,5 +1,6 @@
 import pytest
 
+from finetune.assemble import check_model
 from finetune.config import ConfigError, list_recipes, load_config, to_yaml
 
 
@@ -42,9 +43,23 @@ def test_unknown_key_lists_valid_keys_of_section():
     ("data.image_size=16 model.name=vgg11_narrow", "cannot take data.image_size=16"),
 ])
 def test_invalid_values_fail_before_work(arg, msg):
+    """Refused by reading the config or, for what depends on the model, by the model check
+    every command runs before any data or weights load."""
     with pytest.raises(ConfigError) as e:
-        load_config(["recipe=resnet18_scratch_fmnist", *arg.split()])
+        check_model(load_config(["recipe=resnet18_scratch_fmnist", *arg.split()]))
     assert msg in str(e.value)
+
+
+def test_reading_a_config_needs_no_model_zoo():
+    import subprocess
+    import sys
+
+    code = ("import sys; from finetune.config import load_config; "
+            "load_config(['recipe=resnet18_scratch_fmnist', 'model.name=resnet19']); "
+            "print(sorted(m for m in sys.modules if m.startswith('finetune.models')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_unknown_recipe_suggests():

@@ -148,22 +148,36 @@ def test_match_channels_rgb_to_grey_uses_luma():
     torch.testing.assert_close(match_channels(x, 1), torch.full((1, 1, 2, 2), 0.587))
 
 
-def test_augmentation_flip_and_crop():
-    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).reshape(2, 1, 4, 4)
+def test_random_crop_translates_each_image_by_up_to_pad_pixels():
+    n = 300
+    x = torch.arange(1, 1 + n * 2 * 5 * 5, dtype=torch.float32).reshape(n, 2, 5, 5)  # no zeros
     gen = torch.Generator().manual_seed(0)
     torch.testing.assert_close(random_crop(x, 0, gen), x)
-    shifted = random_crop(x, 1, gen)
-    assert shifted.shape == x.shape
-    # Every output row is a (possibly zero-padded) window of the input row it came from.
-    for n in range(2):
-        values = set(shifted[n].flatten().tolist()) - {0.0}
-        assert values <= set(x[n].flatten().tolist())
-    t = BatchTransform(4, 1, (0.0,), (1.0,), hflip=True)
-    imgs = (x * 4).to(torch.uint8)
-    flipped = t(imgs, train=True, gen=torch.Generator().manual_seed(1))
+    out = random_crop(x, 1, gen)
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1))
+    shifts = [(dy, dx) for dy in range(3) for dx in range(3)]
+    used = []
+    for i in range(n):  # each output is exactly one window of the zero-padded input
+        (hit,) = [s for s in shifts if torch.equal(out[i], padded[i, :, s[0]:s[0] + 5,
+                                                                   s[1]:s[1] + 5])]
+        used.append(hit)
+    # All nine offsets occur, each about 1/9 of the time; most images moved.
+    counts = [used.count(s) for s in shifts]
+    assert min(counts) > n / 9 / 2 and used.count((1, 1)) < n / 4
+
+
+def test_hflip_mirrors_about_half_of_the_images():
+    n = 400
+    imgs = torch.randint(0, 256, (n, 1, 6, 6), dtype=torch.uint8, generator=torch.Generator()
+                         .manual_seed(0))
+    t = BatchTransform(6, 1, (0.0,), (1.0,), hflip=True)
     plain = t(imgs)
-    for n in range(2):
-        assert torch.equal(flipped[n], plain[n]) or torch.equal(flipped[n], plain[n].flip(-1))
+    flipped = t(imgs, train=True, gen=torch.Generator().manual_seed(1))
+    mirrored = [torch.equal(flipped[i], plain[i].flip(-1)) for i in range(n)]
+    kept = [torch.equal(flipped[i], plain[i]) for i in range(n)]
+    assert all(m != k for m, k in zip(mirrored, kept, strict=True))  # one or the other
+    assert 0.4 < sum(mirrored) / n < 0.6
+    assert torch.equal(t(imgs, train=False, gen=torch.Generator()), plain)  # eval: no flip
 
 
 def test_train_batches_shard_one_permutation():

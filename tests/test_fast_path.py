@@ -14,16 +14,13 @@ from finetune.config import ConfigError, TrainConfig, load_config
 from finetune.data.loader import BatchTransform, place, random_erasing
 from finetune.data.sources import ImageData
 from finetune.models import create_model
-from finetune.runs import time_to_accuracy
+from finetune.optim import make_optimizer
+from finetune.runs import read_metrics, time_to_accuracy
 from finetune.speed import check_cpu_bf16, copy_to_host, resolve_mixed_precision
-from finetune.train import main, make_optimizer
+from finetune.train import main
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
-
-
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_random_erasing_erases_one_rectangle_per_image():
@@ -93,10 +90,19 @@ def test_cpu_bf16_refused_where_onednn_is_wrong():
     check_cpu_bf16(model, 1, 32)
 
 
+class _Declared(torch.nn.Sequential):
+    """A model that says what its stages and classifier are (finetune.models.interface)."""
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return {"body": r"^[01]\."}
+
+    def get_classifier(self, name_only: bool = False):
+        return "2" if name_only else self[2]
+
+
 def test_fused_optimizer_matches_the_loop_implementation():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16),
-                                torch.nn.Linear(16, 3))
+    model = _Declared(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 3))
     twin = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16),
                                torch.nn.Linear(16, 3))
     twin.load_state_dict(model.state_dict())
@@ -191,7 +197,7 @@ def test_benchmark_scripts_run(fmnist_dir, tmp_path):
     assert tta.returncode == 0, tta.stderr
     summary = json.loads((tmp_path / "tta.json").read_text())
     (seed,) = summary["seeds"]
-    records = _metrics(tmp_path / "runs" / "seed0")
+    records = read_metrics(tmp_path / "runs" / "seed0")
     assert seed["reached"]["0.0"] == [1, records[0]["epoch_time"]]
     assert seed["reached"]["1.01"] is None
     assert seed["final_acc"] == records[-1]["test_acc"]

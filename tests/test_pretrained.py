@@ -186,8 +186,11 @@ def test_export_trained_on_other_classes_gets_a_new_head(tmp_path, same_classes)
     source, path = _export(tmp_path, ["a", "b", "c", "d", "e"])
     target_classes = ["a", "b", "c", "d", "e"] if same_classes else ["f", "g", "h", "i", "j"]
     torch.manual_seed(2)
+    from finetune.export import meta_beside
+
     model, loaded = build_model(ModelConfig(pretrained=True, weights=str(path)), num_classes=5,
-                                in_chans=1, image_size=28, class_names=target_classes)
+                                in_chans=1, image_size=28, class_names=target_classes,
+                                exported=meta_beside(path))
     # The body always comes from the export, and so do its normalisation statistics.
     torch.testing.assert_close(model.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
     assert loaded.mean == (0.3,) and loaded.std == (0.4,)

@@ -1,7 +1,6 @@
 """Checkpoints and resume: bit-exact continuation (also after SIGKILL), atomic checkpoint
 folders, and the refusals around them."""
 
-import json
 import os
 import random
 import signal
@@ -12,20 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import untimed_metrics
 from safetensors.torch import load_file
 
 from finetune.checkpoint import list_checkpoints
 from finetune.cli import main as cli_main
 from finetune.config import ConfigError, load_config
 from finetune.train import main
-
-# Seconds and speeds differ between an interrupted run and an uninterrupted one; nothing else.
-TIMING = {"epoch_time", "eval_time", "train_images_per_sec", "compile_time"}
-
-
-def _metrics(out: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
 
 
 def _same_weights(a: Path, b: Path) -> bool:
@@ -53,13 +45,13 @@ def test_resume_from_mid_epoch_checkpoint_is_exact(ckpt_args, tmp_path):
     assert names == ["epoch0001-step000002", "epoch0001-step000004", "epoch0001-step000006",
                      "epoch0002-step000002", "epoch0002-step000004", "epoch0002-step000006"]
     weights = load_file(out / "model.safetensors")
-    metrics = _metrics(out)
+    metrics = untimed_metrics(out)
     for name in ("epoch0001-step000004", "epoch0002-step000002", "epoch0001-step000006"):
         main(load_config(ckpt_args + [f"resume={out / 'checkpoints' / name}",
                                       "output_dir=null"]))
         again = load_file(out / "model.safetensors")
         assert all(torch.equal(weights[k], again[k]) for k in weights), name
-        assert _metrics(out) == metrics, name
+        assert untimed_metrics(out) == metrics, name
 
 
 def test_keeps_the_newest_checkpoints(tiny_args, tmp_path):
@@ -173,4 +165,4 @@ def test_sigkill_at_random_points_then_resume_is_bit_exact(fmnist_dir, tmp_path)
     proc = _start(resumed)
     assert proc.wait(timeout=300) == 0, proc.stderr.read()
     assert _same_weights(ref, out)
-    assert _metrics(ref) == _metrics(out)
+    assert untimed_metrics(ref) == untimed_metrics(out)

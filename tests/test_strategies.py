@@ -8,16 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import launch_two_cpu_processes, untimed_metrics
 from PIL import Image
 from safetensors.torch import load_file
-from test_train import _launch_two_cpu_processes
 
 import finetune
 from finetune.config import ConfigError, FinetuneConfig, TrainConfig, load_config
 from finetune.ema import EMA
 from finetune.mixing import mix_batch, mix_params, soft_targets
-from finetune.models import create_model
-from finetune.optim import make_optimizer, make_scheduler, plan_stages, stages
+from finetune.models import create_model, stages
+from finetune.optim import make_optimizer, make_scheduler, plan_stages, schedule_factor
+from finetune.runs import read_metrics
 from finetune.train import main
 
 STEM = ("conv1.", "bn1.")
@@ -112,7 +113,7 @@ def test_gradual_unfreezing_thaws_one_stage_per_epoch(ft_args, start_weights, tm
 
 @pytest.mark.slow
 def test_gradual_unfreezing_on_two_processes(ft_args, start_weights, tmp_path):
-    _launch_two_cpu_processes(str(Path(finetune.__file__).parent / "run.py"), *ft_args,
+    launch_two_cpu_processes(str(Path(finetune.__file__).parent / "run.py"), *ft_args,
                               "finetune.freeze=backbone", "finetune.unfreeze_at=[2,3]",
                               "train.epochs=3", "train.checkpoint=true",
                               "train.keep_checkpoints=3")
@@ -127,9 +128,18 @@ def test_gradual_unfreezing_on_two_processes(ft_args, start_weights, tmp_path):
     (["model.name=vgg11_narrow", "data.image_size=32", "finetune.freeze=stages:7"],
      "6 stages before its head"),
 ])
-def test_freeze_settings_are_checked_up_front(settings, message):
-    with pytest.raises(ConfigError, match=message):  # by load_config: before any data or model
-        load_config(settings)
+def test_freeze_settings_are_checked_up_front(settings, message, tmp_path, capsys):
+    from finetune.assemble import check_model
+    from finetune.cli import main as cli_main
+
+    with pytest.raises(ConfigError, match=message):
+        check_model(load_config(settings))
+    # Training refuses them before it looks for data (there is none here) or weights.
+    assert cli_main(["train", *settings, f"data.root={tmp_path / 'none'}",
+                     f"output_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and message.split("[")[0] in err and "data.root" not in err
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("args, message", [
@@ -150,7 +160,7 @@ def test_head_multiplier_and_layer_decay():
     model = create_model("resnet18", num_classes=10, in_chans=1, image_size=16)
     plan = plan_stages(model, FinetuneConfig(head_lr_mult=10, layer_decay=0.5))
     optimizer = make_optimizer(model, TrainConfig(lr=0.1, weight_decay=1e-4), plan)
-    make_scheduler(optimizer, TrainConfig(lr=0.1), steps_per_epoch=5, plan=plan)
+    make_scheduler(optimizer, schedule_factor(TrainConfig(lr=0.1), steps_per_epoch=5))
     lr = {plan.names[g["stage"]]: g["lr"] for g in optimizer.param_groups}
     assert lr == pytest.approx({"head": 1.0, "layer4": 0.05, "layer3": 0.025,
                                 "layer2": 0.0125, "layer1": 0.00625, "stem": 0.003125})
@@ -161,7 +171,7 @@ def test_head_multiplier_and_layer_decay():
 
 def _lrs(cfg: TrainConfig, steps: int, steps_per_epoch: int) -> list[float]:
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
-    sched = make_scheduler(opt, cfg, steps_per_epoch)
+    sched = make_scheduler(opt, schedule_factor(cfg, steps_per_epoch))
     out = []
     for _ in range(steps):
         out.append(opt.param_groups[0]["lr"])
@@ -216,7 +226,7 @@ def test_ema_is_the_hand_computed_average():
 
 def test_ema_run_evaluates_and_exports_the_average(ft_args, tmp_path):
     main(load_config(ft_args + ["train.ema_decay=0.5", "train.epochs=1"]))
-    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    record = read_metrics(tmp_path / "run")[0]
     assert 0 <= record["ema_test_acc"] <= 1 and record["ema_test_total"] == 53
     ema, raw = (load_file(tmp_path / "run" / d / "model.safetensors") for d in ("ema", "."))
     assert ema.keys() == raw.keys() and not torch.equal(ema["fc.weight"], raw["fc.weight"])
@@ -258,7 +268,7 @@ def test_cutmix_pastes_a_box_and_weights_labels_by_area():
 
 def test_mixup_run_trains(ft_args, tmp_path):
     main(load_config(ft_args + ["data.mixup=0.4", "data.cutmix=1.0", "train.epochs=1"]))
-    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    record = read_metrics(tmp_path / "run")[0]
     assert math.isfinite(record["train_loss"]) and record["test_total"] == 53
 
 
@@ -269,20 +279,20 @@ def test_early_stopping_exports_the_best_epoch(ft_args, tmp_path, monkeypatch):
     import finetune.train as train
 
     scripted = iter([0.5, 0.8, 0.6, 0.7, 0.9])  # validation accuracy of epochs 1..5
-    real = train.evaluate
+    real = train.end_epoch
 
-    def evaluate(model, data, *args):
-        result = real(model, data, *args)
-        if len(data) != 53:  # the validation split (the test split has 53 images)
-            result["test_acc"] = next(scripted)
-        return result
+    def end_epoch(*args):
+        record = real(*args)
+        assert "val_acc" in record  # the validation split was evaluated
+        record["val_acc"] = next(scripted)
+        return record
 
-    monkeypatch.setattr(train, "evaluate", evaluate)
+    monkeypatch.setattr(train, "end_epoch", end_epoch)
     final = main(load_config(ft_args + ["data.val_split=0.25", "train.early_stopping=2",
                                         "train.epochs=5", "train.checkpoint=true",
                                         "train.keep_checkpoints=5"]))
     run = tmp_path / "run"
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run)
     assert [r["val_acc"] for r in records] == [0.5, 0.8, 0.6, 0.7]  # stopped after epoch 4
     # 96 images, 9 or 10 per class: a quarter of each class (2) held out, 76 left to train.
     assert records[0]["val_total"] == 20 and records[0]["test_total"] == 53
@@ -309,7 +319,7 @@ def test_accumulation_equals_one_step_on_the_whole_batch(ft_args, start_weights,
     for k in one:
         torch.testing.assert_close(four[k], one[k], rtol=1e-4, atol=1e-5)
     assert "layer1.0.conv1.weight" in _changed(start_weights[0], one)  # it did train
-    losses = [json.loads((tmp_path / d / "metrics.jsonl").read_text())["batch_loss"]
+    losses = [read_metrics(tmp_path / d)[0]["batch_loss"]
               for d in ("one", "four")]
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
 
@@ -346,13 +356,6 @@ def test_lr_find_writes_plot_and_suggestion(ft_args, tmp_path, capsys):
     assert not (out / "model.safetensors").exists()
 
 
-def _untimed_metrics(run: Path) -> list[dict]:
-    """metrics.jsonl without the fields that measure time (they differ run to run)."""
-    return [{k: v for k, v in json.loads(line).items()
-             if not k.endswith("_time") and k != "train_images_per_sec"}
-            for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_resume_is_exact_with_every_strategy_on(ft_args, tmp_path):
     """Stopped mid-epoch and resumed, a run with gradual unfreezing, discriminative rates,
     Mixup/CutMix, EMA, clipping, accumulation and early stopping ends bit-identical."""
@@ -365,10 +368,10 @@ def test_resume_is_exact_with_every_strategy_on(ft_args, tmp_path):
     run = tmp_path / "run"
     main(load_config(args))
     weights = {d: load_file(run / d / "model.safetensors") for d in (".", "ema")}
-    metrics = _untimed_metrics(run)
+    metrics = untimed_metrics(run)
     mid = run / "checkpoints" / "epoch0002-step000002"
     main(load_config(args + [f"resume={mid}", "output_dir=null"]))
-    assert _untimed_metrics(run) == metrics
+    assert untimed_metrics(run) == metrics
     for d, w in weights.items():
         resumed = load_file(run / d / "model.safetensors")
         assert not _changed(w, resumed), d

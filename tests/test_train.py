@@ -1,24 +1,20 @@
 import json
 import math
 import re
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import launch_two_cpu_processes
 from safetensors.torch import load_file
 
 import finetune
 from finetune.cli import main as cli_main
 from finetune.config import ConfigError, load_config
 from finetune.evaluation import evaluate_run
-from finetune.train import main, make_scheduler
-
-
-def _read_metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+from finetune.optim import make_scheduler, schedule_factor
+from finetune.runs import read_metrics
+from finetune.train import main
 
 
 def test_end_to_end_writes_every_output(tiny_args, tmp_path, capsys):
@@ -27,7 +23,7 @@ def test_end_to_end_writes_every_output(tiny_args, tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "config.yaml",
                                                      "metrics.jsonl", "model.json",
                                                      "model.safetensors"]
-    records = _read_metrics(out)
+    records = read_metrics(out)
     assert [r["epoch"] for r in records] == [1, 2]
     for r in records:
         assert len(r["batch_loss"]) == 96 // 16
@@ -73,7 +69,7 @@ def test_existing_run_is_not_overwritten(tiny_args, tmp_path):
         main(load_config(tiny_args))
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
     main(load_config(tiny_args + ["overwrite=true"]))
-    assert len(_read_metrics(tmp_path / "run")) == 2
+    assert len(read_metrics(tmp_path / "run")) == 2
 
 
 def test_pretrained_from_local_file_trains(tiny_args, tmp_path):
@@ -87,6 +83,20 @@ def test_pretrained_from_local_file_trains(tiny_args, tmp_path):
     meta = json.loads((tmp_path / "run" / "model.json").read_text())
     assert meta["pretrained"] == str(path.resolve())
     assert meta["mean"] == pytest.approx([0.449]) and meta["in_chans"] == 1
+
+
+def test_training_from_an_export_brings_its_statistics(tiny_args, tmp_path):
+    """model.weights=<an earlier run's export>: its mean/std (here the data's own) come along,
+    not ImageNet's."""
+    main(load_config([*tiny_args, "train.epochs=1"]))
+    source = json.loads((tmp_path / "run" / "model.json").read_text())
+    args = [a for a in tiny_args if not a.startswith(("recipe=", "output_dir="))]
+    main(load_config(["recipe=resnet18_fmnist", *args, "train.epochs=1",
+                      f"model.weights={tmp_path / 'run' / 'model.safetensors'}",
+                      f"output_dir={tmp_path / 'second'}"]))
+    meta = json.loads((tmp_path / "second" / "model.json").read_text())
+    assert meta["mean"] == source["mean"] and meta["std"] == source["std"]
+    assert meta["mean"] != pytest.approx([0.449])  # not ImageNet's
 
 
 def test_cli_errors_exit_nonzero_with_message(tiny_args, capsys, monkeypatch):
@@ -112,7 +122,7 @@ def test_schedules(schedule):
     cfg = load_config(["train.lr=1.0", f"train.schedule={schedule}", "train.epochs=2",
                        "train.warmup_epochs=0.5"])
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = make_scheduler(opt, cfg.train, steps_per_epoch=10)
+    sched = make_scheduler(opt, schedule_factor(cfg.train, steps_per_epoch=10))
     lrs = []
     for _ in range(20):
         lrs.append(opt.param_groups[0]["lr"])
@@ -130,19 +140,6 @@ def test_schedules(schedule):
         assert lrs.index(max(lrs)) == 4 and lrs[0] == pytest.approx(0.04) and lrs[-1] < 1e-3
 
 
-def _launch_two_cpu_processes(*args: str) -> str:
-    """Run ``accelerate launch --cpu --num_processes 2 ARGS`` (gloo), return its output."""
-    with socket.socket() as sock:  # a free port, so parallel CI jobs do not collide
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(port), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc.stdout
-
-
 @pytest.mark.slow
 def test_two_process_run_counts_every_test_image_once(tiny_args, tmp_path):
     """Train with 2 CPU processes through the real entry point, then evaluate the export with
@@ -150,15 +147,15 @@ def test_two_process_run_counts_every_test_image_once(tiny_args, tmp_path):
     run = tmp_path / "run"
     # 53 test images in per-process batches of 8: Accelerate pads the last batches, and
     # gather_for_metrics must drop that padding.
-    _launch_two_cpu_processes(str(Path(finetune.__file__).parent / "run.py"), *tiny_args,
+    launch_two_cpu_processes(str(Path(finetune.__file__).parent / "run.py"), *tiny_args,
                               "train.epochs=1")
-    records = _read_metrics(run)
+    records = read_metrics(run)
     # Global batch 16 = 2 x 8: an epoch is still 96 // 16 steps, and the schedule took those 6
     # steps (not 12): its last learning rate is the 1-process one after 6 steps.
     assert len(records[0]["batch_loss"]) == 6 and records[0]["test_total"] == 53
     cfg = load_config(tiny_args + ["train.epochs=1"]).train
     scheduler = make_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr),
-                               cfg, steps_per_epoch=6)
+                               schedule_factor(cfg, steps_per_epoch=6))
     for _ in range(6):
         scheduler.optimizer.step()
         scheduler.step()
@@ -168,7 +165,7 @@ def test_two_process_run_counts_every_test_image_once(tiny_args, tmp_path):
     single = evaluate_run(run, [])
     assert single["test_total"] == 53
     assert single["test_correct"] == records[0]["test_correct"]
-    out = _launch_two_cpu_processes("-m", "finetune.cli", "evaluate", str(run),
+    out = launch_two_cpu_processes("-m", "finetune.cli", "evaluate", str(run),
                                     "train.eval_batch_size=8")
     assert f"test accuracy {single['test_acc']:.4f} ({single['test_correct']}/53)" in out
 
@@ -183,12 +180,12 @@ def test_two_process_evaluation_counts_10000_distinct_samples(tmp_path):
     data = write_fake_fmnist(tmp_path / "data", n_train=96, n_test=10_000)
     run = tmp_path / "run"
     # 512 per process and batch: 10,000 = 9 x 1,024 + 784, so the last batch is padded.
-    _launch_two_cpu_processes(str(Path(finetune.__file__).parent / "run.py"),
+    launch_two_cpu_processes(str(Path(finetune.__file__).parent / "run.py"),
                               "recipe=resnet18_scratch_fmnist", f"data.root={data}",
                               "data.image_size=16", "train.epochs=1", "train.batch_size=16",
                               "train.eval_batch_size=512", "train.lr=0.01", f"output_dir={run}",
                               "train.checkpoint=false")
-    (record,) = _read_metrics(run)
+    (record,) = read_metrics(run)
     assert record["test_total"] == 10_000 and sum(map(sum, record["confusion"])) == 10_000
     single = evaluate_run(run, [])
     assert single["test_total"] == 10_000

@@ -5,14 +5,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
-
 from finetune.config import DataConfig
 from finetune.data.idx import DataError
 from finetune.data.sources import (
     DEFAULT_IDX_DIRS,
     ImageData,
     find_idx_dir,
+    holdout_mask,
     load_hf,
     load_idx,
     load_imagefolder,
@@ -99,17 +98,9 @@ def load_data(cfg: DataConfig) -> tuple[ImageData, ImageData, str]:
 def validation_split(data: ImageData, fraction: float, seed: int) -> tuple[ImageData, ImageData]:
     """``(train, val)``: ``fraction`` of each class's images, drawn with ``seed``, held out.
     Both keep the original order of their images."""
-    gen = torch.Generator().manual_seed(seed)
-    held = torch.zeros(len(data), dtype=torch.bool)
-    labels = data.labels.cpu()
-    for k in range(len(data.classes)):
-        members = torch.nonzero(labels == k).flatten()
-        take = round(fraction * len(members))
-        held[members[torch.randperm(len(members), generator=gen)[:take]]] = True
+    held = holdout_mask(data.labels, len(data.classes), fraction, seed)
     if not held.any() or held.all():
         raise DataError(f"data.val_split={fraction} of {len(data)} training images leaves "
                         f"{int(held.sum())} for validation and {int((~held).sum())} for "
                         f"training; both need some.")
-    def part(mask: torch.Tensor) -> ImageData:
-        return ImageData(data.images[mask], data.labels[mask], data.classes)
-    return part(~held), part(held)
+    return data.subset(~held), data.subset(held)

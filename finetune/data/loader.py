@@ -174,18 +174,22 @@ def gather(data: ImageData, idx: torch.Tensor, device: torch.device
 
 
 def batches_on(data: ImageData, index_batches: Iterable[torch.Tensor], device: torch.device,
-               stream_workers: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(uint8 images, labels) on ``device`` for each index batch: indexed in place, or with
-    ``stream_workers`` set (the streaming fallback, for data kept in host memory) gathered by
-    that many DataLoader workers into pinned memory and copied without blocking."""
-    if stream_workers is None:
+               placement: str = "device", workers: int = 0
+               ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(uint8 images, labels) on ``device`` for each index batch. ``placement="device"``: the
+    data is there already and batches are indexed in place; ``"host"`` (the streaming
+    fallback, for data kept in host memory): ``workers`` DataLoader workers gather them into
+    pinned memory and they are copied without blocking."""
+    if placement == "device":
         for idx in index_batches:
             yield data.images[idx], data.labels[idx]
-        return
-    loader = DataLoader(_GatherBatches(data, list(index_batches)), batch_size=None,
-                        num_workers=stream_workers, pin_memory=device.type == "cuda")
-    for images, labels in loader:
-        yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    elif placement == "host":
+        loader = DataLoader(_GatherBatches(data, list(index_batches)), batch_size=None,
+                            num_workers=workers, pin_memory=device.type == "cuda")
+        for images, labels in loader:
+            yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    else:
+        raise ValueError(f"unknown placement {placement!r}; valid: device, host")
 
 
 def index_loader(num_samples: int, batch_size: int) -> DataLoader:

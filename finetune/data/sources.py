@@ -56,6 +56,10 @@ class ImageData:
         mask = new >= 0
         return ImageData(self.images[mask], new[mask], [self.classes[i] for i in keep])
 
+    def subset(self, mask: torch.Tensor) -> ImageData:
+        """The samples where ``mask`` is true, in their order."""
+        return ImageData(self.images[mask], self.labels[mask], self.classes)
+
     def limit(self, n: int | None) -> ImageData:
         """The first ``n`` samples (all when ``n`` is None)."""
         if n is None or n >= len(self):
@@ -208,15 +212,22 @@ def load_imagefolder(root: Path, image_size: int, test_split: float = 0.1, seed:
         return train, _load_tree(test_dir, image_size, train.classes)
     data = _load_tree(root, image_size)
     # A fixed per-class hold-out, independent of the training seed, so runs compare fairly.
-    gen = torch.Generator().manual_seed(seed)
-    test_idx = []
-    for label in range(len(data.classes)):
-        idx = torch.nonzero(data.labels == label).flatten()
-        idx = idx[torch.randperm(len(idx), generator=gen)]
-        test_idx.append(idx[: max(1, round(len(idx) * test_split))])
-    test_mask = torch.zeros(len(data), dtype=torch.bool)
-    test_mask[torch.cat(test_idx)] = True
+    test_mask = holdout_mask(data.labels, len(data.classes), test_split, seed, at_least_one=True)
     log.info("%s has no train/test folders: holding out %d of %d images per class for testing",
              root, int(test_mask.sum()), len(data))
-    return (ImageData(data.images[~test_mask], data.labels[~test_mask], data.classes),
-            ImageData(data.images[test_mask], data.labels[test_mask], data.classes))
+    return data.subset(~test_mask), data.subset(test_mask)
+
+
+def holdout_mask(labels: torch.Tensor, num_classes: int, fraction: float, seed: int,
+                 at_least_one: bool = False) -> torch.Tensor:
+    """A boolean mask holding out ``fraction`` of each class's samples (at least one per class
+    with ``at_least_one``), drawn with ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    held = torch.zeros(len(labels), dtype=torch.bool)
+    labels = labels.cpu()
+    for k in range(num_classes):
+        members = torch.nonzero(labels == k).flatten()
+        take = round(fraction * len(members))
+        take = max(1, take) if at_least_one else take
+        held[members[torch.randperm(len(members), generator=gen)[:take]]] = True
+    return held

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from finetune.registry import register_model
+from finetune.models.interface import FeaturesClassifier
+from finetune.registry import make_cfg, register_model
 
 
 def _pool(size: int) -> tuple[nn.MaxPool2d, int]:
@@ -17,7 +18,7 @@ def _conv_out(size: int, kernel: int, stride: int = 1, padding: int = 0) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
-class AlexNet(nn.Module):
+class AlexNet(FeaturesClassifier):
     """The lecture's AlexNet: five convs (96@11x11/4, 256@5x5, 384, 384, 256 @3x3), three
     max-pools, two 4096-wide hidden layers with dropout 0.5. The first linear layer's width
     follows from ``image_size``."""
@@ -47,7 +48,7 @@ class AlexNet(nn.Module):
         return self.classifier(self.features(x).flatten(1))
 
 
-class ClassicAlexNet(nn.Module):
+class ClassicAlexNet(FeaturesClassifier):
     """torchvision's AlexNet (64, 192, 384, 256, 256 channels; 6x6 adaptive pool), same
     module names, so its ImageNet weights load."""
 
@@ -72,14 +73,14 @@ class ClassicAlexNet(nn.Module):
         return self.classifier(self.avgpool(self.features(x)).flatten(1))
 
 
-@register_model
+@register_model(make_cfg("features.0", "classifier.6"))
 def alexnet_lecture(num_classes: int = 1000, in_chans: int = 3, image_size: int = 224,
                     norm_layer: type[nn.Module] | None = None) -> AlexNet:
     """The lecture's AlexNet (no normalization layers: ``norm_layer`` is unused)."""
     return AlexNet(num_classes, in_chans, image_size)
 
 
-@register_model
+@register_model(make_cfg("features.0", "classifier.6", "AlexNet_Weights"))
 def alexnet(num_classes: int = 1000, in_chans: int = 3, image_size: int = 224,
             norm_layer: type[nn.Module] | None = None) -> ClassicAlexNet:
     """torchvision's AlexNet (no normalization layers: ``norm_layer`` is unused)."""

@@ -10,7 +10,6 @@ Sources (``model.weights``):
 
 from __future__ import annotations
 
-import json
 import logging
 import pickle
 from dataclasses import dataclass
@@ -20,36 +19,10 @@ import torch
 from torch import nn
 
 from finetune.errors import WeightsError
+from finetune.models.interface import classifier_name
+from finetune.registry import get_pretrained_cfg, list_models
 
 log = logging.getLogger(__name__)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class PretrainedSpec:
-    """Where an architecture's ImageNet weights live and how its layers are named."""
-
-    torchvision: str  # torchvision weights enum, e.g. "ResNet18_Weights"
-    timm: str  # default timm hub name
-    first_conv: str = "conv1"
-    classifier: str = "fc"
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-
-
-PRETRAINED: dict[str, PretrainedSpec] = {
-    "resnet18": PretrainedSpec("ResNet18_Weights", "resnet18.a1_in1k"),
-    "resnet34": PretrainedSpec("ResNet34_Weights", "resnet34.a1_in1k"),
-    "resnet50": PretrainedSpec("ResNet50_Weights", "resnet50.a1_in1k"),
-    "resnet101": PretrainedSpec("ResNet101_Weights", "resnet101.a1h_in1k"),
-    "resnet152": PretrainedSpec("ResNet152_Weights", "resnet152.a1h_in1k"),
-    # timm's VGG and AlexNet differ in layout from torchvision's: torchvision weights only.
-    "alexnet": PretrainedSpec("AlexNet_Weights", "", "features.0", "classifier.6"),
-    "vgg11": PretrainedSpec("VGG11_Weights", "", "features.0", "classifier.6"),
-    "vgg11_bn": PretrainedSpec("VGG11_BN_Weights", "", "features.0", "classifier.6"),
-}
 
 _FIX = ("Fix: pass a local state dict with model.weights=PATH (.safetensors or .pth, torchvision "
         "or timm layout), or train from scratch with model.pretrained=false.")
@@ -63,12 +36,14 @@ class LoadedWeights:
     notes: list[str]  # what was adapted
 
 
-def get_spec(name: str) -> PretrainedSpec:
-    if name in PRETRAINED:
-        return PRETRAINED[name]
-    else:
+def weights_cfg(name: str) -> dict:
+    """The registered ``pretrained_cfg`` of ``name``, refusing a model without ImageNet weights."""
+    cfg = get_pretrained_cfg(name)
+    if not cfg["tv_weights"]:
+        known = [n for n in list_models() if get_pretrained_cfg(n)["tv_weights"]]
         raise WeightsError(f"no pretrained weights are known for model '{name}'; models with "
-                           f"known weights: {', '.join(sorted(PRETRAINED))}. {_FIX}")
+                           f"known weights: {', '.join(known)}. {_FIX}")
+    return cfg
 
 
 def channel_stats(values: tuple[float, ...], in_chans: int) -> tuple[float, ...]:
@@ -138,25 +113,25 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return _strip_prefixes(state_dict)
 
 
-def _fetch_torchvision(name: str, spec: PretrainedSpec, tag: str) -> tuple[dict, str]:
+def _fetch_torchvision(name: str, enum: str, tag: str) -> tuple[dict, str]:
     from torchvision.models import get_weight
 
     try:
-        weights = get_weight(f"{spec.torchvision}.{tag}")
+        weights = get_weight(f"{enum}.{tag}")
     except (ValueError, KeyError):
-        raise WeightsError(f"torchvision has no weights '{spec.torchvision}.{tag}' for {name}; "
+        raise WeightsError(f"torchvision has no weights '{enum}.{tag}' for {name}; "
                            f"try model.weights=torchvision:IMAGENET1K_V1.") from None
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
     try:
         state_dict = weights.get_state_dict(progress=False, check_hash=True)
     except Exception as e:
         raise WeightsError(
-            f"could not load ImageNet weights for {name} ({spec.torchvision}.{tag}): not in "
+            f"could not load ImageNet weights for {name} ({enum}.{tag}): not in "
             f"the torch hub cache ({cached}) and the download from {weights.url} failed "
             f"({type(e).__name__}: {e}). {_FIX} To use these exact weights offline, copy "
             f"{Path(weights.url).name} to {cached.parent}/ or pass model.weights=PATH."
         ) from None
-    return state_dict, f"torchvision:{spec.torchvision}.{tag}"
+    return state_dict, f"torchvision:{enum}.{tag}"
 
 
 def _fetch_timm(hub_name: str) -> tuple[dict, str]:
@@ -182,9 +157,9 @@ def fetch_state_dict(name: str, weights: str | None) -> tuple[dict[str, torch.Te
     source = weights or "torchvision"
     kind, _, arg = source.partition(":")
     if kind == "torchvision" and not Path(source).exists():
-        return _fetch_torchvision(name, get_spec(name), arg or "IMAGENET1K_V1")
+        return _fetch_torchvision(name, weights_cfg(name)["tv_weights"], arg or "IMAGENET1K_V1")
     elif kind == "timm" and not Path(source).exists():
-        hub_name = arg or get_spec(name).timm
+        hub_name = arg or weights_cfg(name)["hf_hub_id"]
         if not hub_name:
             raise WeightsError(f"no default timm weights for {name} (timm's layout differs); "
                                f"use model.weights=torchvision or a local file.")
@@ -192,14 +167,6 @@ def fetch_state_dict(name: str, weights: str | None) -> tuple[dict[str, torch.Te
     else:
         path = Path(source).expanduser()
         return read_state_dict(path), str(path.resolve())
-
-
-def _sidecar(weights: str | None) -> dict:
-    """The model.json of a finetune export next to a weights file ({} if there is none)."""
-    if not weights or not Path(weights).suffix:
-        return {}
-    meta = Path(weights).expanduser().with_name("model.json")
-    return json.loads(meta.read_text()) if meta.is_file() else {}
 
 
 def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module, first_conv: str,
@@ -234,26 +201,29 @@ def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module, firs
 
 def load_pretrained(model: nn.Module, name: str, weights: str | None,
                     fetched: tuple[dict[str, torch.Tensor], str] | None = None,
-                    class_names: list[str] | None = None) -> LoadedWeights:
+                    class_names: list[str] | None = None, exported: dict | None = None
+                    ) -> LoadedWeights:
     """Load pretrained weights for architecture ``name`` into ``model``, adapting its first
     conv's input channels and replacing its classifier as needed.
 
     ``fetched`` is what ``fetch_state_dict(name, weights)`` returned, for callers that fetch
     early. Raises :class:`WeightsError` (never falls back to random init) when the weights
-    cannot be fetched or do not fit the architecture. A finetune export trained on classes other
-    than ``class_names`` gets a new classifier even when the class count matches.
+    cannot be fetched or do not fit the architecture. ``exported`` is the ``model.json`` of a
+    finetune export the weights come from: trained on classes other than ``class_names``, it
+    gets a new classifier even when the class count matches; its mean/std come along.
     """
-    spec = get_spec(name)
+    cfg = model.pretrained_cfg
+    first_conv, classifier = cfg["first_conv"], classifier_name(model)
     state_dict, source = fetched or fetch_state_dict(name, weights)
     state_dict = dict(state_dict)  # adapted below; the caller's copy stays as it was
-    sidecar = _sidecar(weights)
+    sidecar = exported or {}
     new_classes = (class_names is not None and "class_names" in sidecar
                    and list(sidecar["class_names"]) != list(class_names))
-    notes = adapt_state_dict(state_dict, model, spec.first_conv, spec.classifier, new_classes)
+    notes = adapt_state_dict(state_dict, model, first_conv, classifier, new_classes)
 
     target = model.state_dict()
     missing_body = [k for k in target if k not in state_dict
-                    and not k.startswith(f"{spec.classifier}.")]
+                    and not k.startswith(f"{classifier}.")]
     unexpected = [k for k in state_dict if k not in target]
     wrong = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in target.items()
              if k in state_dict and state_dict[k].shape != v.shape]
@@ -270,9 +240,9 @@ def load_pretrained(model: nn.Module, name: str, weights: str | None,
                            f"{_FIX}")
     model.load_state_dict(state_dict, strict=False)
 
-    in_chans = target[f"{spec.first_conv}.weight"].shape[1]
+    in_chans = target[f"{first_conv}.weight"].shape[1]
     mean, std = ((sidecar["mean"], sidecar["std"]) if "mean" in sidecar and "std" in sidecar
-                 else (spec.mean, spec.std))
+                 else (cfg["mean"], cfg["std"]))
     for note in notes:
         log.info("adapted pretrained %s: %s", name, note)
     return LoadedWeights(source=source, mean=channel_stats(mean, in_chans),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from finetune.registry import register_model
+from finetune.registry import make_cfg, register_model
 
 
 def conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
@@ -94,37 +94,51 @@ class ResNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
+    def group_matcher(self, coarse: bool = False) -> dict[str, str]:
+        """Stages for fine-tuning (timm's convention): the stem, then each layer (coarse) or
+        each block (fine); the classifier, matched by nothing, comes last."""
+        return {"stem": r"^conv1\.|^bn1\.",
+                "layer": r"^layer(\d+)\." if coarse else r"^layer(\d+)\.(\d+)\."}
+
+    def get_classifier(self, name_only: bool = False) -> nn.Module | str:
+        return "fc" if name_only else self.fc
+
     def forward(self, x: Tensor) -> Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(self.avgpool(x).flatten(1))
 
 
-@register_model
+def _cfg(tv_weights: str, hf_hub_id: str) -> dict:
+    # timm's ResNets have the same state dict: an export loads there unchanged.
+    return make_cfg("conv1", "fc", tv_weights, hf_hub_id, timm_compatible=True)
+
+
+@register_model(_cfg("ResNet18_Weights", "timm/resnet18.a1_in1k"))
 def resnet18(num_classes: int = 1000, in_chans: int = 3, image_size: int = 224,
              norm_layer: type[nn.Module] = nn.BatchNorm2d) -> ResNet:
     return ResNet(BasicBlock, [2, 2, 2, 2], num_classes, in_chans, norm_layer)
 
 
-@register_model
+@register_model(_cfg("ResNet34_Weights", "timm/resnet34.a1_in1k"))
 def resnet34(num_classes: int = 1000, in_chans: int = 3, image_size: int = 224,
              norm_layer: type[nn.Module] = nn.BatchNorm2d) -> ResNet:
     return ResNet(BasicBlock, [3, 4, 6, 3], num_classes, in_chans, norm_layer)
 
 
-@register_model
+@register_model(_cfg("ResNet50_Weights", "timm/resnet50.a1_in1k"))
 def resnet50(num_classes: int = 1000, in_chans: int = 3, image_size: int = 224,
              norm_layer: type[nn.Module] = nn.BatchNorm2d) -> ResNet:
     return ResNet(Bottleneck, [3, 4, 6, 3], num_classes, in_chans, norm_layer)
 
 
-@register_model
+@register_model(_cfg("ResNet101_Weights", "timm/resnet101.a1h_in1k"))
 def resnet101(num_classes: int = 1000, in_chans: int = 3, image_size: int = 224,
               norm_layer: type[nn.Module] = nn.BatchNorm2d) -> ResNet:
     return ResNet(Bottleneck, [3, 4, 23, 3], num_classes, in_chans, norm_layer)
 
 
-@register_model
+@register_model(_cfg("ResNet152_Weights", "timm/resnet152.a1h_in1k"))
 def resnet152(num_classes: int = 1000, in_chans: int = 3, image_size: int = 224,
               norm_layer: type[nn.Module] = nn.BatchNorm2d) -> ResNet:
     return ResNet(Bottleneck, [3, 8, 36, 3], num_classes, in_chans, norm_layer)

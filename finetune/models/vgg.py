@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from finetune.registry import register_model
+from finetune.models.interface import FeaturesClassifier
+from finetune.registry import make_cfg, register_model
 
 VGG11 = [(64, 1), (128, 1), (256, 2), (512, 2), (512, 2)]
 VGG11_NARROW = [(16, 1), (32, 1), (64, 2), (128, 2), (128, 2)]  # the lecture's, width / 4
@@ -24,7 +25,7 @@ def vgg_block(num_convs: int, in_ch: int, out_ch: int,
     return layers
 
 
-class VGG(nn.Module):
+class VGG(FeaturesClassifier):
     """VGG blocks, flatten, two 4096-wide hidden layers with dropout 0.5, linear.
 
     The first linear layer's width follows from ``image_size`` (each block halves it); module
@@ -59,27 +60,32 @@ class VGG(nn.Module):
         return self.classifier(self.features(x).flatten(1))
 
 
-@register_model
+def _cfg(tv_weights: str = "") -> dict:
+    # timm's VGGs name their layers differently: torchvision's weights only.
+    return make_cfg("features.0", "classifier.6", tv_weights)
+
+
+@register_model(_cfg("VGG11_Weights"))
 def vgg11(num_classes: int = 1000, in_chans: int = 3, image_size: int = 224,
           norm_layer: type[nn.Module] | None = None) -> VGG:
     """VGG-11 with the original widths; no normalization (``norm_layer`` is unused)."""
     return VGG(VGG11, num_classes, in_chans, image_size)
 
 
-@register_model
+@register_model(_cfg("VGG11_BN_Weights"))
 def vgg11_bn(num_classes: int = 1000, in_chans: int = 3, image_size: int = 224,
              norm_layer: type[nn.Module] = nn.BatchNorm2d) -> VGG:
     return VGG(VGG11, num_classes, in_chans, image_size, norm_layer)
 
 
-@register_model
+@register_model(_cfg())
 def vgg11_narrow(num_classes: int = 1000, in_chans: int = 3, image_size: int = 224,
                  norm_layer: type[nn.Module] | None = None) -> VGG:
     """The lecture's VGG-11, a quarter of the widths; no normalization."""
     return VGG(VGG11_NARROW, num_classes, in_chans, image_size)
 
 
-@register_model
+@register_model(_cfg())
 def vgg11_narrow_bn(num_classes: int = 1000, in_chans: int = 3, image_size: int = 224,
                     norm_layer: type[nn.Module] = nn.BatchNorm2d) -> VGG:
     return VGG(VGG11_NARROW, num_classes, in_chans, image_size, norm_layer)

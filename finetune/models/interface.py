@@ -1,0 +1,85 @@
+"""What a model says about itself, in timm's terms, and the few functions that read it.
+
+A model declares (timm's models do all of this already):
+- ``pretrained_cfg``: a dict with ``first_conv`` and ``classifier`` (module names), ``mean``,
+  ``std``, ``interpolation``, ``crop_pct`` and where its pretrained weights live;
+- ``group_matcher(coarse)``: regular expressions grouping parameter names into stages, from the
+  input to the output (``{"stem": r"^conv1|^bn1", "layer": r"^layer(\\d+)"}``); parameters that
+  no expression matches (the classifier) form the last group;
+- ``get_classifier(name_only)``: the final layer, or its module name.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from torch import nn
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module itself under ``torch.compile``'s wrapper (whose keys carry ``_orig_mod.``)."""
+    return getattr(model, "_orig_mod", model)
+
+
+def classifier_name(model: nn.Module) -> str:
+    return unwrap(model).get_classifier(name_only=True)
+
+
+def stages(model: nn.Module) -> list[tuple[str, list[str]]]:
+    """``[(stage name, [parameter names]), ...]`` from the input to the classifier, grouped by
+    the model's coarse ``group_matcher``. A stage is named by its matcher key followed by what
+    the expression captured (``layer`` + ``3``); the classifier's stage is ``head``."""
+    from timm.models import group_parameters  # timm's own grouping; a slow import, so here
+
+    model = unwrap(model)
+    if not hasattr(model, "group_matcher") or not hasattr(model, "get_classifier"):
+        raise TypeError(f"{type(model).__name__} declares no group_matcher/get_classifier; a "
+                        f"model must say what its stages and classifier are (see "
+                        f"finetune/models/interface.py).")
+    matcher = model.group_matcher(coarse=True)
+    head = classifier_name(model) + "."
+    out = []
+    for names in group_parameters(model, matcher).values():
+        name = "head" if names[0].startswith(head) else _stage_name(matcher, names[0])
+        out.append((name, names))
+    return out
+
+
+def _stage_name(matcher: dict[str, Any], param: str) -> str:
+    for key, spec in matcher.items():
+        specs = spec if isinstance(spec, list | tuple) else [(spec, None)]
+        for pattern, suffix in specs:
+            found = re.match(pattern, param)
+            if found:
+                return key + "".join(str(int(v)) for v in (*found.groups(), *(suffix or ()))
+                                     if v is not None)
+    return "head"
+
+
+class FeaturesClassifier(nn.Module):
+    """Base of the VGGs and AlexNets: ``features`` (convolutions, blocks ending in max-pools),
+    then ``classifier`` (hidden linear layers, the final one last). Its stages: each block of
+    ``features``, the hidden classifier layers, the head."""
+
+    features: nn.Sequential
+    classifier: nn.Sequential
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        blocks, block = [], []
+        for name, m in self.features.named_children():
+            block.append(name)
+            if isinstance(m, nn.MaxPool2d):
+                blocks.append(block)
+                block = []
+        if block:
+            blocks.append(block)
+        hidden = [name for name, m in list(self.classifier.named_children())[:-1]
+                  if any(True for _ in m.parameters())]
+        return {"features": [(rf"^features\.(?:{'|'.join(b)})\.", (k + 1,))
+                             for k, b in enumerate(blocks)],
+                "classifier": rf"^classifier\.(?:{'|'.join(hidden)})\." if hidden else None}
+
+    def get_classifier(self, name_only: bool = False) -> nn.Module | str:
+        last = len(self.classifier) - 1
+        return f"classifier.{last}" if name_only else self.classifier[last]

@@ -1,0 +1,87 @@
+"""The training step, written once: training, the learning-rate finder and the compile
+warm-up all run this function.
+
+One step takes one (per-process) batch, already normalized and augmented: Mixup/CutMix, then
+the batch in ``accumulate`` slices under ``accelerator.accumulate`` (forward, loss, backward),
+then, on the last slice, the gradients of stages that have not thawed yet are dropped, the
+global gradient norm clipped and the optimizer stepped; the scheduler and the weight average
+follow. Nothing here reads a value back from the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import nn
+
+from finetune.config import Config
+from finetune.ema import EMA
+from finetune.mixing import mix_batch, mix_params
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """What a step does besides forward, backward and update; the defaults add nothing."""
+
+    num_classes: int
+    seed: int = 0
+    accumulate: int = 1
+    clip_grad_norm: float = 0.0
+    label_smoothing: float = 0.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mix_switch: float = 0.5
+
+    @classmethod
+    def from_config(cls, cfg: Config, num_classes: int) -> StepOptions:
+        t, d = cfg.train, cfg.data
+        return cls(num_classes, t.seed, t.accumulate, t.clip_grad_norm, t.label_smoothing,
+                   d.mixup, d.cutmix, d.mix_switch)
+
+    @property
+    def mixing(self) -> bool:
+        return self.mixup > 0 or self.cutmix > 0
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, accelerator: Accelerator,
+               x: torch.Tensor, y: torch.Tensor, opts: StepOptions, *, epoch: int = 1,
+               step: int = 0, thawing: Sequence[nn.Parameter] = (),
+               scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+               ema: EMA | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on the batch ``x`` (normalized) with labels ``y``; returns the loss
+    and the number of correct predictions, both still on the device. ``epoch`` and ``step``
+    seed the Mixup/CutMix draw; ``thawing`` are parameters whose gradients are dropped."""
+    target = y
+    if opts.mixing:  # soft targets, label smoothing included
+        mix = mix_params(opts.mixup, opts.cutmix, opts.mix_switch, x.shape[-1], opts.seed,
+                         epoch, step)
+        x, target = mix_batch(x, y, opts.num_classes, opts.label_smoothing, *mix)
+    smoothing = 0.0 if opts.mixing else opts.label_smoothing
+    loss_sum = torch.zeros((), device=x.device)
+    correct = torch.zeros((), dtype=torch.long, device=x.device)
+    # The augmented batch is sliced, so accumulation changes memory, not the data.
+    for xs, ts, ys in zip(x.chunk(opts.accumulate), target.chunk(opts.accumulate),
+                          y.chunk(opts.accumulate), strict=True):
+        with accelerator.accumulate(model):
+            torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: last outputs are done
+            logits = model(xs)
+            loss = F.cross_entropy(logits, ts, label_smoothing=smoothing)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                for p in thawing:
+                    p.grad = None
+                if opts.clip_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), opts.clip_grad_norm)
+            optimizer.step()  # with accumulation: a no-op until the last slice
+            optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss.detach() / opts.accumulate
+        correct += (logits.argmax(1) == ys).sum()
+    if scheduler is not None:
+        scheduler.step()
+    if ema is not None:
+        ema.update(model)
+    return loss_sum, correct

@@ -1,0 +1,80 @@
+"""The command line: every command answers --help, ``python -m finetune``, and
+``accelerate launch -m finetune.run`` from outside a checkout."""
+
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from finetune.cli import build_parser, main
+from finetune.runs import read_metrics
+
+COMMANDS = ["train", "evaluate", "predict", "compare", "report", "lr-find", "export-onnx",
+            "show", "recipes", "models", "show-model"]
+# What each command's help must name: its own arguments and, where it takes them, config keys.
+EXPECTED = {
+    "train": ["key=value", "train.lr", "data.root", "finetune.freeze", "[sgd|adamw]"],
+    "evaluate": ["run_dir", "data.root", "data.image_size"],
+    "predict": ["model", "images", "--top-k", "--json"],
+    "compare": ["recipe=A,B", "seeds=", "targets=", "launcher=", "RUN_DIR", "train.epochs"],
+    "report": ["run_dir", "output_dir=DIR"],
+    "lr-find": ["start_lr=", "end_lr=", "steps=", "train.lr"],
+    "export-onnx": ["run_dir", "--out"],
+    "show": ["key=value", "model.name"],
+    "recipes": ["--help"],
+    "models": ["--help"],
+    "show-model": ["model.name", "data.image_size"],
+}
+
+
+def test_every_command_is_covered():
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if a.dest == "command"]
+    assert sorted(sub.choices) == sorted(COMMANDS) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_lists_the_arguments(command, capsys):
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: finetune {command}")
+    for needle in EXPECTED[command]:
+        assert needle in out, needle
+
+
+def test_usage_errors_exit_2(capsys):
+    assert main([]) == 2
+    assert main(["trian"]) == 2
+    assert "invalid choice: 'trian'" in capsys.readouterr().err
+    assert main(["evaluate", "data.root=/x"]) == 2
+    assert "usage: finetune evaluate RUN_DIR" in capsys.readouterr().err
+
+
+def test_python_dash_m_finetune():
+    proc = subprocess.run([sys.executable, "-m", "finetune", "show", "train.lr=0.5"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "lr: 0.5" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "finetune", "show", "model.name=resnet19"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Did you mean 'resnet18'" in proc.stderr
+
+
+@pytest.mark.slow
+def test_accelerate_launch_dash_m_from_outside_a_checkout(tiny_args, tmp_path):
+    """The installed package's entry point, as the README gives it, run from a folder that
+    holds no checkout (so finetune comes from site-packages or the editable install)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "--main_process_port", str(port), "-m", "finetune.run", *tiny_args,
+         "train.epochs=1"], cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "test accuracy" in proc.stdout
+    assert len(read_metrics(tmp_path / "run")) == 1
