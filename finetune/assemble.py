@@ -25,6 +25,7 @@ from finetune.errors import ConfigError
 from finetune.export import meta_beside, model_meta
 from finetune.models import LoadedWeights, build_model, create_model, fetch_state_dict
 from finetune.models.pretrained import channel_stats
+from finetune.models.registry import IMAGENET_MEAN, IMAGENET_STD, check_model_name
 from finetune.optim import (
     StagePlan,
     freeze_for_good,
@@ -33,16 +34,15 @@ from finetune.optim import (
     plan_stages,
     schedule_factor,
 )
-from finetune.registry import IMAGENET_MEAN, IMAGENET_STD, check_model_name
 from finetune.speed import bf16_is_native, check_cpu_bf16
 from finetune.step import StepOptions
 
 log = logging.getLogger(__name__)
 
 
-def check_model(cfg: Config) -> StagePlan:
+def check_model(cfg: Config) -> None:
     """The model the config names, built on the meta device (shapes only, instantly): its
-    name, the image size and the freezing settings are checked; returns its stage plan."""
+    name, the image size and the freezing settings are checked."""
     try:
         check_model_name(cfg.model.name)
     except ValueError as e:
@@ -55,7 +55,7 @@ def check_model(cfg: Config) -> StagePlan:
     except ValueError as e:
         raise ConfigError(f"model.name={cfg.model.name} cannot take data.image_size="
                           f"{cfg.data.image_size}: {e}") from None
-    return plan_stages(model, cfg.finetune)
+    plan_stages(model, cfg.finetune)
 
 
 def normalization(mode: str, loaded: LoadedWeights | None, train: ImageData, in_chans: int

@@ -88,11 +88,18 @@ def save_checkpoint(accelerator: Accelerator, out: Path, state: LoopState, keep:
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path) -> LoopState:
-    """Restore Accelerate's state from ``path``; return this process's loop position."""
+    """Restore Accelerate's state from ``path``; return this process's loop position. A
+    checkpoint is resumed by as many processes as wrote it: each restores its own loop position,
+    random state and share of the batch."""
+    written = len(list(path.glob("loop_*.pt")))
+    if written != accelerator.num_processes:
+        raise ConfigError(
+            f"checkpoint {path} was written by {written} process{'es' if written != 1 else ''}"
+            f" and cannot be resumed by {accelerator.num_processes}: each process's position, "
+            f"random state and share of every batch are its own. Resume with {written} "
+            f"(torchrun --nproc_per_node {written}, accelerate launch --num_processes "
+            f"{written}).")
     loop_file = path / f"loop_{accelerator.process_index}.pt"
-    if not loop_file.is_file():
-        raise ConfigError(f"checkpoint {path} has no {loop_file.name}: it was written by a run "
-                          f"with fewer processes; resume with the same number of processes.")
     accelerator.load_state(str(path))
     saved = torch.load(loop_file, weights_only=True)
     return LoopState(saved["epoch"], saved["step"], saved["gen_state"],
@@ -100,8 +107,8 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> LoopState:
                      saved["correct"].to(accelerator.device))
 
 
-def restore(resume: str | None, out: Path, accelerator: Accelerator, gen: torch.Generator
-            ) -> LoopState | None:
+def restore(resume: str | None, out: Path, accelerator: Accelerator, gen: torch.Generator,
+            steps_per_epoch: int) -> LoopState | None:
     """Restore the checkpoint ``resume`` names (model, optimizer, scheduler, RNG, and the
     augmentation generator ``gen``); return this process's loop state, or None when the run
     starts from its beginning."""
@@ -112,5 +119,6 @@ def restore(resume: str | None, out: Path, accelerator: Accelerator, gen: torch.
         return None
     state = load_checkpoint(accelerator, path)
     gen.set_state(state.gen_state)
-    accelerator.print(f"resumed from {path} (epoch {state.epoch}, {state.step} steps done)")
+    accelerator.print(f"resumed from {path} (epoch {state.epoch}, {state.step} of "
+                      f"{steps_per_epoch} steps done)")
     return state

@@ -28,6 +28,8 @@ def _setup_logging() -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
     log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    # Except one line from every process: its rank, the world size, backend and device.
+    logging.getLogger("finetune.process").setLevel(logging.INFO)
 
 
 # --- the commands ----------------------------------------------------------------------------
@@ -108,8 +110,8 @@ def _report(ns: argparse.Namespace) -> None:
 
     options, unknown = split_options(ns.args, ("output_dir",))
     if unknown or "=" in ns.run_dir:
-        raise ConfigError(f"unknown option(s) {', '.join(unknown)}; usage: finetune report "
-                          f"RUN_DIR [output_dir=DIR]")
+        raise ConfigError("usage: finetune report RUN_DIR [output_dir=DIR]"
+                          + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
     out = options.get("output_dir") or Path(ns.run_dir) / "report"
     report = build_report(find_runs([ns.run_dir]), out)
     print(f"wrote {report} and {report.with_suffix('.html')}")
@@ -143,7 +145,7 @@ def _recipes(ns: argparse.Namespace) -> None:
 
 def _models(ns: argparse.Namespace) -> None:
     from finetune.models import count_parameters, list_models
-    from finetune.registry import get_pretrained_cfg
+    from finetune.models.registry import get_pretrained_cfg
 
     print(f"{'model':<16} {'params (3x224x224, 1000 classes)':>34}  weights")
     for name in list_models():

@@ -16,7 +16,6 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from finetune.errors import ConfigError, did_you_mean
-from finetune.registry import INITS, NORMS
 
 __all__ = ["Config", "ConfigError", "DataConfig", "FinetuneConfig", "ModelConfig", "TrainConfig",
            "load_config"]
@@ -157,6 +156,8 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
+NORMS = ("torch", "scratch")  # model.norm: torch's batch norm, or finetune.models.batchnorm
+INITS = ("default", "xavier")  # model.init: the architecture's own, or the lecture's
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.norm": NORMS,
     "model.init": INITS,
@@ -184,42 +185,33 @@ PROBABILITY = ("data.random_erasing", "data.mix_switch")
 FRACTION = ("data.val_split", "train.ema_decay")  # 1 would leave nothing / never move
 
 
-def _schema_keys(cls: type = Config, prefix: str = "") -> list[str]:
-    """All dotted keys of the schema, e.g. ``["recipe", ..., "train.epochs", ...]``."""
-    keys = []
-    for f in fields(cls):
-        default = f.default_factory() if callable(f.default_factory) else f.default
-        if is_dataclass(default):
-            keys += _schema_keys(type(default), f"{prefix}{f.name}.")
-        else:
-            keys.append(prefix + f.name)
-    return keys
-
-
-SCHEMA_KEYS = _schema_keys()
-
-
-def _key_types(cls: type = Config, prefix: str = "") -> dict[str, str]:
+def _schema(cls: type = Config, prefix: str = "") -> dict[str, str]:
+    """Every dotted key of the schema and its type, ``{"recipe": "str | None", ...,
+    "train.epochs": "int", ...}``."""
     out = {}
     for f in fields(cls):
         default = f.default_factory() if callable(f.default_factory) else f.default
         if is_dataclass(default):
-            out.update(_key_types(type(default), f"{prefix}{f.name}."))
+            out.update(_schema(type(default), f"{prefix}{f.name}."))
         else:
             out[prefix + f.name] = str(f.type)
     return out
 
 
+KEY_TYPES = _schema()
+SCHEMA_KEYS = list(KEY_TYPES)
+_SECTIONS = {k.split(".")[0] for k in SCHEMA_KEYS if "." in k}
+
+
 def describe_keys(keys: list[str]) -> str:
     """One line per key: its type, default and, where it has them, its valid values."""
-    defaults, types = flat_config(Config()), _key_types()
+    defaults = flat_config(Config())
     width = max(len(k) for k in keys)
     lines = []
     for key in keys:
         valid = f"  [{'|'.join(CHOICES[key])}]" if key in CHOICES else ""
-        lines.append(f"  {key:<{width}}  {types[key]} = {show_value(defaults[key])}{valid}")
+        lines.append(f"  {key:<{width}}  {KEY_TYPES[key]} = {show_value(defaults[key])}{valid}")
     return "\n".join(lines)
-_SECTIONS = {k.split(".")[0] for k in SCHEMA_KEYS if "." in k}
 
 
 def _check_keys(keys: list[str], where: str) -> None:

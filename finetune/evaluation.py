@@ -57,6 +57,12 @@ def evaluate(model: nn.Module, data: ImageData, transform: BatchTransform, loade
             "test_correct": correct, "test_total": n, "confusion": confusion.tolist()}
 
 
+def prefixed(prefix: str, result: dict) -> dict:
+    """``test_acc`` -> ``val_acc`` etc.: another split's or model's numbers beside the test's."""
+    return {f"{prefix}_{k.removeprefix('test_')}": v for k, v in result.items()
+            if k != "confusion"}
+
+
 def accuracy_line(result: dict) -> str:
     """What `finetune train` ends with and `finetune evaluate` prints: the same line."""
     return (f"test accuracy {result['test_acc']:.4f} "

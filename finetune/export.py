@@ -111,8 +111,7 @@ def meta_beside(weights_file: str | Path | None) -> dict:
     """The ``model.json`` of a finetune export beside a weights file, or {} (other weights)."""
     if weights_file is None or not Path(weights_file).expanduser().is_file():
         return {}
-    meta_file = Path(weights_file).expanduser().with_name(META)
-    return json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    return exported_meta(Path(weights_file).expanduser().parent)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
@@ -122,7 +121,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
                          in_chans=meta["in_chans"], image_size=meta["image_size"],
                          norm=meta.get("norm", "torch"))
     try:
-        model.load_state_dict(load_file(weights, device=str(device)))
+        model.load_state_dict(load_file(weights))  # on the CPU: safetensors reads no "cpu:0"
     except RuntimeError as e:
         raise ExportError(f"{weights} does not match {META} "
                           f"({meta['architecture']}): {str(e).splitlines()[0]}") from None

@@ -61,7 +61,7 @@ class Predictor:
             batches = [torch.cat(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
         with torch.autocast(self.device.type, dtype=torch.bfloat16,
                             enabled=self.precision == "bf16"):
-            return torch.cat([self.model(b) for b in batches])
+            return torch.cat([self.model(b) for b in batches]).float()
 
     def predict(self, images: list[Image.Image | torch.Tensor], top_k: int = 5
                 ) -> list[list[tuple[str, float]]]:

@@ -25,9 +25,9 @@ def colour(i: int) -> str:
     return plt.get_cmap("tab10")(i % 10)
 
 
-def save_figure(fig: plt.Figure, path: Path) -> Path:
+def save_figure(fig: plt.Figure, path: Path, dpi: int = 110) -> Path:
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
     plt.close(fig)
     return path
 
@@ -170,7 +170,6 @@ def plot_predictions(images: np.ndarray, true: list[str], predicted: list[str],
     return save_figure(fig, path)
 
 
-
 def plot_confusion(confusion: list[list[int]], class_names: list[str], path: Path,
                    title: str) -> Path:
     """Row-normalized confusion matrix with counts."""
@@ -188,7 +187,7 @@ def plot_confusion(confusion: list[list[int]], class_names: list[str], path: Pat
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
-    return save_figure(fig, path)
+    return save_figure(fig, path, dpi=120)
 
 
 def plot_lr_find(result: dict, path: Path) -> Path:

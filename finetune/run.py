@@ -1,4 +1,5 @@
-"""Entry point for ``accelerate launch finetune/run.py recipe=NAME [key=value ...]``."""
+"""Entry point for launchers: ``accelerate launch -m finetune.run recipe=NAME [key=value ...]``
+(or ``torchrun ... -m finetune.run``, or the file ``finetune/run.py`` in a checkout)."""
 
 import sys
 

@@ -255,8 +255,7 @@ def find_runs(paths: list[str | Path]) -> list[Run]:
         if (path / CONFIG).is_file():
             runs.append(read_run(path))
         elif path.is_dir():
-            found = sorted(p.parent for p in path.rglob(CONFIG)
-                           if (p.parent / METRICS).is_file() and (p.parent / META).is_file())
+            found = sorted(p.parent for p in path.rglob(META) if (p.parent / METRICS).is_file())
             if not found:
                 raise ConfigError(f"{path} holds no finished finetune runs (folders with "
                                   f"{CONFIG}, {METRICS} and an exported model).")

@@ -15,6 +15,8 @@ from torch import nn
 
 from finetune.data.loader import BatchTransform
 from finetune.errors import ConfigError
+from finetune.processes import check_world_size, describe_process
+from finetune.processes import log as process_log
 from finetune.step import StepOptions, train_step
 
 log = logging.getLogger(__name__)
@@ -41,13 +43,22 @@ def make_accelerator(mixed_precision: str, accumulate: int = 1) -> tuple[Acceler
     """The Accelerator for ``train.mixed_precision`` (resolved: fp32, bf16 or fp16) and
     ``train.accumulate`` gradient-accumulation slices, with this process's share of the CPU
     cores; training and ``finetune evaluate`` both start here, so an evaluation runs in the
-    precision its run trained in."""
-    precision = resolve_mixed_precision(mixed_precision, PartialState().device)
+    precision its run trained in.
+
+    Without CUDA the processes are CPU processes: under torchrun or a multi-process
+    ``accelerate launch`` they join one gloo group (Accelerate takes a CUDA-less launch for
+    one process unless told ``cpu``). A run with fewer processes than its launcher asked for
+    is refused.
+    """
+    cpu = not torch.cuda.is_available()
+    precision = resolve_mixed_precision(mixed_precision, PartialState(cpu=cpu).device)
     # Training batches do not come from a prepared DataLoader: accumulation counts slices only
     # (sync_with_dataloader would also sync at the end of every evaluation loader).
     plugin = GradientAccumulationPlugin(num_steps=accumulate, sync_with_dataloader=False)
-    accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision,
+    accelerator = Accelerator(cpu=cpu, mixed_precision="no" if precision == "fp32" else precision,
                               gradient_accumulation_plugin=plugin)
+    check_world_size(accelerator)
+    process_log.info(describe_process(accelerator))
     use_cpu_cores(accelerator)
     return accelerator, precision
 
@@ -139,6 +150,8 @@ def compile_model(model: nn.Module, optimizer: torch.optim.Optimizer, images: to
         x = transform(images, train=True, gen=torch.Generator(images.device).manual_seed(0))
         try:
             loss, _ = train_step(model, optimizer, accelerator, x, labels, opts, epoch=0)
+        except torch.OutOfMemoryError:
+            raise  # not compilation's fault: the batch does not fit
         except Exception as e:  # Inductor fails in many types; to the user they mean one thing
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise ConfigError(

@@ -83,5 +83,5 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, accelerator: 
     if scheduler is not None:
         scheduler.step()
     if ema is not None:
-        ema.update(model)
+        ema.update(accelerator.unwrap_model(model))  # the model itself, not DDP's wrapper
     return loss_sum, correct

@@ -1,10 +1,11 @@
 """The training loop on Accelerate: ``main(cfg)`` trains, evaluates every epoch and exports.
 
 Device, process count and mixed precision come from ``accelerate launch`` (or its config);
-nothing here picks a device. Read top to bottom: ``main`` sets the run up, loops over epochs
-(``train_one_epoch``, then ``end_epoch``: evaluation, metrics, checkpoint) and exports. The
-step itself is ``finetune.step.train_step``; what a run is made of is ``finetune.assemble``;
-the run folder's files are ``finetune.runs``'.
+nothing here picks a device. Read top to bottom: ``main`` sets the run up (``warm_up``,
+``starting_point``), loops over epochs (``train_one_epoch``, then ``end_epoch``'s evaluations;
+metrics and checkpoints in ``main``) and exports (``finish``). The step itself is
+``finetune.step.train_step``; what a run is made of is ``finetune.assemble``; the run folder's
+files are ``finetune.runs``'.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from finetune.checkpoint import LoopState, list_checkpoints, restore, save_check
 from finetune.config import Config
 from finetune.data.loader import batches_on, gather, train_batches
 from finetune.errors import TrainingError
-from finetune.evaluation import accuracy_line, evaluate
+from finetune.evaluation import accuracy_line, evaluate, prefixed
 from finetune.optim import enter_epoch
 from finetune.runs import (
     early_stopping,
@@ -119,7 +120,7 @@ def starting_point(cfg: Config, out: Path, t: Training, accelerator: Accelerator
                    ) -> tuple[int, LoopState | None]:
     """The epoch to start at and the loop state inside it (None: from its first step):
     epoch 1, or where the checkpoint ``resume=`` names left off (restored here)."""
-    state = restore(cfg.resume, out, accelerator, t.gen)
+    state = restore(cfg.resume, out, accelerator, t.gen, t.steps_per_epoch)
     if state is None:
         return 1, None
     return (state.epoch + 1, None) if state.step >= t.steps_per_epoch else (state.epoch, state)
@@ -166,8 +167,8 @@ def train_one_epoch(cfg: Config, parts: Parts, t: Training, accelerator: Acceler
                                first, None)
     bar = tqdm(batches_on(data, indices, device, parts.placement, cfg.data.workers),
                total=steps, initial=first, desc=f"epoch {epoch}/{tcfg.epochs}", leave=False,
-               # None: shown on a terminal only (not in logs), on one process per machine.
-               disable=None if accelerator.is_local_main_process else True, dynamic_ncols=True)
+               # None: shown on a terminal only (not in logs), by the main process alone.
+               disable=None if accelerator.is_main_process else True, dynamic_ncols=True)
     shown = None
     for step, (images, y) in enumerate(bar, start=first):
         x = parts.transform(images, train=True, gen=t.gen)
@@ -196,22 +197,16 @@ def end_epoch(parts: Parts, t: Training, accelerator: Accelerator,
     it), the weight average on the test set."""
     record = evaluate(t.model, parts.test_data, parts.transform, t.eval_loader, accelerator)
     if parts.val_data is not None:
-        record.update(_prefixed("val", evaluate(t.model, parts.val_data, parts.transform,
+        record.update(prefixed("val", evaluate(t.model, parts.val_data, parts.transform,
                                                 t.val_loader, accelerator)))
     if t.ema is not None:
         with accelerator.autocast():
-            record.update(_prefixed("ema_test", evaluate(t.ema.module, parts.test_data,
+            record.update(prefixed("ema_test", evaluate(t.ema.module, parts.test_data,
                                                          parts.transform, t.eval_loader,
                                                          accelerator)))
     if compile_time is not None:
         record["compile_time"] = round(compile_time, 3)
     return record
-
-
-def _prefixed(prefix: str, result: dict) -> dict:
-    """``test_acc`` -> ``val_acc`` etc.: another split's or model's numbers beside the test's."""
-    return {f"{prefix}_{k.removeprefix('test_')}": v for k, v in result.items()
-            if k != "confusion"}
 
 
 def check_finite(batch_loss: list[float], epoch: int, steps_per_epoch: int,

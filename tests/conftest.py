@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import os
 import random
+import re
 import socket
 import struct
 import subprocess
@@ -67,17 +69,35 @@ def untimed_metrics(run: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING} for r in read_metrics(run)]
 
 
-def launch_two_cpu_processes(*args: str) -> str:
-    """Run ``accelerate launch --cpu --num_processes 2 ARGS`` (gloo), return its output."""
-    with socket.socket() as sock:  # a free port, so parallel CI jobs do not collide
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(port), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc.stdout
+HOOKS = str(Path(__file__).with_name("launch_hooks.py"))
+
+
+def launch_two_cpu_processes(*args: str, launcher: str = "torchrun", env: dict | None = None,
+                             expect: int = 0) -> str:
+    """Run ``ARGS`` (a script and its arguments, or ``-m module ...``) in 2 CPU processes
+    (gloo), as the README says: ``torchrun --standalone --nproc_per_node 2`` or ``accelerate
+    launch --multi_gpu --num_processes 2``. Returns stdout + stderr, after checking the exit
+    status and, for a run that succeeded, that two processes of one group of two ran."""
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", "2", *args]
+    elif launcher == "accelerate":
+        with socket.socket() as sock:  # a free port, so parallel CI jobs do not collide
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "--main_process_port", str(port), *args]
+    else:
+        raise ValueError(f"unknown launcher {launcher}; valid: torchrun, accelerate")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TQDM_DISABLE": "1", **(env or {})})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == expect, out[-6000:]
+    if expect == 0:
+        ranks = set(re.findall(r"process (\d+) of (\d+) \(local \d+\), backend (\w+)", out))
+        assert ranks == {("0", "2", "gloo"), ("1", "2", "gloo")}, ranks
+    return out
 
 
 @pytest.fixture

@@ -19,8 +19,17 @@ def _module(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _packages(module: str) -> set[str]:
+    """The packages a module lives in, which importing it runs first: a.b.c -> {a, a.b}."""
+    parts = module.split(".")
+    return {".".join(parts[:i]) for i in range(1, len(parts))}
+
+
 def import_graph() -> dict[str, set[str]]:
-    """finetune module -> the finetune modules it imports, at the top or inside functions."""
+    """finetune module -> the finetune modules it imports, at the top or inside functions,
+    with the packages around them (importing ``finetune.models.interface`` runs
+    ``finetune/models/__init__.py`` first), but for the packages the importer lives in
+    (those are being imported already)."""
     modules = {_module(p): p for p in PACKAGE.rglob("*.py")}
     graph = {}
     for name, path in modules.items():
@@ -34,7 +43,8 @@ def import_graph() -> dict[str, set[str]]:
                 # `from finetune.models import stages`: a name, or a submodule of the package
                 edges |= {f"{node.module}.{a.name}" for a in node.names
                           if f"{node.module}.{a.name}" in modules}
-        graph[name] = edges - {name}
+        edges |= {pkg for e in edges for pkg in _packages(e) if pkg in modules}
+        graph[name] = edges - {name} - _packages(name) - {"finetune"}
     return graph
 
 
@@ -74,6 +84,8 @@ def test_the_cycle_finder_finds_cycles():
     graph = import_graph()
     graph["finetune.config"] = graph["finetune.config"] | {"finetune.models"}
     assert find_cycle(graph) is not None
+    # A package's own __init__ reached through one of its modules counts as an import.
+    assert "finetune.models" in import_graph()["finetune.ema"]
 
 
 def test_no_module_shadows_a_dependency():

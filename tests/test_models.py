@@ -5,8 +5,8 @@ from torch import nn
 
 from finetune.models import create_model, list_models
 from finetune.models.batchnorm import BatchNorm1d, BatchNorm2d
+from finetune.models.registry import make_cfg, register_model
 from finetune.models.summary import summarize
-from finetune.registry import make_cfg, register_model
 
 
 def _params(model: nn.Module) -> int:
@@ -167,7 +167,7 @@ def test_xavier_init():
 
 def test_registry_refuses_duplicates_and_unknown_names():
     with pytest.raises(ValueError, match="already registered"):
-        @register_model(make_cfg("conv1", "fc"))
+        @register_model(make_cfg("conv1"))
         def resnet18(**kwargs):  # noqa: ARG001
             return nn.Identity()
     with pytest.raises(ValueError, match="Did you mean 'vgg11'"):

@@ -180,11 +180,12 @@ def test_two_process_evaluation_counts_10000_distinct_samples(tmp_path):
     data = write_fake_fmnist(tmp_path / "data", n_train=96, n_test=10_000)
     run = tmp_path / "run"
     # 512 per process and batch: 10,000 = 9 x 1,024 + 784, so the last batch is padded.
-    launch_two_cpu_processes(str(Path(finetune.__file__).parent / "run.py"),
-                              "recipe=resnet18_scratch_fmnist", f"data.root={data}",
-                              "data.image_size=16", "train.epochs=1", "train.batch_size=16",
-                              "train.eval_batch_size=512", "train.lr=0.01", f"output_dir={run}",
-                              "train.checkpoint=false")
+    # Launched the other way the README gives: accelerate launch --multi_gpu (no CUDA here).
+    launch_two_cpu_processes("-m", "finetune.run", "recipe=resnet18_scratch_fmnist",
+                             f"data.root={data}", "data.image_size=16", "train.epochs=1",
+                             "train.batch_size=16", "train.eval_batch_size=512",
+                             "train.lr=0.01", f"output_dir={run}", "train.checkpoint=false",
+                             launcher="accelerate")
     (record,) = read_metrics(run)
     assert record["test_total"] == 10_000 and sum(map(sum, record["confusion"])) == 10_000
     single = evaluate_run(run, [])

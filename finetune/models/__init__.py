@@ -13,7 +13,7 @@ from finetune.models.pretrained import (
     fetch_state_dict,
     load_pretrained,
 )
-from finetune.registry import count_parameters, create_model, list_models, register_model
+from finetune.models.registry import count_parameters, create_model, list_models, register_model
 
 __all__ = ["LoadedWeights", "WeightsError", "build_model", "count_parameters", "create_model",
            "fetch_state_dict", "list_models", "register_model", "stages", "unwrap"]

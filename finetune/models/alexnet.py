@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from finetune.models.interface import FeaturesClassifier
-from finetune.registry import make_cfg, register_model
+from finetune.models.registry import make_cfg, register_model
 
 
 def _pool(size: int) -> tuple[nn.MaxPool2d, int]:
@@ -73,14 +73,14 @@ class ClassicAlexNet(FeaturesClassifier):
         return self.classifier(self.avgpool(self.features(x)).flatten(1))
 
 
-@register_model(make_cfg("features.0", "classifier.6"))
+@register_model(make_cfg("features.0"))
 def alexnet_lecture(num_classes: int = 1000, in_chans: int = 3, image_size: int = 224,
                     norm_layer: type[nn.Module] | None = None) -> AlexNet:
     """The lecture's AlexNet (no normalization layers: ``norm_layer`` is unused)."""
     return AlexNet(num_classes, in_chans, image_size)
 
 
-@register_model(make_cfg("features.0", "classifier.6", "AlexNet_Weights"))
+@register_model(make_cfg("features.0", "AlexNet_Weights"))
 def alexnet(num_classes: int = 1000, in_chans: int = 3, image_size: int = 224,
             norm_layer: type[nn.Module] | None = None) -> ClassicAlexNet:
     """torchvision's AlexNet (no normalization layers: ``norm_layer`` is unused)."""

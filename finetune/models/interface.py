@@ -1,8 +1,8 @@
 """What a model says about itself, in timm's terms, and the few functions that read it.
 
 A model declares (timm's models do all of this already):
-- ``pretrained_cfg``: a dict with ``first_conv`` and ``classifier`` (module names), ``mean``,
-  ``std``, ``interpolation``, ``crop_pct`` and where its pretrained weights live;
+- ``pretrained_cfg``: a dict with ``first_conv`` (a module name), ``mean``, ``std``,
+  ``interpolation``, ``crop_pct`` and where its pretrained weights live;
 - ``group_matcher(coarse)``: regular expressions grouping parameter names into stages, from the
   input to the output (``{"stem": r"^conv1|^bn1", "layer": r"^layer(\\d+)"}``); parameters that
   no expression matches (the classifier) form the last group;

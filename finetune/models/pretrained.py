@@ -20,7 +20,7 @@ from torch import nn
 
 from finetune.errors import WeightsError
 from finetune.models.interface import classifier_name
-from finetune.registry import get_pretrained_cfg, list_models
+from finetune.models.registry import get_pretrained_cfg, list_models
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from finetune.registry import make_cfg, register_model
+from finetune.models.registry import make_cfg, register_model
 
 
 def conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
@@ -111,7 +111,7 @@ class ResNet(nn.Module):
 
 def _cfg(tv_weights: str, hf_hub_id: str) -> dict:
     # timm's ResNets have the same state dict: an export loads there unchanged.
-    return make_cfg("conv1", "fc", tv_weights, hf_hub_id, timm_compatible=True)
+    return make_cfg("conv1", tv_weights, hf_hub_id, timm_compatible=True)
 
 
 @register_model(_cfg("ResNet18_Weights", "timm/resnet18.a1_in1k"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from finetune.models.interface import FeaturesClassifier
-from finetune.registry import make_cfg, register_model
+from finetune.models.registry import make_cfg, register_model
 
 VGG11 = [(64, 1), (128, 1), (256, 2), (512, 2), (512, 2)]
 VGG11_NARROW = [(16, 1), (32, 1), (64, 2), (128, 2), (128, 2)]  # the lecture's, width / 4
@@ -62,7 +62,7 @@ class VGG(FeaturesClassifier):
 
 def _cfg(tv_weights: str = "") -> dict:
     # timm's VGGs name their layers differently: torchvision's weights only.
-    return make_cfg("features.0", "classifier.6", tv_weights)
+    return make_cfg("features.0", tv_weights)
 
 
 @register_model(_cfg("VGG11_Weights"))

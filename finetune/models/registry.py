@@ -9,43 +9,51 @@ and the classifier. ``create_model`` sets it on the model it builds, so everythi
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from finetune.config import INITS, NORMS
 from finetune.errors import did_you_mean
 
 ModelBuilder = Callable[..., nn.Module]
 _MODELS: dict[str, ModelBuilder] = {}
 _CFGS: dict[str, dict[str, Any]] = {}
-NORMS = ("torch", "scratch")
-INITS = ("default", "xavier")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def make_cfg(first_conv: str, classifier: str, tv_weights: str = "", hf_hub_id: str = "",
+def make_cfg(first_conv: str, tv_weights: str = "", hf_hub_id: str = "",
              **kwargs: Any) -> dict[str, Any]:
-    """A timm-style ``pretrained_cfg``: ``tv_weights`` names torchvision's weights enum
-    (e.g. ``ResNet18_Weights``), ``hf_hub_id`` the default timm weights on the hub; empty
-    when there are none."""
+    """A timm-style ``pretrained_cfg`` (the classifier is the model's ``get_classifier``):
+    ``tv_weights`` names torchvision's weights enum (e.g. ``ResNet18_Weights``), ``hf_hub_id``
+    the default timm weights on the hub; empty when there are none. Input size, interpolation,
+    ``crop_pct``, mean and std are those the weights were trained with."""
     return {"tv_weights": tv_weights, "hf_hub_id": hf_hub_id, "num_classes": 1000,
             "input_size": (3, 224, 224), "interpolation": "bilinear", "crop_pct": 0.875,
-            "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "first_conv": first_conv,
-            "classifier": classifier, **kwargs}
+            "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "first_conv": first_conv, **kwargs}
 
 
 def register_model(pretrained_cfg: dict[str, Any]) -> Callable[[ModelBuilder], ModelBuilder]:
-    """Decorator: register a builder under its function name with its ``pretrained_cfg``."""
+    """Decorator: register a builder under its function name with its ``pretrained_cfg``, which
+    every model it builds carries (called by name or directly, as timm's builders do)."""
 
     def register(fn: ModelBuilder) -> ModelBuilder:
         name = fn.__name__
         if name in _MODELS:
             raise ValueError(f"model '{name}' is already registered")
-        _MODELS[name], _CFGS[name] = fn, dict(pretrained_cfg)
-        return fn
+
+        @functools.wraps(fn)
+        def build(**kwargs: Any) -> nn.Module:
+            model = fn(**kwargs)
+            model.pretrained_cfg = dict(pretrained_cfg)
+            return model
+
+        _MODELS[name], _CFGS[name] = build, dict(pretrained_cfg)
+        return build
 
     return register
 
@@ -101,7 +109,6 @@ def create_model(name: str, *, num_classes: int = 1000, in_chans: int = 3,
     model = _MODELS[name](num_classes=num_classes, in_chans=in_chans, image_size=image_size,
                           norm_layer=norm_layer(norm))
     init_weights(model, init)
-    model.pretrained_cfg = get_pretrained_cfg(name)
     return model
 
 

@@ -1,0 +1,93 @@
+"""Several processes: what the launcher asked for, what this process is, and a refusal to run
+with fewer processes than were asked for.
+
+Two real CPU processes (gloo) on a machine without CUDA are started by
+``torchrun --standalone --nproc_per_node 2 -m finetune.run ...`` or by
+``accelerate launch --multi_gpu --num_processes 2 -m finetune.run ...``; Accelerate 1.15's
+``accelerate launch --cpu --num_processes 2`` starts one process, which :func:`check_world_size`
+refuses instead of letting a "2-process" run train alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from finetune.errors import ConfigError
+
+log = logging.getLogger("finetune.process")  # every process's one line (cli: all ranks talk)
+
+CPU_COMMAND = ("torchrun --standalone --nproc_per_node N -m finetune.run ... or, on a machine "
+               "without CUDA, accelerate launch --multi_gpu --num_processes N -m finetune.run ...")
+
+
+def _launcher_args(pid: int) -> list[str]:
+    """The command line of ``pid`` when it is ``accelerate launch`` (its parent, for a process
+    that launcher started), else []."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:  # no /proc (macOS) or the parent is gone: nothing to read
+        return []
+    command = " ".join(args[:3])
+    is_accelerate = ("accelerate" in command and "launch" in command) or \
+        "accelerate.commands.launch" in command
+    return args if is_accelerate else []
+
+
+def _flag(args: list[str], name: str) -> str | None:
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(name + "="):
+            return arg.partition("=")[2]
+    return None
+
+
+def requested_processes() -> tuple[int, str]:
+    """(how many processes the launcher asked for, where that was said): ``WORLD_SIZE`` (set
+    by torchrun and by Accelerate's multi-process launchers), else the ``--num_processes`` of
+    an ``accelerate launch`` that started this process (on its command line or in its config
+    file), else 1."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"]), f"WORLD_SIZE={os.environ['WORLD_SIZE']}"
+    args = _launcher_args(os.getppid())
+    if not args:
+        return 1, "no launcher"
+    given = _flag(args, "--num_processes")
+    if given is not None:
+        return int(given), f"accelerate launch --num_processes {given}"
+    config = _flag(args, "--config_file")
+    if config is None:
+        from accelerate.commands.config import default_config_file
+
+        config = default_config_file if Path(default_config_file).is_file() else None
+    if config is not None:
+        from accelerate.commands.config.config_args import load_config_from_file
+
+        asked = load_config_from_file(config).num_processes or 1
+        return asked, f"num_processes: {asked} in {config}"
+    return 1, "accelerate launch"
+
+
+def check_world_size(accelerator: Accelerator) -> None:
+    """Refuse a run with fewer processes than the launcher asked for: never a silent
+    single-process run."""
+    asked, where = requested_processes()
+    if accelerator.num_processes < asked:
+        hint = (" (`accelerate launch --cpu` starts one process whatever --num_processes "
+                "says)" if "accelerate" in where else "")
+        raise ConfigError(
+            f"the launcher asked for {asked} processes ({where}) but this run has "
+            f"{accelerator.num_processes}{hint}. For {asked} CPU processes use "
+            f"{CPU_COMMAND.replace('N', str(asked))}")
+
+
+def describe_process(accelerator: Accelerator) -> str:
+    """``process 1 of 2 (local 1), backend gloo, device cpu, pid 1234``."""
+    return (f"process {accelerator.process_index} of {accelerator.num_processes} (local "
+            f"{accelerator.local_process_index}), backend "
+            f"{accelerator.state.backend or 'none'}, device {accelerator.device}, "
+            f"pid {os.getpid()}")

@@ -1,0 +1,46 @@
+"""``finetune`` under a launcher, with test hooks switched on by environment variables:
+
+- ``FT_RECORD_BATCHES=DIR``: each process saves the index batches it trained on, per epoch,
+  to ``DIR/rank<R>.pt``;
+- ``FT_KILL_RANK=R`` and ``FT_KILL_AT_STEP=K``: process R kills itself with SIGKILL at its K-th
+  training step (counted over the whole run).
+
+Run as ``torchrun ... tests/launch_hooks.py train recipe=...`` (not collected by pytest).
+"""
+
+import os
+import signal
+import sys
+
+import torch
+
+import finetune.train as train
+from finetune.cli import main
+
+rank = int(os.environ.get("RANK", "0"))
+
+if os.environ.get("FT_RECORD_BATCHES"):
+    real_batches, recorded = train.train_batches, []
+
+    def train_batches(*args, **kwargs):
+        epoch = []
+        recorded.append(epoch)
+        for batch in real_batches(*args, **kwargs):
+            epoch.append(batch.cpu().clone())
+            yield batch
+        torch.save(recorded, os.path.join(os.environ["FT_RECORD_BATCHES"], f"rank{rank}.pt"))
+
+    train.train_batches = train_batches
+
+if os.environ.get("FT_KILL_RANK") == str(rank):
+    real_step, calls = train.train_step, [0]
+
+    def train_step(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == int(os.environ["FT_KILL_AT_STEP"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_step(*args, **kwargs)
+
+    train.train_step = train_step
+
+sys.exit(main(sys.argv[1:]))
