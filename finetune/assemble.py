@@ -185,7 +185,7 @@ class Training:
 
 def prepare_training(cfg: Config, parts: Parts, accelerator: Accelerator) -> Training:
     """Optimizer and schedule over the model's stages, Accelerate's wrapping, the weight
-    average; the scheduler and the average are registered for checkpointing."""
+    average (checkpoints save the schedule and the average themselves: nothing pickled)."""
     tcfg = cfg.train
     optimizer = make_optimizer(parts.model, tcfg, parts.plan)
     steps_per_epoch = len(parts.train_data) // tcfg.batch_size  # the last partial batch drops
@@ -195,11 +195,8 @@ def prepare_training(cfg: Config, parts: Parts, accelerator: Accelerator) -> Tra
         parts.model, optimizer, index_loader(len(parts.test_data), tcfg.eval_batch_size))
     val_loader = (accelerator.prepare(index_loader(len(parts.val_data), tcfg.eval_batch_size))
                   if parts.val_data is not None else None)
-    accelerator.register_for_checkpointing(scheduler)
     raw = accelerator.unwrap_model(model)
     ema = EMA(raw, tcfg.ema_decay) if tcfg.ema_decay else None
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
     gen = torch.Generator(device=accelerator.device).manual_seed(
         tcfg.seed * 7919 + accelerator.process_index)
     return Training(model, raw, optimizer, scheduler, factor,

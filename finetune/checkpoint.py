@@ -1,15 +1,24 @@
-"""Checkpoints: Accelerate's state (model, optimizer, scheduler, RNG of every process) plus the
-loop's position, written so that a folder under its final name is always complete.
+"""Checkpoints: Accelerate's state (model, optimizer, every process's RNG), the schedule, the
+weight average and every process's loop position, written so that a folder under its final
+name is always complete, and read without running anything a file could smuggle in.
 
 ``<output_dir>/checkpoints/epoch0003-step000120/`` means "epoch 3 has done 120 steps"; a
 checkpoint taken at an epoch's end has step == steps per epoch. Each is written into a hidden
-temporary folder and renamed into place once every process has finished writing; a run killed
-mid-write leaves only a temporary folder, which is ignored and later removed.
+temporary folder, sealed with ``manifest.json`` (the process count and the SHA-256 of every
+file) and renamed into place once every process has finished writing; a run killed mid-write
+leaves only a temporary folder, which is ignored and later removed.
+
+Nothing is unpickled with code execution: the schedule is JSON, the weight average
+safetensors, and Accelerate's files and the loop positions are read with
+``torch.load(weights_only=True)``, after the manifest has vouched for every byte.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import pickle
 import re
 import shutil
 from dataclasses import dataclass
@@ -17,10 +26,17 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils.other import load as accelerate_load
+from safetensors.torch import load_file, save_file
 
-from finetune.errors import ConfigError
+from finetune.ema import EMA
+from finetune.errors import CheckpointError, ConfigError
+from finetune.files import output_error
 
 CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"
+SCHEDULER = "scheduler.json"
+EMA_WEIGHTS = "ema.safetensors"
 _NAME = re.compile(r"^epoch(\d{4})-step(\d{6})$")
 
 
@@ -41,7 +57,7 @@ def checkpoint_name(epoch: int, step: int) -> str:
 
 
 def list_checkpoints(out: Path) -> list[Path]:
-    """Complete checkpoints in ``out``, oldest first."""
+    """Checkpoints in ``out`` under their final names (not yet verified), oldest first."""
     folder = out / CHECKPOINTS
     if not folder.is_dir():
         return []
@@ -56,24 +72,78 @@ def find_checkpoint(resume: str, out: Path) -> Path | None:
         found = list_checkpoints(out)
         return found[-1] if found else None
     path = Path(resume)
-    if not (path.is_dir() and _NAME.match(path.name) and (path / "loop_0.pt").is_file()):
+    if not (path.is_dir() and _NAME.match(path.name)):
         raise ConfigError(f"resume={resume} is not a checkpoint folder (expected "
                           f"<output_dir>/{CHECKPOINTS}/epochNNNN-stepNNNNNN); use resume=auto "
                           f"to continue from the latest checkpoint of output_dir.")
     return path
 
 
-def save_checkpoint(accelerator: Accelerator, out: Path, state: LoopState, keep: int) -> Path:
-    """Write a checkpoint atomically; keep the newest ``keep``."""
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _seal(folder: Path, processes: int) -> None:
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    manifest = {"processes": processes,
+                "files": {str(p.relative_to(folder)): _sha256(p) for p in files}}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+def verify(path: Path) -> dict:
+    """The checkpoint's manifest, once every file it lists is there unchanged and nothing else
+    is; a :class:`CheckpointError` naming what is wrong otherwise."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files, processes = manifest["files"], int(manifest["processes"])
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} has no {MANIFEST}: it is incomplete, or was "
+                              f"written by an older finetune") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is damaged ({e})") from None
+    present = {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()} - {MANIFEST}
+    for name in sorted(set(files) - present):
+        raise CheckpointError(f"checkpoint {path} is missing {name}")
+    for name in sorted(present - set(files)):
+        raise CheckpointError(f"checkpoint {path} holds {name}, which it was not written with")
+    for name, digest in sorted(files.items()):
+        if _sha256(path / name) != digest:
+            raise CheckpointError(f"checkpoint {path}: {name} changed since it was written")
+    return {"processes": processes, "files": files}
+
+
+def save_checkpoint(accelerator: Accelerator, out: Path, state: LoopState, keep: int,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, ema: EMA | None) -> Path:
+    """Write a checkpoint atomically; keep the newest ``keep``. A failed write (a full disk)
+    leaves no temporary folder behind."""
     final = out / CHECKPOINTS / checkpoint_name(state.epoch, state.step)
     tmp = final.with_name(f".{final.name}.tmp")
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # model, optimizer, scheduler, every process's RNG
-    torch.save({"epoch": state.epoch, "step": state.step, "gen_state": state.gen_state,
-                "losses": state.losses.cpu(), "correct": state.correct.cpu()},
-               tmp / f"loop_{accelerator.process_index}.pt")
+    try:
+        accelerator.save_state(str(tmp))  # model, optimizer, every process's RNG
+        torch.save({"epoch": state.epoch, "step": state.step, "gen_state": state.gen_state,
+                    "losses": state.losses.cpu(), "correct": state.correct.cpu()},
+                   tmp / f"loop_{accelerator.process_index}.pt")
+        if accelerator.is_main_process:
+            (tmp / SCHEDULER).write_text(json.dumps(scheduler.state_dict()))
+            if ema is not None:
+                save_file({k: v.contiguous() for k, v in ema.state_dict().items()},
+                          str(tmp / EMA_WEIGHTS))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            _seal(tmp, accelerator.num_processes)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        error = output_error(final, e)
+        if error is not None:
+            raise error from None
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():  # the same position written again (a resumed run): replace it
@@ -87,11 +157,13 @@ def save_checkpoint(accelerator: Accelerator, out: Path, state: LoopState, keep:
     return final
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path) -> LoopState:
-    """Restore Accelerate's state from ``path``; return this process's loop position. A
+def load_checkpoint(accelerator: Accelerator, path: Path,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, ema: EMA | None
+                    ) -> LoopState:
+    """Verify the checkpoint, restore what it holds; return this process's loop position. A
     checkpoint is resumed by as many processes as wrote it: each restores its own loop position,
     random state and share of the batch."""
-    written = len(list(path.glob("loop_*.pt")))
+    written = verify(path)["processes"]
     if written != accelerator.num_processes:
         raise ConfigError(
             f"checkpoint {path} was written by {written} process{'es' if written != 1 else ''}"
@@ -99,26 +171,55 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> LoopState:
             f"random state and share of every batch are its own. Resume with {written} "
             f"(torchrun --nproc_per_node {written}, accelerate launch --num_processes "
             f"{written}).")
-    loop_file = path / f"loop_{accelerator.process_index}.pt"
-    accelerator.load_state(str(path))
-    saved = torch.load(loop_file, weights_only=True)
+    if (ema is not None) != (path / EMA_WEIGHTS).is_file():
+        raise ConfigError(f"checkpoint {path} {'lacks' if ema else 'holds'} a weight average; "
+                          f"resume it with the train.ema_decay it was written with.")
+    rng = path / f"random_states_{accelerator.process_index}.pkl"
+    try:
+        # Accelerate only logs a random state it cannot read; an exact resume needs it.
+        accelerate_load(rng)
+        accelerator.load_state(str(path))  # weights_only loading, every file
+        scheduler.load_state_dict(json.loads((path / SCHEDULER).read_text()))
+        if ema is not None:
+            ema.load_state_dict(load_file(path / EMA_WEIGHTS))  # copied to its device
+        saved = torch.load(path / f"loop_{accelerator.process_index}.pt", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"checkpoint {path} cannot be restored: a file holds pickled "
+                              f"objects that are not plain tensors (refused, nothing of it ran)"
+                              ) from None
+    except Exception as e:  # whatever a loader raises on bytes it cannot read
+        raise CheckpointError(f"checkpoint {path} cannot be restored "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     return LoopState(saved["epoch"], saved["step"], saved["gen_state"],
                      saved["losses"].to(accelerator.device),
                      saved["correct"].to(accelerator.device))
 
 
 def restore(resume: str | None, out: Path, accelerator: Accelerator, gen: torch.Generator,
-            steps_per_epoch: int) -> LoopState | None:
-    """Restore the checkpoint ``resume`` names (model, optimizer, scheduler, RNG, and the
-    augmentation generator ``gen``); return this process's loop state, or None when the run
-    starts from its beginning."""
-    path = find_checkpoint(resume, out) if resume else None
-    if path is None:
-        if resume:
-            accelerator.print(f"resume=auto: no checkpoint in {out}; starting from scratch")
+            steps_per_epoch: int, scheduler: torch.optim.lr_scheduler.LRScheduler,
+            ema: EMA | None) -> LoopState | None:
+    """Restore the checkpoint ``resume`` names (model, optimizer, schedule, weight average,
+    RNG, and the augmentation generator ``gen``); return this process's loop state, or None
+    when the run starts from its beginning. With ``resume=auto`` a damaged newest checkpoint is
+    named and the newest sound one before it taken."""
+    if not resume:
         return None
-    state = load_checkpoint(accelerator, path)
-    gen.set_state(state.gen_state)
-    accelerator.print(f"resumed from {path} (epoch {state.epoch}, {state.step} of "
-                      f"{steps_per_epoch} steps done)")
-    return state
+    candidates = (list_checkpoints(out)[::-1] if resume == "auto"
+                  else [find_checkpoint(resume, out)])
+    for path in candidates:
+        try:
+            state = load_checkpoint(accelerator, path, scheduler, ema)
+        except CheckpointError as e:
+            if resume != "auto":
+                raise
+            accelerator.print(f"warning: {e}; trying the checkpoint before it")
+            continue
+        gen.set_state(state.gen_state)
+        accelerator.print(f"resumed from {path} (epoch {state.epoch}, {state.step} of "
+                          f"{steps_per_epoch} steps done)")
+        return state
+    if candidates:
+        raise CheckpointError(f"no checkpoint in {out / CHECKPOINTS} can be resumed (see the "
+                              f"warnings above); start again with overwrite=true.")
+    accelerator.print(f"resume=auto: no checkpoint in {out}; starting from scratch")
+    return None

@@ -5,7 +5,6 @@ config keys it takes."""
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import os
 import sys
@@ -14,8 +13,22 @@ from pathlib import Path
 
 from finetune.config import SCHEMA_KEYS, describe_keys, list_recipes, load_config, split_options
 from finetune.errors import ConfigError, FinetuneError
+from finetune.files import output_error
 
 OVERRIDES = "key=value"  # how config overrides appear in usage lines
+
+
+class _Stderr(logging.StreamHandler):
+    """A handler writing to ``sys.stderr`` as it is when a line is logged (a notebook or a test
+    may have replaced it since the handler was made)."""
+
+    @property
+    def stream(self):  # noqa: D102
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _) -> None:
+        pass
 
 
 def _setup_logging() -> None:
@@ -24,7 +37,7 @@ def _setup_logging() -> None:
     rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
     log = logging.getLogger("finetune")
     if not log.handlers:
-        handler = logging.StreamHandler()
+        handler = _Stderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
     log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
@@ -65,6 +78,8 @@ def _predict(ns: argparse.Namespace) -> None:
                 images.append(im.copy())
         except (UnidentifiedImageError, OSError) as e:
             raise DataError(f"{path}: cannot read image ({e})") from None
+        except Image.DecompressionBombError as e:
+            raise DataError(f"{path}: {e} Downscale the image first.") from None
     results = predictor.predict(images, top_k=ns.top_k)
     if ns.json:
         print(json.dumps([{"file": str(f), "top_k": [{"class": c, "probability": round(p, 6)}
@@ -170,6 +185,13 @@ def _show_model(ns: argparse.Namespace) -> None:
 
 # --- the parser: one sub-command each, with its arguments and config keys --------------------
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def _keys(*prefixes: str) -> str:
     keys = [k for k in SCHEMA_KEYS if not prefixes or k.startswith(prefixes)]
     return "config keys (key=value):\n" + describe_keys(keys)
@@ -203,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(sub, "predict", _predict, "top-k classes of images")
     p.add_argument("model", help="run folder or model.safetensors")
     p.add_argument("images", nargs="+", help="image files or folders")
-    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--top-k", type=_positive, default=3)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _overrides(_add(sub, "compare", _compare, "train recipes over paired seeds under one "
                     "budget and report, or report finished runs",
@@ -246,13 +268,11 @@ def main(argv: list[str] | None = None) -> int:
     except (FinetuneError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
+    except OSError as e:  # a write outside finetune's writers (which raise OutputError)
+        error = output_error(Path(e.filename or "an output file"), e)
+        if error is None:
             raise
-        # Every output is written to a temporary name and renamed: nothing partial is left.
-        print(f"error: could not write {e.filename or 'an output file'}: {e.strerror}. Free "
-              f"space or write elsewhere (output_dir=PATH); no partially written file was kept.",
-              file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
 

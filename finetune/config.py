@@ -8,10 +8,12 @@ every key, type and value before any data or weights are touched.
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -181,6 +183,7 @@ NON_NEGATIVE = ("data.crop_pad", "data.workers", "train.checkpoint_every", "trai
                 "data.mixup", "data.cutmix", "train.step_gamma")
 
 
+MAX_IMAGE_SIZE = 4096
 PROBABILITY = ("data.random_erasing", "data.mix_switch")
 FRACTION = ("data.val_split", "train.ema_decay")  # 1 would leave nothing / never move
 
@@ -251,8 +254,23 @@ def list_recipes() -> dict[str, str]:
     """Recipe name -> one-line description."""
     out = {}
     for path in sorted(recipe_dir().glob("*.yaml")):
-        out[path.stem] = str(OmegaConf.load(path).get("description", "")).strip()
+        out[path.stem] = str(read_recipe(path).get("description", "")).strip()
     return out
+
+
+def read_recipe(path: Path) -> DictConfig:
+    """A recipe file's mapping of keys; a clear error for YAML that is not one (syntax errors,
+    tabs, duplicate keys, a list at the top)."""
+    try:
+        loaded = OmegaConf.load(path)
+    except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError) as e:
+        first = " ".join(str(e).split())[:300]
+        raise ConfigError(f"recipe {path} is not valid YAML: {first}. Indent with spaces, "
+                          f"give each key once.") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"recipe {path} must be a mapping of keys (model:, data:, train:, "
+                          f"...), not a {type(loaded).__name__}.")
+    return loaded
 
 
 def _recipe_path(name: str) -> Path:
@@ -301,7 +319,7 @@ def load_config(args: list[str]) -> Config:
     layers = [OmegaConf.structured(Config)]
     if recipe:
         path = _recipe_path(recipe)
-        recipe_cfg = OmegaConf.load(path)
+        recipe_cfg = read_recipe(path)
         _check_keys(_flat_keys(recipe_cfg), f"recipe {path}")
         # A saved run's config.yaml names its recipe; a recipe file is named by its stem.
         recipe_cfg.recipe = recipe_cfg.get("recipe") or Path(recipe).stem
@@ -341,6 +359,13 @@ def validate(cfg: Config) -> None:
     for key in NON_NEGATIVE:
         if get(key) < 0:
             raise ConfigError(f"'{key}' must be >= 0, got {get(key)}.")
+    for key in (k for k, t in KEY_TYPES.items() if t.startswith("float")):
+        if get(key) is not None and not math.isfinite(get(key)):
+            raise ConfigError(f"'{key}' must be a finite number, got {get(key)}.")
+    if cfg.data.image_size > MAX_IMAGE_SIZE:
+        raise ConfigError(f"'data.image_size' is at most {MAX_IMAGE_SIZE}, got "
+                          f"{cfg.data.image_size} (a batch would need more memory than any "
+                          f"device has).")
     for key in PROBABILITY:
         if not 0 <= get(key) <= 1:
             raise ConfigError(f"'{key}' is a probability in [0, 1], got {get(key)}.")

@@ -21,6 +21,14 @@ class ExportError(FinetuneError, RuntimeError):
     """An exported model that cannot be read back or written."""
 
 
+class CheckpointError(FinetuneError, RuntimeError):
+    """A checkpoint that is incomplete, damaged or changed since it was written."""
+
+
+class OutputError(FinetuneError, OSError):
+    """An output that could not be written (a full disk, a size limit, a read-only folder)."""
+
+
 class TrainingError(FinetuneError, RuntimeError):
     """Training cannot go on (e.g. the loss is no longer finite)."""
 

@@ -100,10 +100,19 @@ def exported_meta(folder: str | Path) -> dict:
 
 
 def _read_json(meta_file: Path) -> dict:
-    meta = json.loads(meta_file.read_text())
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ExportError(f"{meta_file} is not JSON ({e}); the export is damaged: export the "
+                          f"run again, or restore the file.") from None
+    if not isinstance(meta, dict):
+        raise ExportError(f"{meta_file} holds no JSON object; the export is damaged.")
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise ExportError(f"{meta_file}: missing fields {missing}.")
+    if len(meta["class_names"]) != meta["num_classes"]:
+        raise ExportError(f"{meta_file}: {len(meta['class_names'])} class_names for "
+                          f"num_classes={meta['num_classes']}; the export is damaged.")
     return meta
 
 
@@ -117,9 +126,13 @@ def meta_beside(weights_file: str | Path | None) -> dict:
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild an exported model in eval mode; returns ``(model, metadata)``."""
     weights, meta = read_meta(path)
-    model = create_model(meta["architecture"], num_classes=meta["num_classes"],
-                         in_chans=meta["in_chans"], image_size=meta["image_size"],
-                         norm=meta.get("norm", "torch"))
+    try:
+        model = create_model(meta["architecture"], num_classes=meta["num_classes"],
+                             in_chans=meta["in_chans"], image_size=meta["image_size"],
+                             norm=meta.get("norm", "torch"))
+    except (ValueError, TypeError) as e:
+        raise ExportError(f"{weights.with_name(META)} describes a model this finetune cannot "
+                          f"build: {e}") from None
     try:
         model.load_state_dict(load_file(weights))  # on the CPU: safetensors reads no "cpu:0"
     except RuntimeError as e:

@@ -39,6 +39,10 @@ class Predictor:
         """A PIL image (any mode) or a uint8 tensor (C, H, W) -> uint8 (C, H, W) with the
         model's channel count. Grey <-> RGB conversion of tensors happens in the transform."""
         if isinstance(image, Image.Image):
+            if image.mode.startswith("I"):  # 16- or 32-bit integer grey: to 8 bits, scaled
+                pixels = torch.from_numpy(np.asarray(image).astype(np.int64))
+                scale = 257 if int(pixels.max()) <= 65_535 else 16_843_009
+                image = Image.fromarray((pixels / scale).round().to(torch.uint8).numpy())
             mode = "L" if self.meta["in_chans"] == 1 else "RGB"
             image = torch.from_numpy(np.asarray(image.convert(mode)).copy())
             return image[None] if image.ndim == 2 else image.permute(2, 0, 1)

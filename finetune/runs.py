@@ -13,9 +13,13 @@ finished run exports (the last epoch's or early stopping's best; the weight aver
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,42 +40,119 @@ BEST = "best.safetensors"
 EMA = "ema"
 EVALUATION = "evaluation.json"
 CONFUSION = "confusion.png"
+LOCK = ".lock"
 
 
 # --- starting and resuming -------------------------------------------------------------------
 
-def prepare_output_dir(cfg: Config, accelerator: Accelerator) -> Path:
+def output_dir(cfg: Config) -> Path:
     """The run folder: ``output_dir``, the run a ``resume=PATH`` checkpoint belongs to, or
-    runs/<recipe>/<timestamp> agreed by all processes. A folder holding a run is refused unless
-    the run is resumed (with the same config) or ``overwrite=true``."""
+    runs/<recipe>/<timestamp> agreed by all processes."""
     if cfg.resume not in (None, "auto"):
         out = find_checkpoint(cfg.resume, Path()).parent.parent  # <run>/checkpoints/<ckpt>
         if cfg.output_dir and Path(cfg.output_dir).resolve() != out.resolve():
             raise ConfigError(f"resume={cfg.resume} belongs to the run in {out}, not to "
                               f"output_dir={cfg.output_dir}; drop output_dir or make them agree.")
+        return out
     elif cfg.output_dir:
-        out = Path(cfg.output_dir)
+        return Path(cfg.output_dir)
     elif cfg.resume == "auto":
         raise ConfigError("resume=auto needs output_dir=PATH: the folder of the run to continue.")
-    else:
-        stamp = broadcast_object_list([time.strftime("%Y%m%d-%H%M%S")])[0]
-        out = Path("runs") / (cfg.recipe or "run") / stamp
-    if cfg.resume:
-        check_same_run(out, cfg)
-        return out
+    stamp = broadcast_object_list([time.strftime("%Y%m%d-%H%M%S")])[0]
+    return Path("runs") / (cfg.recipe or "run") / stamp
+
+
+def held_run(out: Path) -> list[str]:
+    """What in ``out`` says a run was started there (empty: no run)."""
     held = [name for name in (METRICS, WEIGHTS) if (out / name).exists()]
-    held += [CHECKPOINTS] if list_checkpoints(out) else []
-    if held and not cfg.overwrite:
-        raise ConfigError(f"output_dir {out} already holds a run ({', '.join(held)}); continue "
-                          f"it with resume=auto, pass another output_dir=PATH, or overwrite=true "
-                          f"to replace it.")
-    return out
+    return held + ([CHECKPOINTS] if list_checkpoints(out) else [])
+
+
+@contextlib.contextmanager
+def run_folder(cfg: Config, accelerator: Accelerator) -> Iterator[Path]:
+    """The folder a run writes into, while it runs: created and locked before anything else
+    (a second run into a busy folder is refused with the holder's PID; a folder that cannot be
+    written stops the run before its data loads). A folder holding a run is refused unless the
+    run is resumed (with the same config) or ``overwrite=true``; then the new run is built in a
+    hidden folder beside the old one and replaces it, with everything derived from it, only
+    once it has exported: a new run that fails leaves the old one as it was."""
+    final = output_dir(cfg)
+    work, lock, created = final, None, not final.exists()
+    if accelerator.is_main_process:
+        _make(final)
+        lock = _lock(final)
+    try:
+        if cfg.resume:
+            check_same_run(final, cfg)
+        elif held_run(final):
+            if not cfg.overwrite:
+                raise ConfigError(f"output_dir {final} already holds a run "
+                                  f"({', '.join(held_run(final))}); continue it with "
+                                  f"resume=auto, pass another output_dir=PATH, or "
+                                  f"overwrite=true to replace it.")
+            work = final.with_name(f".{final.name}.new")
+            if accelerator.is_main_process:
+                shutil.rmtree(work, ignore_errors=True)  # left by a replacing run that died
+                _make(work)
+        accelerator.wait_for_everyone()
+        try:
+            yield work
+        except BaseException:
+            if accelerator.is_main_process:
+                if work != final:
+                    shutil.rmtree(work, ignore_errors=True)
+                elif created and not held_run(final):  # nothing worth keeping was written
+                    shutil.rmtree(final, ignore_errors=True)
+            raise
+        if work != final and accelerator.is_main_process:
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(work, final)
+            shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+    finally:
+        if lock is not None:  # unlinked while still held: a run that opened it is refused
+            (final / LOCK).unlink(missing_ok=True)
+            os.close(lock)  # releases the lock (as a process's death does)
+
+
+def _make(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(f"output_dir {folder}: a file is in the way (it, or a folder above "
+                          f"it, is a regular file); pass another output_dir=PATH.") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir {folder} is not writable; pass another "
+                          f"output_dir=PATH.")
+
+
+def _lock(folder: Path) -> int:
+    """An exclusive lock on ``folder`` (``.lock`` holds the holder's PID), released when the
+    descriptor is closed or the process dies."""
+    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise ConfigError(f"output_dir {folder} is in use by another finetune run (pid "
+                          f"{holder}); wait for it to end, or pass another output_dir=PATH."
+                          ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
 
 
 def check_same_run(out: Path, cfg: Config) -> None:
     """A resumed run must be the run that was started: same config but for how it is run."""
     saved = out / CONFIG
     if not saved.is_file():
+        if held_run(out):
+            raise ConfigError(f"cannot resume the run in {out}: its {CONFIG} is missing, so "
+                              f"its settings are unknown. Restore the file, or start a new run "
+                              f"in another output_dir.")
         return  # nothing started there yet: resume=auto starts it
     old, new = flat_config(load_config([f"recipe={saved}"])), flat_config(cfg)
     # How to run it, not what to run: free to differ.
@@ -85,12 +166,8 @@ def check_same_run(out: Path, cfg: Config) -> None:
 
 
 def start_run(out: Path, cfg: Config, accelerator: Accelerator) -> None:
-    """Write the run's config (main process); a replaced run's checkpoints go with it, so
-    that they are never resumed."""
+    """Write the run's config (main process)."""
     if accelerator.is_main_process:
-        if cfg.overwrite and not cfg.resume:
-            shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
-        out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / CONFIG, to_yaml(cfg))
     accelerator.wait_for_everyone()
 

@@ -34,7 +34,8 @@ from finetune.runs import (
     export_run,
     keep_best,
     metrics_before,
-    prepare_output_dir,
+    output_dir,
+    run_folder,
     start_run,
     write_metrics,
 )
@@ -48,10 +49,18 @@ Checkpointer = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 def main(cfg: Config) -> dict:
     """Train, evaluate after every epoch, export; return the exported model's metrics."""
-    tcfg = cfg.train
     check_model(cfg)  # before anything loads: a model that cannot run fails in a second
-    accelerator, precision = make_accelerator(tcfg.mixed_precision, tcfg.accumulate)
-    out = prepare_output_dir(cfg, accelerator)
+    accelerator, precision = make_accelerator(cfg.train.mixed_precision, cfg.train.accumulate)
+    with run_folder(cfg, accelerator) as out:  # locked; a replaced run stays until export
+        final = train(cfg, accelerator, precision, out)
+    accelerator.print(f"{accuracy_line(final)}; run saved to {output_dir(cfg)}")
+    accelerator.end_training()
+    return final
+
+
+def train(cfg: Config, accelerator: Accelerator, precision: str, out: Path) -> dict:
+    """The run in ``out``: set up, train and evaluate epoch by epoch, export."""
+    tcfg = cfg.train
     set_seed(tcfg.seed)
     tune_backends(accelerator.device)
     parts = assemble(cfg, accelerator, precision)
@@ -63,7 +72,8 @@ def main(cfg: Config) -> dict:
 
     def save(epoch: int, step: int, losses: torch.Tensor, correct: torch.Tensor) -> None:
         save_checkpoint(accelerator, out, LoopState(epoch, step, t.gen.get_state(), losses,
-                                                    correct), tcfg.keep_checkpoints)
+                                                    correct), tcfg.keep_checkpoints,
+                        t.scheduler, t.ema)
 
     def checkpoint(epoch: int, step: int, losses: torch.Tensor, correct: torch.Tensor) -> None:
         # Only a state reached with finite losses is saved: the last checkpoint stays good.
@@ -120,7 +130,7 @@ def starting_point(cfg: Config, out: Path, t: Training, accelerator: Accelerator
                    ) -> tuple[int, LoopState | None]:
     """The epoch to start at and the loop state inside it (None: from its first step):
     epoch 1, or where the checkpoint ``resume=`` names left off (restored here)."""
-    state = restore(cfg.resume, out, accelerator, t.gen, t.steps_per_epoch)
+    state = restore(cfg.resume, out, accelerator, t.gen, t.steps_per_epoch, t.scheduler, t.ema)
     if state is None:
         return 1, None
     return (state.epoch + 1, None) if state.step >= t.steps_per_epoch else (state.epoch, state)
@@ -134,10 +144,7 @@ def finish(cfg: Config, out: Path, parts: Parts, t: Training, accelerator: Accel
         export_run(out, t.raw, parts.meta(cfg), records, best,
                    t.ema.module if t.ema else None, cfg.train.ema_decay)
     accelerator.wait_for_everyone()
-    final = records[-1] if best is None else records[best - 1]
-    accelerator.print(f"{accuracy_line(final)}; run saved to {out}")
-    accelerator.end_training()
-    return final
+    return records[-1] if best is None else records[best - 1]
 
 
 def train_one_epoch(cfg: Config, parts: Parts, t: Training, accelerator: Accelerator,

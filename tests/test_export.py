@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from finetune.errors import OutputError
 from finetune.export import ExportError, load_model, save_model
 from finetune.models import create_model
 
@@ -63,7 +64,8 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(export, "save_file", broken)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OutputError, match=r"could not write .*model.safetensors: no space left "
+                                          r"on the device"):
         save_model(create_model("resnet18", num_classes=10, in_chans=1), META, tmp_path)
     assert list(tmp_path.iterdir()) == []
 
@@ -81,8 +83,9 @@ def test_no_space_left_while_exporting_keeps_nothing_partial(tiny_args, tmp_path
     monkeypatch.setattr(export, "save_file", full_disk)
     assert cli_main(["train", *tiny_args, "train.epochs=1", "train.checkpoint=false"]) == 2
     err = capsys.readouterr().err
-    assert "error: could not write an output file: No space left on device. Free space or " \
-           "write elsewhere (output_dir=PATH); no partially written file was kept." in err
+    assert (f"error: could not write {tmp_path / 'run' / 'model.safetensors'}: no space left "
+            f"on the device. Free space or write elsewhere (output_dir=PATH); nothing partially "
+            f"written was kept.") in err
     run = tmp_path / "run"
     assert not (run / "model.safetensors").exists()
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "metrics.jsonl"]

@@ -89,6 +89,9 @@ def load_data(cfg: DataConfig) -> tuple[ImageData, ImageData, str]:
     if cfg.classes is not None:
         keep = class_indices(cfg.classes, train.classes)
         train, test = train.select(keep), test.select(keep)
+    if len(train.classes) < 2 or len(set(train.classes)) != len(train.classes):
+        raise DataError(f"{source}: classes {train.classes}: a classifier needs at least two "
+                        f"classes with distinct names.")
     train, test = train.limit(cfg.train_limit), test.limit(cfg.eval_limit)
     if len(train) == 0 or len(test) == 0:
         raise DataError(f"{source}: empty split ({len(train)} train, {len(test)} test images).")

@@ -99,9 +99,18 @@ def load_idx(folder: Path) -> tuple[ImageData, ImageData]:
         if len(images) != len(labels):
             raise DataError(f"{folder}: {split} split has {len(images)} images but "
                             f"{len(labels)} labels; the files do not belong together.")
+        if images.dtype != np.uint8:
+            raise DataError(f"{folder}: {split} images are {images.dtype}, not unsigned bytes "
+                            f"(IDX type 0x08); convert them to 0-255 uint8.")
+        if labels.dtype.kind not in "iu":
+            raise DataError(f"{folder}: {split} labels are {labels.dtype}, not integers; "
+                            f"write them as uint8 (IDX type 0x08).")
         if len(labels) and labels.max() >= len(classes):
             raise DataError(f"{folder}: label {labels.max()} but only {len(classes)} class names; "
                             f"add a classes.txt with one name per line.")
+        if len(labels) and labels.min() < 0:
+            raise DataError(f"{folder}: {split} labels include {labels.min()}; labels are class "
+                            f"indices 0..{len(classes) - 1}.")
         splits.append(ImageData(torch.from_numpy(images.copy()).unsqueeze(1),
                                 torch.from_numpy(labels.astype(np.int64)), classes))
     return splits[0], splits[1]
@@ -149,13 +158,23 @@ def load_hf(name: str) -> tuple[ImageData, ImageData]:
 # --- ImageFolder -----------------------------------------------------------------------------
 
 def _read_image(path: Path, mode) -> torch.Tensor:
+    """uint8 (C, H, W): 16-bit images scaled to 8 bits, an animation's first frame."""
     from torchvision.io import decode_image
 
     try:
-        return decode_image(str(path), mode=mode)
+        image = decode_image(str(path), mode=mode)
+        image = image[0] if image.ndim == 4 else image  # an animated GIF: its first frame
+        return to_uint8(image)
     except Exception as e:
         raise DataError(f"{path}: cannot decode image ({type(e).__name__}); the file is corrupt "
                         f"or not a PNG, JPEG, GIF or WebP image. Remove or replace it.") from None
+
+
+def to_uint8(image: torch.Tensor) -> torch.Tensor:
+    """8-bit pixels: 16-bit ones (PNG) scaled by 255/65535, rounded."""
+    if image.dtype == torch.uint16:
+        return image.to(torch.float32).div_(257).round_().to(torch.uint8)
+    return image
 
 
 def _scan_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
