@@ -4,6 +4,7 @@ disk, a size limit, a read-only folder), whichever library was writing, ends as 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import uuid
@@ -64,7 +65,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException as e:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # (below a file, even the unlink fails)
+            tmp.unlink(missing_ok=True)
         error = output_error(path, e)
         if error is not None:
             raise error from None

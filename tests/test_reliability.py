@@ -243,3 +243,33 @@ def test_a_real_full_disk(tiny_args, tmp_path, capsys):
         assert not list(mnt.rglob("*.tmp"))
     finally:
         subprocess.run(["umount", str(mnt)])
+
+
+def test_a_file_size_limit_is_one_line(tiny_args, tmp_path):
+    """``ulimit -f`` (RLIMIT_FSIZE) below the size of a checkpoint: EFBIG, not a traceback."""
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20 << 20, 20 << 20))
+
+    proc = subprocess.run([sys.executable, "-m", "finetune", "train", *tiny_args,
+                           "train.epochs=1", "train.checkpoint=true"], preexec_fn=limit,
+                          capture_output=True, text=True, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(errors) == 1 and errors[0].startswith("error: could not write ")
+    assert "file too large" in errors[0] or "the write failed" in errors[0]
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_export_onnx_out_below_a_file_is_one_line(tiny_args, tmp_path, capsys):
+    pytest.importorskip("onnxscript")
+    main(load_config(tiny_args + ["train.epochs=1"]))
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    assert cli_main(["export-onnx", str(tmp_path / "run"), "--out",
+                     str(blocker / "model.onnx")]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last == (f"error: could not write {blocker / 'model.onnx'}: a file is in the way of a "
+                    f"folder on the path. Free space or write elsewhere (output_dir=PATH); "
+                    f"nothing partially written was kept.")
