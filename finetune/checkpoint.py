@@ -183,6 +183,8 @@ def load_checkpoint(accelerator: Accelerator, path: Path,
         if ema is not None:
             ema.load_state_dict(load_file(path / EMA_WEIGHTS))  # copied to its device
         saved = torch.load(path / f"loop_{accelerator.process_index}.pt", weights_only=True)
+    except torch.OutOfMemoryError:
+        raise  # the device is full, the checkpoint is fine
     except pickle.UnpicklingError:
         raise CheckpointError(f"checkpoint {path} cannot be restored: a file holds pickled "
                               f"objects that are not plain tensors (refused, nothing of it ran)"
@@ -208,11 +210,18 @@ def restore(resume: str | None, out: Path, accelerator: Accelerator, gen: torch.
                   else [find_checkpoint(resume, out)])
     for path in candidates:
         try:
-            state = load_checkpoint(accelerator, path, scheduler, ema)
+            state, problem = load_checkpoint(accelerator, path, scheduler, ema), None
         except CheckpointError as e:
+            state, problem = None, e
+        # Every process takes the same checkpoint: one that failed anywhere failed everywhere.
+        failed = accelerator.reduce(torch.tensor(float(problem is not None),
+                                                 device=accelerator.device), "max")
+        if bool(failed):
             if resume != "auto":
-                raise
-            accelerator.print(f"warning: {e}; trying the checkpoint before it")
+                raise problem or CheckpointError(f"checkpoint {path} cannot be restored by "
+                                                 f"another process (see its error)")
+            accelerator.print(f"warning: {problem or 'another process could not read ' + str(path)}"
+                              f"; trying the checkpoint before it")
             continue
         gen.set_state(state.gen_state)
         accelerator.print(f"resumed from {path} (epoch {state.epoch}, {state.step} of "
@@ -220,6 +229,7 @@ def restore(resume: str | None, out: Path, accelerator: Accelerator, gen: torch.
         return state
     if candidates:
         raise CheckpointError(f"no checkpoint in {out / CHECKPOINTS} can be resumed (see the "
-                              f"warnings above); start again with overwrite=true.")
+                              f"warnings above); restore one, or start again with "
+                              f"overwrite=true.")
     accelerator.print(f"resume=auto: no checkpoint in {out}; starting from scratch")
     return None

@@ -5,6 +5,7 @@ config keys it takes."""
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -268,11 +269,15 @@ def main(argv: list[str] | None = None) -> int:
     except (FinetuneError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # a write outside finetune's writers (which raise OutputError)
-        error = output_error(Path(e.filename or "an output file"), e)
-        if error is None:
+    except OSError as e:  # outside finetune's writers (which raise OutputError themselves)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            print(f"error: {output_error(Path(e.filename or 'an output file'), e)}",
+                  file=sys.stderr)
+        elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR):
+            print(f"error: {e.filename or 'a file'}: {e.strerror}; check the path and its "
+                  f"permissions.", file=sys.stderr)
+        else:
             raise
-        print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
 

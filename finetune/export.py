@@ -110,7 +110,8 @@ def _read_json(meta_file: Path) -> dict:
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise ExportError(f"{meta_file}: missing fields {missing}.")
-    if len(meta["class_names"]) != meta["num_classes"]:
+    if not isinstance(meta["class_names"], list) or \
+            len(meta["class_names"]) != meta["num_classes"]:
         raise ExportError(f"{meta_file}: {len(meta['class_names'])} class_names for "
                           f"num_classes={meta['num_classes']}; the export is damaged.")
     return meta

@@ -25,41 +25,55 @@ CPU_COMMAND = ("torchrun --standalone --nproc_per_node N -m finetune.run ... or,
 
 
 def _launcher_args(pid: int) -> list[str]:
-    """The command line of ``pid`` when it is ``accelerate launch`` (its parent, for a process
-    that launcher started), else []."""
+    """The arguments after ``launch`` of ``pid`` when it is ``accelerate launch`` (or
+    ``python -m accelerate.commands.launch``), else []."""
     try:
         args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:  # no /proc (macOS) or the parent is gone: nothing to read
         return []
-    command = " ".join(args[:3])
-    is_accelerate = ("accelerate" in command and "launch" in command) or \
-        "accelerate.commands.launch" in command
-    return args if is_accelerate else []
+    return launch_args(args)
 
 
-def _flag(args: list[str], name: str) -> str | None:
+def launch_args(args: list[str]) -> list[str]:
+    """The arguments after ``launch`` in a command line of ``accelerate launch``, else []."""
+    for i, arg in enumerate(args[:4]):
+        name = Path(arg).name
+        if name == "accelerate" and args[i + 1:i + 2] == ["launch"]:
+            return args[i + 2:]
+        if name == "accelerate-launch":
+            return args[i + 1:]
+        if arg == "-m" and args[i + 1:i + 2] == ["accelerate.commands.launch"]:
+            return args[i + 2:]
+    return []
+
+
+def _flag(args: list[str], *names: str) -> str | None:
+    """The value of the first of ``names`` (``--flag V`` or ``--flag=V``) in ``args``."""
     for i, arg in enumerate(args):
-        if arg == name and i + 1 < len(args):
-            return args[i + 1]
-        if arg.startswith(name + "="):
-            return arg.partition("=")[2]
+        for name in names:
+            if arg == name and i + 1 < len(args):
+                return args[i + 1]
+            if arg.startswith(name + "="):
+                return arg.partition("=")[2]
     return None
 
 
 def requested_processes() -> tuple[int, str]:
     """(how many processes the launcher asked for, where that was said): ``WORLD_SIZE`` (set
-    by torchrun and by Accelerate's multi-process launchers), else the ``--num_processes`` of
-    an ``accelerate launch`` that started this process (on its command line or in its config
-    file), else 1."""
+    by torchrun and by Accelerate's multi-process launchers), else, for a process that
+    ``accelerate launch``'s one-process launcher started (it sets ``ACCELERATE_USE_CPU``), the
+    ``--num_processes`` on its command line or, without ``--cpu``, in its config file; else 1."""
     if "WORLD_SIZE" in os.environ:
         return int(os.environ["WORLD_SIZE"]), f"WORLD_SIZE={os.environ['WORLD_SIZE']}"
-    args = _launcher_args(os.getppid())
+    args = _launcher_args(os.getppid()) if "ACCELERATE_USE_CPU" in os.environ else []
     if not args:
         return 1, "no launcher"
-    given = _flag(args, "--num_processes")
+    given = _flag(args, "--num_processes", "--num-processes")
     if given is not None:
         return int(given), f"accelerate launch --num_processes {given}"
-    config = _flag(args, "--config_file")
+    if "--cpu" in args:
+        return 1, "accelerate launch --cpu"
+    config = _flag(args, "--config_file", "--config-file")
     if config is None:
         from accelerate.commands.config import default_config_file
 

@@ -69,14 +69,14 @@ def held_run(out: Path) -> list[str]:
 
 
 @contextlib.contextmanager
-def run_folder(cfg: Config, accelerator: Accelerator) -> Iterator[Path]:
-    """The folder a run writes into, while it runs: created and locked before anything else
+def run_folder(cfg: Config, accelerator: Accelerator, final: Path) -> Iterator[Path]:
+    """The folder a run writes into while it runs (``final``, from :func:`output_dir`): created
+    and locked before anything else
     (a second run into a busy folder is refused with the holder's PID; a folder that cannot be
     written stops the run before its data loads). A folder holding a run is refused unless the
     run is resumed (with the same config) or ``overwrite=true``; then the new run is built in a
     hidden folder beside the old one and replaces it, with everything derived from it, only
     once it has exported: a new run that fails leaves the old one as it was."""
-    final = output_dir(cfg)
     work, lock, created = final, None, not final.exists()
     if accelerator.is_main_process:
         _make(final)
@@ -332,7 +332,8 @@ def find_runs(paths: list[str | Path]) -> list[Run]:
         if (path / CONFIG).is_file():
             runs.append(read_run(path))
         elif path.is_dir():
-            found = sorted(p.parent for p in path.rglob(META) if (p.parent / METRICS).is_file())
+            found = sorted(p.parent for p in path.rglob(META) if (p.parent / METRICS).is_file()
+                           and not any(part.startswith(".") for part in p.parent.parts))
             if not found:
                 raise ConfigError(f"{path} holds no finished finetune runs (folders with "
                                   f"{CONFIG}, {METRICS} and an exported model).")

@@ -51,9 +51,10 @@ def main(cfg: Config) -> dict:
     """Train, evaluate after every epoch, export; return the exported model's metrics."""
     check_model(cfg)  # before anything loads: a model that cannot run fails in a second
     accelerator, precision = make_accelerator(cfg.train.mixed_precision, cfg.train.accumulate)
-    with run_folder(cfg, accelerator) as out:  # locked; a replaced run stays until export
+    folder = output_dir(cfg)  # computed once: a new run's name is a timestamp
+    with run_folder(cfg, accelerator, folder) as out:  # locked; a replaced run stays till export
         final = train(cfg, accelerator, precision, out)
-    accelerator.print(f"{accuracy_line(final)}; run saved to {output_dir(cfg)}")
+    accelerator.print(f"{accuracy_line(final)}; run saved to {folder}")
     accelerator.end_training()
     return final
 

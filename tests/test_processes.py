@@ -127,6 +127,26 @@ def test_fewer_processes_than_world_size_is_refused(monkeypatch):
     check_world_size(_Accelerator())
 
 
+@pytest.mark.parametrize("argv, expected", [
+    (["/v/bin/accelerate", "launch", "--cpu", "--num_processes", "2", "x.py"], 2),
+    (["/v/bin/accelerate", "launch", "--num-processes=3", "-m", "finetune.run"], 3),
+    (["/usr/bin/python", "-m", "accelerate.commands.launch", "--num_processes", "2"], 2),
+    (["/v/bin/accelerate", "launch", "--cpu", "-m", "finetune.run"], 1),
+    (["/home/u/accelerate-exp/bin/python", "-m", "ipykernel_launcher", "launch"], 1),
+    (["bash", "launch_accelerate.sh", "--num_processes", "8"], 1),
+])
+def test_what_accelerate_launch_asked_for(monkeypatch, argv, expected):
+    import finetune.processes as processes
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setattr(processes, "_launcher_args", lambda pid: processes.launch_args(argv))
+    assert requested_processes()[0] == expected
+    # Not started by accelerate's one-process launcher: nothing read from the parent.
+    monkeypatch.delenv("ACCELERATE_USE_CPU")
+    assert requested_processes() == (1, "no launcher")
+
+
 @pytest.mark.slow
 def test_lr_find_and_compare_run_on_two_processes(tiny_args, tmp_path):
     import json

@@ -229,3 +229,19 @@ def test_batch_larger_than_the_data_is_refused(tiny_args, tmp_path):
     with pytest.raises(ConfigError, match="train.batch_size=16 exceeds the 8 training images"):
         main(load_config(tiny_args + ["data.train_limit=8"]))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_without_output_dir_names_the_folder_it_wrote(tiny_args, tmp_path, monkeypatch,
+                                                            capsys):
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    args = [a for a in tiny_args if not a.startswith("output_dir=")]
+    real = time.strftime
+    stamps = iter(["20261130-100000", "20261130-100500"])  # the clock moves during training
+    monkeypatch.setattr(time, "strftime", lambda fmt, *a: next(stamps) if fmt ==
+                        "%Y%m%d-%H%M%S" else real(fmt, *a))
+    main(load_config(args + ["train.epochs=1"]))
+    saved = capsys.readouterr().out.split("run saved to ")[1].strip()
+    assert saved == "runs/resnet18_scratch_fmnist/20261130-100000"
+    assert (tmp_path / saved / "model.safetensors").is_file()
