@@ -106,13 +106,16 @@ def verify(path: Path) -> dict:
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint {path}: {MANIFEST} is damaged ({e})") from None
     present = {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()} - {MANIFEST}
-    for name in sorted(set(files) - present):
-        raise CheckpointError(f"checkpoint {path} is missing {name}")
-    for name in sorted(present - set(files)):
-        raise CheckpointError(f"checkpoint {path} holds {name}, which it was not written with")
-    for name, digest in sorted(files.items()):
-        if _sha256(path / name) != digest:
-            raise CheckpointError(f"checkpoint {path}: {name} changed since it was written")
+    missing, extra = sorted(set(files) - present), sorted(present - set(files))
+    changed = [name for name, digest in sorted(files.items())
+               if not missing and _sha256(path / name) != digest]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is missing {missing[0]}")
+    if extra:
+        raise CheckpointError(f"checkpoint {path} holds {extra[0]}, which it was not written "
+                              f"with")
+    if changed:
+        raise CheckpointError(f"checkpoint {path}: {changed[0]} changed since it was written")
     return {"processes": processes, "files": files}
 
 

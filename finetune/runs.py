@@ -71,12 +71,12 @@ def held_run(out: Path) -> list[str]:
 @contextlib.contextmanager
 def run_folder(cfg: Config, accelerator: Accelerator, final: Path) -> Iterator[Path]:
     """The folder a run writes into while it runs (``final``, from :func:`output_dir`): created
-    and locked before anything else
-    (a second run into a busy folder is refused with the holder's PID; a folder that cannot be
-    written stops the run before its data loads). A folder holding a run is refused unless the
-    run is resumed (with the same config) or ``overwrite=true``; then the new run is built in a
-    hidden folder beside the old one and replaces it, with everything derived from it, only
-    once it has exported: a new run that fails leaves the old one as it was."""
+    and locked before anything else (a second run into a busy folder is refused with the
+    holder's PID; a folder that cannot be written stops the run before its data loads). A
+    folder holding a run is refused unless the run is resumed (with the same config) or
+    ``overwrite=true``; then the new run is built in a hidden folder beside the old one and
+    replaces it, with everything derived from it, only once it has exported: a new run that
+    fails leaves the old one as it was."""
     work, lock, created = final, None, not final.exists()
     if accelerator.is_main_process:
         _make(final)
@@ -84,10 +84,10 @@ def run_folder(cfg: Config, accelerator: Accelerator, final: Path) -> Iterator[P
     try:
         if cfg.resume:
             check_same_run(final, cfg)
-        elif held_run(final):
+        elif held := held_run(final):
             if not cfg.overwrite:
                 raise ConfigError(f"output_dir {final} already holds a run "
-                                  f"({', '.join(held_run(final))}); continue it with "
+                                  f"({', '.join(held)}); continue it with "
                                   f"resume=auto, pass another output_dir=PATH, or "
                                   f"overwrite=true to replace it.")
             work = final.with_name(f".{final.name}.new")
