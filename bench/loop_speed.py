@@ -18,7 +18,6 @@ then --steps steps are timed, waiting for the device at both ends.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ from torchvision import transforms
 from finetune.assemble import Parts, Training
 from finetune.config import Config, DataConfig, TrainConfig
 from finetune.data import ImageData, load_data
-from finetune.data.loader import BatchTransform
+from finetune.data.loader import BatchTransform, TrainLoader
 from finetune.models import create_model
 from finetune.optim import make_optimizer, make_scheduler, plan_stages
 from finetune.speed import compile_model, tune_backends
@@ -110,20 +109,22 @@ def finetune_loop(data: ImageData, args, variant: str) -> float:
     prepared, optimizer = accelerator.prepare(model, optimizer)
     on_device = data.to(device)
     opts = StepOptions(num_classes=10)
-    t = Training(prepared, model, optimizer, scheduler, lambda step: 1.0, opts, 0, None, None,
-                 None, torch.Generator(device).manual_seed(0))
+    gen = torch.Generator(device).manual_seed(0)
     if "compile" in variant:
         mode = "reduce-overhead" if "cudagraphs" in variant else "default"
         compile_model(prepared, optimizer, on_device.images[:args.batch_size],
                       on_device.labels[:args.batch_size], transform, accelerator, opts, mode)
 
     def epoch(n_steps: int) -> float:
-        part = on_device.limit(n_steps * args.batch_size)
+        n = n_steps * args.batch_size
+        part = ImageData(on_device.images[:n], on_device.labels[:n], on_device.classes)
         parts = Parts(model, None, plan, transform, part, part, None, "bench", "device", 1,
-                      transform.mean, transform.std)
+                      transform.mean, transform.std, 1.0, "bilinear", "batch")
+        loader = TrainLoader(part, "device", args.batch_size, 0, 0, 1, device, 0)
+        t = Training(prepared, model, optimizer, scheduler, lambda step: 1.0, opts, n_steps,
+                     loader, None, None, None, gen)
         start = time.perf_counter()
-        train_one_epoch(cfg, parts, dataclasses.replace(t, steps_per_epoch=n_steps),
-                        accelerator, 1)
+        train_one_epoch(cfg, parts, t, accelerator, 1)
         return time.perf_counter() - start  # train_one_epoch ends by reading its metrics
 
     epoch(args.warmup)

@@ -9,17 +9,34 @@ the data and the model (pretrained weights, normalization, frozen stages) and pl
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
 from torch import nn
-from torch.utils.data import DataLoader
 
-from finetune.config import Config
-from finetune.data import ImageData, load_data, validation_split
-from finetune.data.loader import BatchTransform, index_loader, match_channels, place
+from finetune.config import Config, DataConfig
+from finetune.data import ImageData, Samples, load_data, validation_split
+from finetune.data.hub import StreamedSplit, streamed_head
+from finetune.data.images import (
+    DEFAULT_CROP_PCT,
+    eval_resize,
+    eval_transform,
+    train_need,
+    train_transform,
+)
+from finetune.data.loader import (
+    BatchTransform,
+    Data,
+    TrainLoader,
+    match_channels,
+    place,
+    prepared_eval_loader,
+)
+from finetune.data.samples import preload
+from finetune.data.sources import stratified_mask
+from finetune.data.stream import StreamedBatches, TrainBatches
 from finetune.ema import EMA
 from finetune.errors import ConfigError
 from finetune.export import meta_beside, model_meta
@@ -58,9 +75,11 @@ def check_model(cfg: Config) -> None:
     plan_stages(model, cfg.finetune)
 
 
-def normalization(mode: str, loaded: LoadedWeights | None, train: ImageData, in_chans: int
+def normalization(mode: str, loaded: LoadedWeights | None, train: Data, in_chans: int,
+                  image_size: int, workers: int = 0
                   ) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Mean/std the model sees: the pretrained weights', the training images', or none."""
+    """Mean/std the model sees: the pretrained weights', the training images' (up to 10,000
+    resident ones, or 256 streamed ones drawn across classes), or none."""
     if mode == "none":
         return (0.0,) * in_chans, (1.0,) * in_chans
     elif mode in ("auto", "imagenet") and loaded is not None:
@@ -68,7 +87,15 @@ def normalization(mode: str, loaded: LoadedWeights | None, train: ImageData, in_
     elif mode == "imagenet":
         return channel_stats(IMAGENET_MEAN, in_chans), channel_stats(IMAGENET_STD, in_chans)
     elif mode in ("auto", "dataset"):
-        sample = match_channels(train.images[:10_000].float().div(255), in_chans)
+        if isinstance(train, StreamedSplit):  # the first rows, decoded whole
+            images = streamed_head(train, 256, image_size)
+        elif isinstance(train, Samples):
+            few = train.subset(stratified_mask(train.labels, len(train.classes),
+                                               min(256, len(train)), 0))
+            images = preload(few, image_size, workers=workers, skip_bad=True)[0]
+        else:
+            images = train.images[:10_000]
+        sample = match_channels(images.float().div(255), in_chans)
         mean = sample.mean(dim=(0, 2, 3))
         std = sample.std(dim=(0, 2, 3)).clamp_min(1e-3)
         return tuple(round(v, 6) for v in mean.tolist()), tuple(round(v, 6) for v in std.tolist())
@@ -83,28 +110,35 @@ class Parts:
     model: nn.Module
     loaded: LoadedWeights | None
     plan: StagePlan
-    transform: BatchTransform
-    train_data: ImageData
-    test_data: ImageData
-    val_data: ImageData | None
+    transform: BatchTransform  # on the device: to float, (resident data) augment, normalize
+    train_data: Data
+    test_data: Data
+    val_data: Data | None
     source: str
-    placement: str  # "device": the data lives there; "host": batches are streamed
+    placement: str  # "device" / "host": resident uint8 images; "stream": decoded per batch
     in_chans: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    crop_pct: float  # evaluation: shorter side to image_size / crop_pct, center crop
+    interpolation: str
+    # "batch": square uint8 images resized on the device, batched (resident IDX data);
+    # "image": each image resized and cropped on its own (decoded files and rows)
+    resample: str
 
     def meta(self, cfg: Config) -> dict:
         """The exported model's ``model.json``."""
         return model_meta(architecture=cfg.model.name, class_names=self.train_data.classes,
                           in_chans=self.in_chans, image_size=cfg.data.image_size,
-                          norm=cfg.model.norm, mean=self.mean, std=self.std, recipe=cfg.recipe,
+                          norm=cfg.model.norm, mean=self.mean, std=self.std,
+                          crop_pct=self.crop_pct, interpolation=self.interpolation,
+                          resample=self.resample, recipe=cfg.recipe,
                           pretrained=self.loaded.source if self.loaded else None,
                           data=self.source, train_images=len(self.train_data),
                           test_images=len(self.test_data))
 
 
 def _load(cfg: Config, accelerator: Accelerator
-          ) -> tuple[tuple[dict, str] | None, ImageData, ImageData, ImageData | None, str]:
+          ) -> tuple[tuple[dict, str] | None, Data, Data, Data | None, str]:
     """Pretrained weights (first: a run that cannot get them fails in seconds, not after the
     data), then the data; the main process fills any download cache first."""
     with accelerator.main_process_first():
@@ -113,7 +147,8 @@ def _load(cfg: Config, accelerator: Accelerator
         train_data, test_data, source = load_data(cfg.data)
     val_data = None
     if cfg.data.val_split:  # carved from the training images: early stopping never sees test
-        train_data, val_data = validation_split(train_data, cfg.data.val_split, cfg.train.seed)
+        train_data, val_data = validation_split(train_data, cfg.data.val_split,
+                                                cfg.data.split_seed)
     if len(train_data) < cfg.train.batch_size:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} exceeds the "
                           f"{len(train_data)} training images; lower train.batch_size or raise "
@@ -121,40 +156,106 @@ def _load(cfg: Config, accelerator: Accelerator
     return fetched, train_data, test_data, val_data, source
 
 
+def preprocessing(dcfg: DataConfig, loaded: LoadedWeights | None, placement: str
+                  ) -> tuple[float, str]:
+    """``(crop_pct, interpolation)`` of evaluation: ``data.*`` when set, else the pretrained
+    weights' own (torchvision's weights transforms, timm's pretrained config), else 0.875 and
+    bilinear. Resident images are center squares (crop_pct 1): the batched augmentations on the
+    device see all of that square."""
+    weights = loaded.preprocessing if loaded is not None else {}
+    interpolation = dcfg.interpolation or weights.get("interpolation", "bilinear")
+    if interpolation not in ("bilinear", "bicubic", "nearest", "lanczos"):
+        interpolation = "bilinear"  # e.g. timm's "random": training-only
+    if placement != "stream":
+        crop_pct = 1.0
+        if dcfg.crop_pct is not None:
+            log.info("data.crop_pct=%g applies to streamed data; resident images are resized "
+                     "by their shorter side and center-cropped to a square (crop_pct 1)",
+                     dcfg.crop_pct)
+    else:
+        crop_pct = dcfg.crop_pct or weights.get("crop_pct", DEFAULT_CROP_PCT)
+    for key, value in (("crop_pct", crop_pct), ("interpolation", interpolation)):
+        if getattr(dcfg, key) == value and weights.get(key, value) != value:
+            log.info("data.%s=%s overrides the pretrained weights' %s", key, value, weights[key])
+    return crop_pct, interpolation
+
+
+def _resident(data: Data | None, cfg: Config, interpolation: str) -> Data | None:
+    """A split read one image at a time, decoded whole (resized, center-cropped) in workers."""
+    if not isinstance(data, Samples):
+        return data
+    images, labels, bad = preload(data, cfg.data.image_size, interpolation, cfg.data.workers,
+                                  cfg.data.skip_bad_images)
+    if bad:
+        log.warning("skipped %d bad images of %d (data.skip_bad_images=true), e.g. %s",
+                    len(bad), len(data), bad[0])
+    return ImageData(images, labels, data.classes)
+
+
+def _placed(cfg: Config, splits: tuple[Data, Data, Data | None], placement: str, why: str,
+            interpolation: str, device: torch.device) -> tuple[Data, Data, Data | None]:
+    """The splits where ``placement`` puts them: streamed (read one image at a time), or
+    decoded once and resident on the device or in host memory."""
+    d = cfg.data
+    if isinstance(splits[0], StreamedSplit):
+        pass  # iterated as it is
+    elif placement == "stream":  # resident images streamed (forced): read one at a time
+        splits = tuple(s.as_samples() if isinstance(s, ImageData) else s for s in splits)
+    else:
+        splits = tuple(_resident(s, cfg, interpolation) for s in splits)
+        if placement == "device":
+            splits = tuple(s.to(device) if s is not None else None for s in splits)
+    log.log(logging.WARNING if placement == "host" and d.placement == "auto" else logging.INFO,
+            "data %s (%s)", "streamed from its files or rows" if placement == "stream" else
+            f"resident on the {placement}", why)
+    standard = (d.auto_augment, list(d.scale), list(d.ratio))
+    if placement != "stream" and standard != ("none", [0.08, 1.0], [0.75, 1.3333333]):
+        log.warning("data.auto_augment/scale/ratio shape streamed batches (RandomResizedCrop, "
+                    "auto-augmentation); these resident images are augmented on the device "
+                    "instead (data.hflip, data.crop_pad, data.random_erasing). Set "
+                    "data.placement=stream for the standard transforms.")
+    return splits
+
+
 def assemble(cfg: Config, accelerator: Accelerator, precision: str) -> Parts:
     """Load the data and the model (pretrained weights, frozen stages) and place both; shared
     by training and the learning-rate finder."""
-    tcfg = cfg.train
+    tcfg, dcfg = cfg.train, cfg.data
     if tcfg.batch_size % accelerator.num_processes:
         raise ConfigError(f"train.batch_size={tcfg.batch_size} is the global batch and must "
                           f"divide evenly over {accelerator.num_processes} processes.")
     fetched, train_data, test_data, val_data, source = _load(cfg, accelerator)
-    in_chans = cfg.model.in_chans or train_data.images.shape[1]
+    device = accelerator.device
+    placement, why = place(train_data, test_data, dcfg.placement, device, dcfg.image_size)
+    channels = (train_data.images.shape[1] if isinstance(train_data, ImageData)
+                else train_data.channels)
+    in_chans = cfg.model.in_chans or channels
     model, loaded = build_model(cfg.model, num_classes=len(train_data.classes),
-                                in_chans=in_chans, image_size=cfg.data.image_size,
+                                in_chans=in_chans, image_size=dcfg.image_size,
                                 fetched=fetched, class_names=train_data.classes,
                                 exported=meta_beside(cfg.model.weights))
-    mean, std = normalization(cfg.data.normalize, loaded, train_data, in_chans)
-    transform = BatchTransform(cfg.data.image_size, in_chans, mean, std,
-                               hflip=cfg.data.hflip, crop_pad=cfg.data.crop_pad,
-                               erase=cfg.data.random_erasing, channels_last=tcfg.channels_last)
+    crop_pct, interpolation = preprocessing(dcfg, loaded, placement)
+    resample = "batch" if isinstance(train_data, ImageData) and placement != "stream" else "image"
+    if resample == "batch":
+        interpolation = "bilinear"  # BatchTransform's, whatever the weights were made with
+    train_data, test_data, val_data = _placed(cfg, (train_data, test_data, val_data),
+                                              placement, why, interpolation, device)
+    mean, std = normalization(dcfg.normalize, loaded, train_data, in_chans, dcfg.image_size,
+                              dcfg.workers)
+    resident = placement != "stream"  # streamed batches are cropped and flipped in workers
+    transform = BatchTransform(dcfg.image_size, in_chans, mean, std,
+                               hflip=dcfg.hflip and resident,
+                               crop_pad=dcfg.crop_pad if resident else 0,
+                               erase=dcfg.random_erasing, channels_last=tcfg.channels_last)
     log.info("data %s: %d train / %d test images, %d classes; model %s (%s), %d parameters",
              source, len(train_data), len(test_data), len(train_data.classes), cfg.model.name,
              loaded.source if loaded else "random init",
              sum(p.numel() for p in model.parameters()))
-
-    # The whole dataset moves to the device once and batches are indexed there, unless it
-    # does not fit: then it stays in host memory and batches are streamed.
-    device = accelerator.device
-    placement = place(train_data, cfg.data.placement, device, test_data)
-    if placement == "device":
-        train_data, test_data = train_data.to(device), test_data.to(device)
-        val_data = val_data.to(device) if val_data is not None else None
-    log.info("mixed precision %s, %s, data on the %s%s", precision,
-             "channels_last" if tcfg.channels_last else "NCHW", placement,
+    log.info("mixed precision %s, %s%s", precision,
+             "channels_last" if tcfg.channels_last else "NCHW",
              ", torch.compile" if tcfg.compile else "")
     if precision == "bf16" and device.type == "cpu":
-        check_cpu_bf16(model, in_chans, cfg.data.image_size)
+        check_cpu_bf16(model, in_chans, dcfg.image_size)
         if not bf16_is_native(device):
             log.warning("this CPU has no bf16 arithmetic (AVX512-BF16/AMX): bf16 is emulated "
                         "and slower than fp32 here; set train.mixed_precision=fp32")
@@ -163,7 +264,41 @@ def assemble(cfg: Config, accelerator: Accelerator, precision: str) -> Parts:
     freeze_for_good(model, plan, cfg.finetune.bn)  # before DDP wraps the model
     log.info("stages %s (train.lr %g)", plan.describe(), tcfg.lr)
     return Parts(model, loaded, plan, transform, train_data, test_data, val_data, source,
-                 placement, in_chans, mean, std)
+                 placement, in_chans, mean, std, crop_pct, interpolation, resample)
+
+
+def train_loader(cfg: Config, parts: Parts, accelerator: Accelerator) -> TrainLoader:
+    """This process's training batches: indexed in resident data, or streamed from files with
+    the standard training transforms (RandomResizedCrop, flip, auto-augmentation)."""
+    tcfg, dcfg = cfg.train, cfg.data
+    stream = None
+    scale, ratio = tuple(dcfg.scale), tuple(dcfg.ratio)
+    transform = train_transform(dcfg.image_size, scale, ratio, parts.interpolation, dcfg.hflip,
+                                dcfg.auto_augment)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if isinstance(parts.train_data, StreamedSplit):
+        stream = StreamedBatches(parts.train_data, transform, dcfg.image_size,
+                                 train_need(dcfg.image_size, scale), tcfg.batch_size, tcfg.seed,
+                                 rank, world, dcfg.skip_bad_images,
+                                 len(parts.train_data) // tcfg.batch_size, dcfg.shuffle_buffer)
+    elif parts.placement == "stream":
+        stream = TrainBatches(parts.train_data, transform, dcfg.image_size,
+                              train_need(dcfg.image_size, scale), tcfg.batch_size, tcfg.seed,
+                              rank, world, dcfg.skip_bad_images)
+    return TrainLoader(parts.train_data, parts.placement, tcfg.batch_size, tcfg.seed,
+                       accelerator.process_index, accelerator.num_processes, accelerator.device,
+                       dcfg.workers, stream)
+
+
+def evaluation_loader(cfg: Config, parts: Parts, data: Data, accelerator: Accelerator
+                      ) -> Iterable:
+    """An evaluation split's loader, prepared (sharded across processes)."""
+    d = cfg.data
+    return prepared_eval_loader(data, eval_transform(d.image_size, parts.crop_pct,
+                                                     parts.interpolation),
+                                eval_resize(d.image_size, parts.crop_pct), d.image_size,
+                                cfg.train.eval_batch_size, d.workers, d.skip_bad_images,
+                                accelerator)
 
 
 @dataclass
@@ -177,8 +312,9 @@ class Training:
     factor: Callable[[int], float]  # the schedule: step -> fraction of train.lr
     opts: StepOptions
     steps_per_epoch: int
-    eval_loader: DataLoader
-    val_loader: DataLoader | None
+    loader: TrainLoader
+    eval_loader: Iterable
+    val_loader: Iterable | None
     ema: EMA | None
     gen: torch.Generator  # augmentation draws, one stream per process
 
@@ -188,12 +324,12 @@ def prepare_training(cfg: Config, parts: Parts, accelerator: Accelerator) -> Tra
     average (checkpoints save the schedule and the average themselves: nothing pickled)."""
     tcfg = cfg.train
     optimizer = make_optimizer(parts.model, tcfg, parts.plan)
-    steps_per_epoch = len(parts.train_data) // tcfg.batch_size  # the last partial batch drops
-    factor = schedule_factor(tcfg, steps_per_epoch)
+    loader = train_loader(cfg, parts, accelerator)
+    factor = schedule_factor(tcfg, loader.steps)
     scheduler = make_scheduler(optimizer, factor)
-    model, optimizer, eval_loader = accelerator.prepare(
-        parts.model, optimizer, index_loader(len(parts.test_data), tcfg.eval_batch_size))
-    val_loader = (accelerator.prepare(index_loader(len(parts.val_data), tcfg.eval_batch_size))
+    model, optimizer = accelerator.prepare(parts.model, optimizer)
+    eval_loader = evaluation_loader(cfg, parts, parts.test_data, accelerator)
+    val_loader = (evaluation_loader(cfg, parts, parts.val_data, accelerator)
                   if parts.val_data is not None else None)
     raw = accelerator.unwrap_model(model)
     ema = EMA(raw, tcfg.ema_decay) if tcfg.ema_decay else None
@@ -201,4 +337,4 @@ def prepare_training(cfg: Config, parts: Parts, accelerator: Accelerator) -> Tra
         tcfg.seed * 7919 + accelerator.process_index)
     return Training(model, raw, optimizer, scheduler, factor,
                     StepOptions.from_config(cfg, len(parts.train_data.classes)),
-                    steps_per_epoch, eval_loader, val_loader, ema, gen)
+                    loader.steps, loader, eval_loader, val_loader, ema, gen)

@@ -65,23 +65,12 @@ def _evaluate(ns: argparse.Namespace) -> None:
 def _predict(ns: argparse.Namespace) -> None:
     import json
 
-    from PIL import Image, UnidentifiedImageError
-
-    from finetune.data import DataError
     from finetune.inference import image_files, load
 
     predictor = load(ns.model)
     files = image_files(ns.images)
-    images = []
-    for path in files:
-        try:
-            with Image.open(path) as im:
-                images.append(im.copy())
-        except (UnidentifiedImageError, OSError) as e:
-            raise DataError(f"{path}: cannot read image ({e})") from None
-        except Image.DecompressionBombError as e:
-            raise DataError(f"{path}: {e} Downscale the image first.") from None
-    results = predictor.predict(images, top_k=ns.top_k)
+    # Opened as training's evaluation opened its files (a bad one is a one-line DataError).
+    results = predictor.predict(files, top_k=ns.top_k)
     if ns.json:
         print(json.dumps([{"file": str(f), "top_k": [{"class": c, "probability": round(p, 6)}
                                                       for c, p in r]}

@@ -44,12 +44,26 @@ class DataConfig:
     # auto: data.root if given (IDX files or an ImageFolder tree), else a local copy of
     # Fashion-MNIST, else the Hugging Face hub.
     source: str = "auto"
+    # IDX files, an ImageFolder tree, or (data.source=hf) a Hugging Face save_to_disk folder,
+    # parquet files, or a folder for the data.hf_name builder (e.g. hf_name=imagefolder).
     root: str | None = None
     hf_name: str = "zalando-datasets/fashion_mnist"
+    hf_config: str | None = None
+    # Hugging Face split names or slices (train[:10%]); test_split None: test, validation, val
+    # or valid, else a seeded tenth of each class of the training split.
+    train_split: str = "train"
+    test_split: str | None = None
+    # None: the first Image feature / the first ClassLabel (or a column named label, labels).
+    image_column: str | None = None
+    label_column: str | None = None
     image_size: int = 28
-    # Use only the first N training / test images (None: all).
+    # Use only N training / test images (None: all): the same fraction of every class, drawn
+    # with data.split_seed.
     train_limit: int | None = None
     eval_limit: int | None = None
+    # Seeds the limits, data.val_split and a hold-out test split; independent of train.seed,
+    # so that runs with different seeds compare on the same images.
+    split_seed: int = 0
     # Keep only these classes (names or 0-based indices), relabelled 0..k-1 in this order; e.g.
     # [1,5,7,8,9] to pretrain on half of Fashion-MNIST and [0,2,3,4,6] to transfer to the rest.
     # Applied before the limits. None: all classes.
@@ -61,11 +75,31 @@ class DataConfig:
     crop_pad: int = 0
     # Probability of erasing a random rectangle of each training image (random erasing).
     random_erasing: float = 0.0
-    # Where the uint8 dataset lives during training. auto: on the device when it fits (one
-    # upload, batches indexed there), else streamed from host memory by a DataLoader.
+    # Where the images live during training. device: decoded once (resized, center-cropped) and
+    # resident on the device, batches indexed and augmented there; host: resident in host memory,
+    # batches gathered by workers; stream: decoded and transformed per batch by workers from the
+    # files or rows (RandomResizedCrop etc.). auto: stream when the full-size images decode to
+    # more than 1 GB, else device (host when that does not fit); the log says which and why.
     placement: str = "auto"
-    # DataLoader worker processes for the streamed (host) placement.
+    # DataLoader worker processes (host and stream placements, and decoding up front).
     workers: int = 2
+    # Streaming path: RandomResizedCrop's area fraction and aspect-ratio range, an automatic
+    # augmentation policy, and the evaluation crop (shorter side resized to
+    # image_size / crop_pct, center crop). crop_pct and interpolation None: the pretrained
+    # weights' own, else 0.875 and bilinear.
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333333])
+    auto_augment: str = "none"
+    crop_pct: float | None = None
+    interpolation: str | None = None
+    # false: a corrupt image stops the run naming it; true: it is skipped, logged and counted
+    # (bad_images in metrics.jsonl).
+    skip_bad_images: bool = False
+    # Hugging Face datasets bigger than the disk: iterated, never held (every process reads its
+    # every world_size-th row, shuffled in a seeded buffer of shuffle_buffer rows); needs a
+    # test_split and the split sizes (the dataset card's, or data.train_limit/eval_limit).
+    streaming: bool = False
+    shuffle_buffer: int = 1000  # rows (encoded images) held per worker: memory
     # Mixup / CutMix: Beta(alpha, alpha) mixing of each training batch with itself reversed
     # (0: off). With both on, each batch takes one of the two at random (mix_switch: CutMix's
     # probability).
@@ -169,15 +203,18 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.schedule": ("constant", "cosine", "onecycle", "step"),
     "finetune.bn": ("train", "freeze_stats", "freeze"),
     "train.mixed_precision": ("auto", "fp32", "bf16", "fp16"),
-    "data.placement": ("auto", "device", "host"),
+    "data.placement": ("auto", "device", "host", "stream"),
+    "data.auto_augment": ("none", "trivial", "randaugment", "autoaugment", "colorjitter"),
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune",
                            "max-autotune-no-cudagraphs"),
 }
 POSITIVE = ("data.image_size", "data.train_limit", "data.eval_limit", "model.in_chans",
+            "data.shuffle_buffer",
             "train.epochs", "train.batch_size", "train.eval_batch_size", "train.log_every",
             "train.keep_checkpoints", "train.accumulate", "finetune.head_lr_mult",
             "finetune.layer_decay")
-NON_NEGATIVE = ("data.crop_pad", "data.workers", "train.checkpoint_every", "train.seed", "train.lr",
+NON_NEGATIVE = ("data.crop_pad", "data.workers", "data.split_seed", "train.checkpoint_every",
+                "train.seed", "train.lr",
                 "train.momentum", "train.weight_decay", "train.warmup_epochs",
                 "train.label_smoothing", "train.clip_grad_norm", "train.early_stopping",
                 "data.mixup", "data.cutmix", "train.step_gamma")
@@ -383,12 +420,30 @@ def validate(cfg: Config) -> None:
                           "at whose start the rate drops by train.step_gamma.")
     if cfg.train.label_smoothing >= 1:
         raise ConfigError(f"'train.label_smoothing' must be < 1, got {cfg.train.label_smoothing}.")
+    _check_transforms(cfg.data)
     if cfg.data.source == "imagefolder" and not cfg.data.root:
         raise ConfigError("data.source=imagefolder needs data.root=PATH "
                           "(a folder with one subfolder of images per class).")
     if cfg.model.weights and not cfg.model.pretrained:
         raise ConfigError(f"model.weights={cfg.model.weights} is set but model.pretrained=false; "
                           "set model.pretrained=true to load it, or drop model.weights.")
+
+
+def _check_transforms(d: DataConfig) -> None:
+    """The streaming path's settings."""
+    if d.streaming and (d.val_split or d.placement not in ("auto", "stream")):
+        raise ConfigError("data.streaming=true streams batches (data.placement=stream) and "
+                          "cannot hold out data.val_split; drop those keys.")
+    if d.interpolation not in (None, "bilinear", "bicubic", "nearest", "lanczos"):
+        raise ConfigError(f"invalid value {d.interpolation!r} for 'data.interpolation'. "
+                          f"Valid values: bilinear, bicubic, nearest, lanczos.")
+    if d.crop_pct is not None and not 0 < d.crop_pct <= 1:
+        raise ConfigError(f"'data.crop_pct' must be in (0, 1], got {d.crop_pct}.")
+    for key, low, high in (("scale", 0, 1), ("ratio", 0, math.inf)):
+        pair = getattr(d, key)
+        if len(pair) != 2 or not low < pair[0] <= pair[1] <= high:
+            raise ConfigError(f"'data.{key}' is a range [min, max] with {low} < min <= max"
+                              f"{' <= 1' if high == 1 else ''}, got {list(pair)}.")
 
 
 def flat_config(cfg: Config) -> dict[str, Any]:

@@ -14,7 +14,8 @@ from torch import nn
 
 from finetune.config import load_config
 from finetune.data import DataError, ImageData, load_data
-from finetune.data.loader import BatchTransform, gather, index_loader
+from finetune.data.hub import StreamedSplit
+from finetune.data.loader import BatchTransform, Data, eval_batches, prepared_eval_loader
 from finetune.errors import TrainingError
 from finetune.files import atomic_write_text
 from finetune.inference import load
@@ -23,38 +24,73 @@ from finetune.speed import make_accelerator
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, data: ImageData, transform: BatchTransform, loader,
+def evaluate(model: nn.Module, data: Data, transform: BatchTransform, loader,
              accelerator: Accelerator) -> dict:
     """Accuracy and mean loss over every sample of ``data`` exactly once, across processes.
 
-    ``loader`` is an Accelerate-prepared index loader (:func:`index_loader`); ``data`` may
-    live on the device or in host memory.
+    ``loader`` is an Accelerate-prepared :func:`eval_loader` of ``data`` (resident on the
+    device or in host memory, or streamed). A bad image skipped (``data.skip_bad_images``) is
+    counted as seen but not scored: ``test_skipped``.
     """
     model.eval()
     k = len(data.classes)
     # confusion[true, predicted], accumulated on the device: no host sync per batch.
     confusion = torch.zeros(k * k, dtype=torch.long, device=accelerator.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    seen = torch.zeros(len(data), dtype=torch.long, device=accelerator.device)
-    for idx in loader:
+    # A stream's processes read disjoint rows and sum once at the end; otherwise each batch is
+    # gathered (Accelerate drops the last one's padding) and every index is counted.
+    streamed = isinstance(data, StreamedSplit)
+    if streamed:  # processes may read different numbers of batches: no DDP collective here
+        model = accelerator.unwrap_model(model)
+    seen = torch.zeros(1 if streamed else len(data), dtype=torch.long, device=accelerator.device)
+    for idx, images, labels, decoded in eval_batches(data, loader, accelerator.device):
         torch.compiler.cudagraph_mark_step_begin()
-        images, labels = gather(data, idx, accelerator.device)
         logits = model(transform(images))
         loss = F.cross_entropy(logits.float(), labels, reduction="none")
-        preds, labels, loss, idx = accelerator.gather_for_metrics(
-            (logits.argmax(1), labels, loss, idx))
+        scored = torch.ones_like(labels) if decoded is None else decoded.long()
+        preds = logits.argmax(1)
+        if streamed:
+            seen += len(labels)
+        else:
+            preds, labels, loss, idx, scored = accelerator.gather_for_metrics(
+                (preds, labels, loss, idx, scored))
+            seen.index_add_(0, idx, torch.ones_like(idx))
         # index_add_, not bincount: bincount reads its input's max on the host (a sync).
-        confusion.index_add_(0, labels * k + preds, torch.ones_like(preds))
-        seen.index_add_(0, idx, torch.ones_like(idx))
-        loss_sum += loss.sum()
+        confusion.index_add_(0, labels * k + preds, scored)
+        loss_sum += (loss * scored).sum()
+    if streamed:
+        confusion, loss_sum, seen = (accelerator.reduce(t, "sum") for t in
+                                     (confusion, loss_sum, seen))
     confusion = confusion.view(k, k).cpu()
     n, correct = int(confusion.sum()), int(confusion.trace())
-    if not bool((seen == 1).all()):  # every test sample counted exactly once, over all processes
-        raise TrainingError(f"evaluation counted {int((seen == 0).sum())} test samples never and "
-                            f"{int((seen > 1).sum())} more than once; this is a bug in finetune's "
-                            f"sharding, please report it.")
-    return {"test_acc": correct / n, "test_loss": float(loss_sum) / n,
-            "test_correct": correct, "test_total": n, "confusion": confusion.tolist()}
+    if n == 0:
+        raise TrainingError("every test image was skipped as bad; check the test data.")
+    if streamed and int(seen) != len(data):
+        raise DataError(f"the streamed test split gave {int(seen)} rows, not the {len(data)} "
+                        f"expected (data.eval_limit, or the dataset card's size); set "
+                        f"data.eval_limit to at most the split's size.")
+    if not streamed and not bool((seen == 1).all()):  # each sample once, over all processes
+        raise TrainingError(f"evaluation counted {int((seen == 0).sum())} test samples never "
+                            f"and {int((seen > 1).sum())} more than once; this is a bug in "
+                            f"finetune's sharding, please report it.")
+    result = {"test_acc": correct / n, "test_loss": float(loss_sum) / n,
+              "test_correct": correct, "test_total": n, "confusion": confusion.tolist()}
+    if n < len(data):
+        result["test_skipped"] = len(data) - n
+    return result
+
+
+def _eval_loader(data: Data, predictor, cfg, accelerator: Accelerator) -> tuple:
+    """``(loader, data)`` reading ``data`` as training's evaluation did, from model.json:
+    resident images batch-resized, or files and rows decoded, resized and cropped."""
+    if isinstance(data, ImageData) and predictor.crop_pct != 1.0:
+        data = data.as_samples()  # it was streamed when trained
+    elif isinstance(data, ImageData):
+        data = data.to(accelerator.device)
+    loader = prepared_eval_loader(data, predictor.image_transform, predictor.need,
+                                  predictor.meta["image_size"], cfg.train.eval_batch_size,
+                                  cfg.data.workers, cfg.data.skip_bad_images, accelerator)
+    return loader, data
 
 
 def prefixed(prefix: str, result: dict) -> dict:
@@ -107,10 +143,9 @@ def evaluate_run(run_dir: str | Path, overrides: list[str]) -> dict:
     if test_data.classes != meta["class_names"]:
         raise DataError(f"the test data's classes {test_data.classes} differ from the model's "
                         f"{meta['class_names']}")
-    loader = accelerator.prepare(index_loader(len(test_data), cfg.train.eval_batch_size))
+    loader, test_data = _eval_loader(test_data, predictor, cfg, accelerator)
     with accelerator.autocast():
-        result = evaluate(predictor.model, test_data.to(accelerator.device),
-                          predictor.transform, loader, accelerator)
+        result = evaluate(predictor.model, test_data, predictor.transform, loader, accelerator)
     result["per_class"] = per_class(result["confusion"], meta["class_names"])
     result["data"] = source
     if accelerator.is_main_process:

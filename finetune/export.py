@@ -6,6 +6,7 @@ Both files are written atomically; ``load_model`` needs nothing else to rebuild 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -25,13 +26,19 @@ REQUIRED_META = ("architecture", "num_classes", "in_chans", "image_size", "mean"
 
 
 def model_meta(*, architecture: str, class_names: list[str], in_chans: int, image_size: int,
-               norm: str, mean: tuple[float, ...], std: tuple[float, ...], recipe: str | None,
-               pretrained: str | None, data: str, train_images: int, test_images: int) -> dict:
-    """``model.json``'s content: what rebuilds and feeds the model (``REQUIRED_META``), and
+               norm: str, mean: tuple[float, ...], std: tuple[float, ...], crop_pct: float,
+               interpolation: str, resample: str, recipe: str | None, pretrained: str | None,
+               data: str, train_images: int, test_images: int) -> dict:
+    """``model.json``'s content: what rebuilds and feeds the model (``REQUIRED_META``; the
+    evaluation transform is: shorter side to ``floor(image_size / crop_pct)`` with
+    ``interpolation``, center crop, then ``(x / 255 - mean) / std``; ``resample`` says whether
+    images were resized one at a time ("image") or, square, as float batches ("batch")), and
     where it came from."""
     return {"architecture": architecture, "num_classes": len(class_names),
             "in_chans": in_chans, "image_size": image_size, "norm": norm, "mean": list(mean),
-            "std": list(std), "interpolation": "bilinear", "class_names": list(class_names),
+            "std": list(std), "crop_pct": crop_pct, "interpolation": interpolation,
+            "resize": math.floor(image_size / crop_pct), "resample": resample,
+            "class_names": list(class_names),
             "recipe": recipe, "pretrained": pretrained, "data": data,
             "train_images": train_images, "test_images": test_images,
             "finetune_version": __version__}
@@ -72,7 +79,7 @@ def timm_config(meta: dict, model: nn.Module) -> dict:
             "interpolation": meta.get("interpolation", "bilinear"),
             "mean": list(meta["mean"]),
             "std": list(meta["std"]),
-            "crop_pct": 1.0,
+            "crop_pct": meta.get("crop_pct", 1.0),
             "crop_mode": "center",
             "num_classes": meta["num_classes"],
             "first_conv": model.pretrained_cfg["first_conv"],
@@ -144,7 +151,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
 
 def export_onnx(path: str | Path, out: str | Path | None = None, opset: int = 18) -> Path:
     """Write ``model.onnx`` (input ``input`` (batch, C, H, W) already normalized, output
-    ``logits``) with a dynamic batch dimension; returns its path."""
+    ``logits``) with a dynamic batch dimension and the preprocessing in its metadata
+    (``image_size``, ``crop_pct``, ``resize``, ``interpolation``, ``mean``, ``std``); returns
+    its path."""
     try:
         import onnxscript  # noqa: F401  (torch's ONNX exporter needs it)
     except ImportError:
@@ -158,10 +167,19 @@ def export_onnx(path: str | Path, out: str | Path | None = None, opset: int = 18
     batch = torch.export.Dim("batch", min=1, max=65_536)
 
     def write(tmp: Path) -> None:
+        import onnx
+
         torch.onnx.export(model, (example,), str(tmp), input_names=["input"],
                           output_names=["logits"], dynamic_shapes=({0: batch},),
                           opset_version=opset, dynamo=True, external_data=False,
                           verbose=False)
+        # The preprocessing the input needs travels inside the file, as model.json has it.
+        graph = onnx.load(str(tmp))
+        for key in ("image_size", "crop_pct", "resize", "interpolation", "mean", "std",
+                    "in_chans", "class_names"):
+            if key in meta:
+                graph.metadata_props.add(key=key, value=json.dumps(meta[key]))
+        onnx.save(graph, str(tmp))
 
     atomic_write(out, write)
     return out

@@ -1,8 +1,10 @@
 """Use an exported model: ``finetune.load(run_dir)`` and ``Predictor.predict(images)``.
 
-Preprocessing is exactly training's: images become uint8 tensors in the model's channel mode
-(grey or RGB), then go through the same batched resize and normalization
-(:class:`~finetune.data.loader.BatchTransform`) with the size and mean/std from ``model.json``.
+Preprocessing is exactly training's evaluation, from ``model.json``: an image file is opened as
+training opened it (:func:`~finetune.data.images.open_image`, in the model's channel mode),
+its shorter side resized to ``image_size / crop_pct`` with the recorded interpolation and
+center-cropped (:func:`~finetune.data.images.eval_transform`); then the same batched
+normalization (:class:`~finetune.data.loader.BatchTransform`) as training.
 """
 
 from __future__ import annotations
@@ -10,11 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
+from finetune.data.images import eval_resize, eval_transform, open_image, pil_to_uint8, to_mode
 from finetune.data.loader import BatchTransform
 from finetune.data.sources import IMAGE_SUFFIXES
 from finetune.export import load_model
@@ -25,40 +27,74 @@ class Predictor:
     """An exported model with its preprocessing and class names."""
 
     model: nn.Module
-    transform: BatchTransform
+    transform: BatchTransform  # batched: to float, channels, normalization
     class_names: list[str]
     meta: dict
     # "bf16": run under bf16 autocast on the model's device, as a bf16 run was evaluated.
     precision: str = "fp32"
 
     @property
+    def crop_pct(self) -> float:
+        return float(self.meta.get("crop_pct", 1.0))
+
+    @property
+    def resample(self) -> str:
+        """How training resized: "image" (each image, resized and cropped), "batch" (square
+        images, float batches on the device) or "squash" (exports older than crop_pct: every
+        image resized to a square as a float batch)."""
+        return self.meta.get("resample", "squash" if "crop_pct" not in self.meta else "image")
+
+    @property
+    def need(self) -> int:
+        """The shorter side a file is decoded to at least (JPEG draft decoding)."""
+        return eval_resize(self.meta["image_size"], self.crop_pct)
+
+    @property
+    def image_transform(self):
+        """One image (PIL, or uint8 (C, H, W)) -> uint8 (C, size, size): resize, center crop."""
+        return eval_transform(self.meta["image_size"], self.crop_pct,
+                              self.meta.get("interpolation", "bilinear"))
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def to_uint8(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
-        """A PIL image (any mode) or a uint8 tensor (C, H, W) -> uint8 (C, H, W) with the
-        model's channel count. Grey <-> RGB conversion of tensors happens in the transform."""
+    def to_uint8(self, image: str | Path | Image.Image | torch.Tensor) -> torch.Tensor:
+        """An image file, a PIL image (any mode) or a uint8 tensor (C, H, W) -> uint8
+        (C, size, size) as training's evaluation saw it. A tensor whose crop is the whole
+        (square) image is left to the batched resize, as resident training data was."""
+        batched = self.resample != "image"
+        if isinstance(image, (str, Path)):
+            image = open_image(image, self.meta["in_chans"], 0 if batched else self.need)
         if isinstance(image, Image.Image):
-            if image.mode.startswith("I"):  # 16- or 32-bit integer grey: to 8 bits, scaled
-                pixels = torch.from_numpy(np.asarray(image).astype(np.int64))
-                scale = 257 if int(pixels.max()) <= 65_535 else 16_843_009
-                image = Image.fromarray((pixels / scale).round().to(torch.uint8).numpy())
-            mode = "L" if self.meta["in_chans"] == 1 else "RGB"
-            image = torch.from_numpy(np.asarray(image.convert(mode)).copy())
-            return image[None] if image.ndim == 2 else image.permute(2, 0, 1)
+            image = to_mode(image, self.meta["in_chans"])
+            return self._cropped(pil_to_uint8(image)) if batched else self.image_transform(image)
         if image.dtype != torch.uint8 or image.ndim != 3:
             raise ValueError(f"expected a uint8 tensor (C, H, W), got {image.dtype} "
                              f"{tuple(image.shape)}")
-        return image
+        return self._cropped(image)
+
+    def _cropped(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (..., C, H, W) as training cropped them before the batched resize (and
+        normalization) of :attr:`transform`: resized and center-cropped one at a time, a
+        center square, or (older exports) whole."""
+        if self.resample == "image":
+            return self.image_transform(images)
+        if self.resample == "batch":
+            h, w = images.shape[-2:]
+            side = min(h, w)
+            top, left = (h - side) // 2, (w - side) // 2
+            return images[..., top:top + side, left:left + side]
+        return images
 
     @torch.inference_mode()
-    def logits(self, images: torch.Tensor | list[Image.Image | torch.Tensor],
+    def logits(self, images: torch.Tensor | list[str | Path | Image.Image | torch.Tensor],
                batch_size: int = 256) -> torch.Tensor:
-        """Logits (N, num_classes) of a uint8 batch (N, C, H, W) or a list of images, which
-        may differ in size (each is then resized on its own); the model runs on batches of
-        ``batch_size``."""
+        """Logits (N, num_classes) of a uint8 batch (N, C, H, W) or a list of images (files,
+        PIL images or tensors), which may differ in size (each is then resized and cropped on
+        its own); the model runs on batches of ``batch_size``."""
         if isinstance(images, torch.Tensor):
-            batches = [self.transform(images[i:i + batch_size].to(self.device))
+            batches = [self.transform(self._cropped(images[i:i + batch_size]).to(self.device))
                        for i in range(0, len(images), batch_size)]
         else:
             x = [self.transform(self.to_uint8(im)[None].to(self.device)) for im in images]
@@ -67,7 +103,7 @@ class Predictor:
                             enabled=self.precision == "bf16"):
             return torch.cat([self.model(b) for b in batches]).float()
 
-    def predict(self, images: list[Image.Image | torch.Tensor], top_k: int = 5
+    def predict(self, images: list[str | Path | Image.Image | torch.Tensor], top_k: int = 5
                 ) -> list[list[tuple[str, float]]]:
         """For each image, the ``top_k`` (class name, probability) pairs, most likely first."""
         probs = self.logits(images).float().softmax(dim=1)

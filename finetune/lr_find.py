@@ -16,16 +16,13 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from finetune.assemble import Parts, assemble, check_model
+from finetune.assemble import assemble, check_model, train_loader
 from finetune.config import Config, load_config, split_options
-from finetune.data.loader import batches_on, train_batches
 from finetune.errors import ConfigError
 from finetune.files import atomic_write_text
 from finetune.optim import enter_epoch, make_optimizer, make_scheduler
@@ -51,18 +48,6 @@ def suggest(lrs: list[float], smoothed: list[float]) -> float:
     return lrs[min(slope, key=slope.__getitem__)]
 
 
-def _batches(cfg: Config, parts: Parts, accelerator: Accelerator
-             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Training batches, as many passes over the data as the sweep needs."""
-    data = parts.train_data
-    for epoch in itertools.count(1):
-        indices = train_batches(len(data), cfg.train.batch_size, epoch, cfg.train.seed,
-                                accelerator.process_index, accelerator.num_processes,
-                                data.images.device)
-        yield from batches_on(data, indices, accelerator.device, parts.placement,
-                              cfg.data.workers)
-
-
 def lr_find(cfg: Config, start_lr: float = 1e-7, end_lr: float = 10.0, steps: int = 100,
             out: Path | None = None) -> dict:
     """Sweep the learning rate; write ``lr_find.json`` and ``lr_find.png`` into ``out``."""
@@ -86,7 +71,9 @@ def lr_find(cfg: Config, start_lr: float = 1e-7, end_lr: float = 10.0, steps: in
     thawing = enter_epoch(parts.model, parts.plan, 1, cfg.finetune.bn)
     lrs, losses, smoothed = [], [], []
     avg, best = 0.0, math.inf
-    for i, (images, y) in zip(range(steps), _batches(cfg, parts, accelerator), strict=False):
+    loader = train_loader(cfg, parts, accelerator)
+    batches = itertools.chain.from_iterable(map(loader.epoch, itertools.count(1)))
+    for i, (images, y) in zip(range(steps), batches, strict=False):
         lrs.append(start_lr * ratio ** i)
         x = parts.transform(images, train=True, gen=gen)
         loss, _ = train_step(model, optimizer, accelerator, x, y, opts, step=i,

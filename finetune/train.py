@@ -10,7 +10,6 @@ files are ``finetune.runs``'.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import time
@@ -25,7 +24,6 @@ from tqdm.auto import tqdm
 from finetune.assemble import Parts, Training, assemble, check_model, prepare_training
 from finetune.checkpoint import LoopState, list_checkpoints, restore, save_checkpoint
 from finetune.config import Config
-from finetune.data.loader import batches_on, gather, train_batches
 from finetune.errors import TrainingError
 from finetune.evaluation import accuracy_line, evaluate, prefixed
 from finetune.optim import enter_epoch
@@ -118,9 +116,7 @@ def train(cfg: Config, accelerator: Accelerator, precision: str, out: Path) -> d
 
 def warm_up(cfg: Config, parts: Parts, t: Training, accelerator: Accelerator) -> float:
     """``torch.compile`` the model and run one step before the clock starts; the seconds."""
-    sample = gather(parts.train_data, torch.arange(cfg.train.batch_size //
-                                                   accelerator.num_processes),
-                    accelerator.device)
+    sample = t.loader.sample(cfg.train.batch_size // accelerator.num_processes)
     seconds = compile_model(t.model, t.optimizer, *sample, parts.transform, accelerator,
                             t.opts, cfg.train.compile_mode)
     accelerator.print(f"compiled the model in {seconds:.1f} s (not counted as training)")
@@ -157,7 +153,7 @@ def train_one_epoch(cfg: Config, parts: Parts, t: Training, accelerator: Acceler
     batches skipped, its accumulators restored); ``checkpoint`` is called every
     ``train.checkpoint_every`` steps.
     """
-    tcfg, data, device = cfg.train, parts.train_data, accelerator.device
+    tcfg, device = cfg.train, accelerator.device
     t.model.train()
     # Stages that thaw later have gradients but must not move: the step drops them.
     thawing = enter_epoch(t.raw, parts.plan, epoch, cfg.finetune.bn)
@@ -169,12 +165,9 @@ def train_one_epoch(cfg: Config, parts: Parts, t: Training, accelerator: Acceler
         first = resume.step
         losses[:first] = resume.losses
         correct += resume.correct
-    indices = itertools.islice(train_batches(len(data), tcfg.batch_size, epoch, tcfg.seed,
-                                             accelerator.process_index,
-                                             accelerator.num_processes, data.images.device),
-                               first, None)
-    bar = tqdm(batches_on(data, indices, device, parts.placement, cfg.data.workers),
-               total=steps, initial=first, desc=f"epoch {epoch}/{tcfg.epochs}", leave=False,
+    bad_before = t.loader.bad
+    bar = tqdm(t.loader.epoch(epoch, first), total=steps, initial=first,
+               desc=f"epoch {epoch}/{tcfg.epochs}", leave=False,
                # None: shown on a terminal only (not in logs), by the main process alone.
                disable=None if accelerator.is_main_process else True, dynamic_ncols=True)
     shown = None
@@ -194,9 +187,13 @@ def train_one_epoch(cfg: Config, parts: Parts, t: Training, accelerator: Acceler
     # Each process saw its slice of every global batch: average / sum across processes.
     batch_loss = accelerator.reduce(losses, "mean")
     correct = accelerator.reduce(correct, "sum")
-    return {"epoch": epoch, "train_loss": float(batch_loss.mean()),
-            "train_acc": int(correct) / (steps * tcfg.batch_size),
-            "batch_loss": [round(v, 5) for v in batch_loss.tolist()]}
+    record = {"epoch": epoch, "train_loss": float(batch_loss.mean()),
+              "train_acc": int(correct) / (steps * tcfg.batch_size),
+              "batch_loss": [round(v, 5) for v in batch_loss.tolist()]}
+    if cfg.data.skip_bad_images:  # bad training images skipped this epoch, all processes
+        bad = torch.tensor(t.loader.bad - bad_before, device=device)
+        record["bad_images"] = int(accelerator.reduce(bad, "sum"))
+    return record
 
 
 def end_epoch(parts: Parts, t: Training, accelerator: Accelerator,

@@ -16,6 +16,7 @@ import hypothesis
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 NUM_CLASSES = 10
 
@@ -46,6 +47,32 @@ def make_images(n: int, seed: int, size: int = 28) -> tuple[np.ndarray, np.ndarr
     for i, k in enumerate(labels):
         images[i, k * band:(k + 1) * band + 1, :] = 230
     return images, labels.astype(np.uint8)
+
+
+CLASSES = 10
+
+
+def photo(k: int, rng: np.random.Generator, grey: bool = False) -> Image.Image:
+    """Class k: a bright vertical band at a class-specific place, on noise, of random size
+    and aspect ratio."""
+    w, h = int(rng.integers(40, 90)), int(rng.integers(40, 90))
+    a = rng.integers(0, 70, (h, w, 3), dtype=np.uint8)
+    left = k * w // CLASSES
+    a[:, left:left + max(2, w // CLASSES)] = 230
+    image = Image.fromarray(a)
+    return image.convert("L") if grey else image
+
+
+def write_photos(root, per_class: int = 20, seed: int = 0):
+    """A class-sorted ImageFolder tree of JPEGs and PNGs of mixed sizes."""
+    rng = np.random.default_rng(seed)
+    for k in range(CLASSES):
+        folder = root / f"class{k}"
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            suffix = ".png" if i % 4 == 0 else ".jpg"
+            photo(k, rng).save(folder / f"{i:03d}{suffix}")
+    return root
 
 
 def write_fake_fmnist(folder: Path, n_train: int = 96, n_test: int = 53, gz: bool = True

@@ -1,7 +1,8 @@
 """``finetune`` under a launcher, with test hooks switched on by environment variables:
 
 - ``FT_RECORD_BATCHES=DIR``: each process saves the index batches it trained on, per epoch,
-  to ``DIR/rank<R>.pt``;
+  to ``DIR/rank<R>.pt`` (resident data; streamed data with ``data.workers=0``, whose batches are
+  then read in the process itself);
 - ``FT_KILL_RANK=R`` and ``FT_KILL_AT_STEP=K``: process R kills itself with SIGKILL at its K-th
   training step (counted over the whole run).
 
@@ -14,13 +15,16 @@ import sys
 
 import torch
 
+import finetune.data.loader as loader
 import finetune.train as train
 from finetune.cli import main
+from finetune.data.stream import TrainBatches
 
 rank = int(os.environ.get("RANK", "0"))
 
 if os.environ.get("FT_RECORD_BATCHES"):
-    real_batches, recorded = train.train_batches, []
+    real_batches, real_indices, recorded = loader.train_batches, TrainBatches.indices, []
+    path = os.path.join(os.environ["FT_RECORD_BATCHES"], f"rank{rank}.pt")
 
     def train_batches(*args, **kwargs):
         epoch = []
@@ -28,9 +32,18 @@ if os.environ.get("FT_RECORD_BATCHES"):
         for batch in real_batches(*args, **kwargs):
             epoch.append(batch.cpu().clone())
             yield batch
-        torch.save(recorded, os.path.join(os.environ["FT_RECORD_BATCHES"], f"rank{rank}.pt"))
+        torch.save(recorded, path)
 
-    train.train_batches = train_batches
+    def indices(self, epoch, step):
+        while len(recorded) < epoch:
+            recorded.append([])
+        batch = real_indices(self, epoch, step)
+        recorded[epoch - 1].append(torch.tensor(batch))
+        torch.save(recorded, path)
+        return batch
+
+    loader.train_batches = train_batches
+    TrainBatches.indices = indices
 
 if os.environ.get("FT_KILL_RANK") == str(rank):
     real_step, calls = train.train_step, [0]

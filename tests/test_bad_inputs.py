@@ -12,6 +12,7 @@ from PIL import Image
 
 from finetune.cli import main as cli_main
 from finetune.config import load_config
+from finetune.data.samples import preload
 from finetune.data.sources import load_imagefolder
 from finetune.train import main
 
@@ -66,10 +67,10 @@ def test_sixteen_bit_and_animated_images_are_read_right(tmp_path):
             Image.fromarray(np.full((8, 8), value, np.uint16)).save(tmp_path / cls / f"{i}.png")
     frames = [Image.new("L", (8, 8), 200), Image.new("L", (8, 8), 10)]
     frames[0].save(tmp_path / "light" / "anim.gif", save_all=True, append_images=frames[1:])
-    train, test = load_imagefolder(tmp_path, image_size=8)
-    data = {c: torch.cat([train.images[train.labels == k], test.images[test.labels == k]])
-            for k, c in enumerate(train.classes)}
-    assert train.images.dtype == torch.uint8
+    train, test = load_imagefolder(tmp_path)
+    (a, la, _), (b, lb, _) = preload(train, 8), preload(test, 8)
+    data = {c: torch.cat([a[la == k], b[lb == k]]) for k, c in enumerate(train.classes)}
+    assert a.dtype == torch.uint8 and train.channels == 1
     assert (data["dark"] == round(1000 / 257)).all()  # 4, not 255
     light = sorted(int(x.float().mean()) for x in data["light"])
     assert light == [200, 233, 233, 233]  # the GIF's first frame; 60000 / 257 = 233.5

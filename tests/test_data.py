@@ -13,7 +13,8 @@ from finetune.data.loader import (
     random_crop,
     train_batches,
 )
-from finetune.data.sources import load_imagefolder
+from finetune.data.samples import preload
+from finetune.data.sources import load_imagefolder, stratified_mask
 
 
 def test_idx_source_from_root_with_limits(fmnist_dir):
@@ -62,9 +63,10 @@ def test_hf_source_in_memory(monkeypatch):
     train, test, source = load_data(DataConfig(source="hf"))
     assert calls == ["zalando-datasets/fashion_mnist"] and source.startswith("hf:")
     assert train.classes == names  # class names come from the source
-    assert train.images.shape == (12, 1, 28, 28) and len(test) == 5
-    np.testing.assert_array_equal(train.images[:, 0].numpy(), images)
-    np.testing.assert_array_equal(train.labels.numpy(), labels)
+    assert train.channels == 1 and len(train) == 12 and len(test) == 5  # read row by row
+    decoded, decoded_labels, _ = preload(train, 28)
+    np.testing.assert_array_equal(decoded[:, 0].numpy(), images)
+    np.testing.assert_array_equal(decoded_labels.numpy(), labels)
 
 
 def test_auto_falls_back_to_hf_when_no_local_copy(monkeypatch, tmp_path):
@@ -107,15 +109,18 @@ def test_imagefolder_train_test_split(tmp_path):
     _png_tree(tmp_path / "test", ["ant", "bee", "cat"], 2)
     train, test, source = load_data(DataConfig(root=str(tmp_path), image_size=16))
     assert source.startswith("imagefolder:") and train.classes == ["ant", "bee", "cat"]
-    assert train.images.shape == (12, 1, 16, 16) and len(test) == 6
-    assert train.labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
-    assert int(train.images[5, 0, 8, 8]) == 26  # bee/1.png is a flat 26 after resizing
+    assert train.channels == 1 and len(train) == 12 and len(test) == 6  # grey PNGs: 1 channel
+    images, labels, bad = preload(train, 16)
+    assert images.shape == (12, 1, 16, 16) and bad == []
+    assert labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert int(images[5, 0, 8, 8]) == 26  # bee/1.png is a flat 26 after resizing
 
 
 def test_imagefolder_single_tree_rgb_is_held_out_per_class(tmp_path):
     _png_tree(tmp_path, ["a", "b"], 10, mode="RGB")
-    train, test = load_imagefolder(tmp_path, image_size=8)
-    assert train.images.shape == (18, 3, 8, 8) and test.images.shape == (2, 3, 8, 8)
+    train, test = load_imagefolder(tmp_path)
+    assert preload(train, 8)[0].shape == (18, 3, 8, 8)
+    assert preload(test, 8)[0].shape == (2, 3, 8, 8)
     assert sorted(test.labels.tolist()) == [0, 1]
 
 
@@ -123,14 +128,15 @@ def test_imagefolder_bad_inputs(tmp_path):
     _png_tree(tmp_path / "t", ["a"], 1)
     (tmp_path / "t" / "empty").mkdir()
     with pytest.raises(DataError, match="class folder 'empty' holds no images"):
-        load_imagefolder(tmp_path / "t", 8)
+        load_imagefolder(tmp_path / "t")
     (tmp_path / "t" / "empty" / "x.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match="x.png: cannot decode image"):
-        load_imagefolder(tmp_path / "t", 8)
+        for split in load_imagefolder(tmp_path / "t"):  # found when decoded, not when listed
+            preload(split, 8)
     (tmp_path / "t" / "empty" / "x.png").unlink()
     (tmp_path / "t" / "empty" / "notes.txt").write_text("hi")
     with pytest.raises(DataError, match="notes.txt: not an image file"):
-        load_imagefolder(tmp_path / "t", 8)
+        load_imagefolder(tmp_path / "t")
 
 
 def test_transform_resizes_and_normalizes():
@@ -213,11 +219,14 @@ def test_class_subset_relabels_in_the_given_order(fmnist_dir):
     train, test, _ = load_data(DataConfig(root=str(fmnist_dir), classes=["7", "T-shirt/top"],
                                           train_limit=15))
     assert train.classes == ["Sneaker", "T-shirt/top"]
-    # Class 7 becomes 0 and class 0 becomes 1; order and images are those of the full split.
+    # Class 7 becomes 0 and class 0 becomes 1; the limit then takes the same share of each
+    # (drawn with data.split_seed), in the full split's order.
     keep = (full_train.labels == 7) | (full_train.labels == 0)
-    expected = torch.where(full_train.labels[keep] == 7, 0, 1)[:15]
-    assert torch.equal(train.labels, expected) and len(train) == 15
-    assert torch.equal(train.images, full_train.images[keep][:15])
+    relabelled = torch.where(full_train.labels[keep] == 7, 0, 1)
+    drawn = stratified_mask(relabelled, 2, 15, seed=0)
+    assert torch.equal(train.labels, relabelled[drawn]) and len(train) == 15
+    assert torch.equal(train.images, full_train.images[keep][drawn])
+    assert sorted(torch.bincount(train.labels).tolist()) == [7, 8]
     assert len(test) == int(((full_test.labels == 7) | (full_test.labels == 0)).sum())
     with pytest.raises(DataError, match="'Boots' is neither a class.*0=T-shirt/top"):
         load_data(DataConfig(root=str(fmnist_dir), classes=["Boots"]))

@@ -127,12 +127,12 @@ def test_fused_optimizer_matches_the_loop_implementation():
 def test_placement_auto_falls_back_to_streaming(monkeypatch, caplog):
     data = ImageData(torch.zeros(10, 1, 28, 28, dtype=torch.uint8), torch.zeros(10).long(),
                      ["a"])
-    assert place(data, "auto", CPU, data) == "device"
-    assert place(data, "host", CPU, data) == "host"
+    assert place(data, data, "auto", CPU, 28) == ("device", "0.00 GB as uint8: fits on the cpu")
+    assert place(data, data, "host", CPU, 28) == ("host", "data.placement=host")
+    assert place(data, data, "stream", CPU, 28)[0] == "stream"
     monkeypatch.setattr("finetune.data.loader.fits_on_device", lambda nbytes, device: False)
-    with caplog.at_level("WARNING"):
-        assert place(data, "auto", torch.device("cuda"), data) == "host"
-    assert "streaming batches from host memory" in caplog.text
+    placement, why = place(data, data, "auto", torch.device("cuda"), 28)
+    assert placement == "host" and "batches are gathered by workers" in why
 
 
 def test_streamed_batches_train_exactly_like_device_batches(tiny_args, tmp_path):

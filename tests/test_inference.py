@@ -128,6 +128,11 @@ def test_onnx_export_matches_pytorch(trained, tmp_path, capsys):
     out = tmp_path / "m.onnx"
     assert cli_main(["export-onnx", str(run), "--out", str(out)]) == 0
     session = onnxruntime.InferenceSession(str(out))
+    # The preprocessing the input needs travels in the file, as in model.json.
+    props = session.get_modelmeta().custom_metadata_map
+    meta = json.loads((run / "model.json").read_text())
+    for key in ("image_size", "crop_pct", "resize", "interpolation", "mean", "std"):
+        assert json.loads(props[key]) == meta[key], key
     model = finetune.load(run).model
     for batch in (1, 5):
         x = torch.randn(batch, 1, 28, 28)

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from finetune.config import SCHEMA_KEYS, ConfigError, load_config
+from finetune.config import MAX_IMAGE_SIZE, SCHEMA_KEYS, ConfigError, load_config
 from finetune.data.idx import DataError, parse_idx
 
 shapes = st.lists(st.integers(0, 6), min_size=1, max_size=3)
@@ -50,7 +50,7 @@ INT_KEYS = ["train.epochs", "train.batch_size", "train.eval_batch_size", "train.
 
 
 @settings(max_examples=100, deadline=None)
-@given(key=st.sampled_from(INT_KEYS), value=st.integers(1, 10_000))
+@given(key=st.sampled_from(INT_KEYS), value=st.integers(1, MAX_IMAGE_SIZE))
 def test_valid_int_override_is_applied(key, value):
     cfg = load_config(["recipe=resnet18_scratch_fmnist", f"{key}={value}"])
     section, name = key.split(".")

@@ -1,4 +1,10 @@
-"""Data: choose a source from the config and return the train and test splits in memory."""
+"""Data: choose a source from the config and return its train and test splits, with the
+classes kept and the limits applied (the same stratified, seeded draw for every source).
+
+A split is either :class:`ImageData` (uint8 images in memory: IDX files) or :class:`Samples`
+(read one image at a time: folders, Hugging Face rows); ``finetune.data.loader.place`` decides
+later whether a :class:`Samples` split is decoded up front or streamed.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +13,19 @@ from pathlib import Path
 
 from finetune.config import DataConfig
 from finetune.data.idx import DataError
+from finetune.data.samples import Samples
 from finetune.data.sources import (
     DEFAULT_IDX_DIRS,
     ImageData,
     find_idx_dir,
     holdout_mask,
-    load_hf,
     load_idx,
     load_imagefolder,
+    stratified_mask,
 )
 
-__all__ = ["DataError", "ImageData", "load_data", "validation_split"]
+__all__ = ["DataError", "ImageData", "Samples", "load_data", "validation_split"]
+Split = ImageData | Samples
 log = logging.getLogger(__name__)
 
 _FIX = ("Fix: install the Debian package (apt-get install dataset-fashion-mnist), pass "
@@ -25,7 +33,7 @@ _FIX = ("Fix: install the Debian package (apt-get install dataset-fashion-mnist)
         "FashionMNIST/raw), or go online for the Hugging Face hub.")
 
 
-def _load_from_root(cfg: DataConfig, root: Path) -> tuple[ImageData, ImageData, str]:
+def _load_from_root(cfg: DataConfig, root: Path) -> tuple[Split, Split, str]:
     if not root.is_dir():
         raise DataError(f"data.root={cfg.root} is not a folder.")
     idx_dir = find_idx_dir(root)
@@ -37,7 +45,7 @@ def _load_from_root(cfg: DataConfig, root: Path) -> tuple[ImageData, ImageData, 
                         f"t10k-labels-idx1-ubyte[.gz]) in {root}, {root}/FashionMNIST/raw or "
                         f"{root}/raw.")
     else:  # auto without IDX files, or imagefolder
-        return (*load_imagefolder(root, cfg.image_size), f"imagefolder:{root}")
+        return (*load_imagefolder(root, seed=cfg.split_seed), f"imagefolder:{root}")
 
 
 def class_indices(wanted: list[str], classes: list[str]) -> list[int]:
@@ -60,11 +68,18 @@ def class_indices(wanted: list[str], classes: list[str]) -> list[int]:
     return out
 
 
-def load_data(cfg: DataConfig) -> tuple[ImageData, ImageData, str]:
+def _load_hub(cfg: DataConfig) -> tuple[Split, Split, str]:
+    from finetune.data.hub import load_hub  # imports datasets: only when used
+
+    return load_hub(cfg, cfg.split_seed)
+
+
+def load_data(cfg: DataConfig) -> tuple[Split, Split, str]:
     """Return ``(train, test, source)`` for the data config, with limits applied."""
+    if cfg.streaming:
+        return _load_streaming(cfg)
     if cfg.source == "hf":
-        train, test = load_hf(cfg.hf_name)
-        source = f"hf:{cfg.hf_name}"
+        train, test, source = _load_hub(cfg)
     elif cfg.root:
         train, test, source = _load_from_root(cfg, Path(cfg.root).expanduser())
     elif cfg.source in ("auto", "idx"):
@@ -79,11 +94,10 @@ def load_data(cfg: DataConfig) -> tuple[ImageData, ImageData, str]:
             log.info("no local Fashion-MNIST in %s; trying Hugging Face %s",
                      ", ".join(map(str, DEFAULT_IDX_DIRS)), cfg.hf_name)
             try:
-                train, test = load_hf(cfg.hf_name)
+                train, test, source = _load_hub(cfg)
             except DataError as e:
                 raise DataError(f"no data found: looked in {', '.join(map(str, DEFAULT_IDX_DIRS))}"
                                 f" (no IDX files) and {e} {_FIX}") from None
-            source = f"hf:{cfg.hf_name}"
     else:
         raise DataError("data.source=imagefolder needs data.root=PATH.")
     if cfg.classes is not None:
@@ -92,13 +106,36 @@ def load_data(cfg: DataConfig) -> tuple[ImageData, ImageData, str]:
     if len(train.classes) < 2 or len(set(train.classes)) != len(train.classes):
         raise DataError(f"{source}: classes {train.classes}: a classifier needs at least two "
                         f"classes with distinct names.")
-    train, test = train.limit(cfg.train_limit), test.limit(cfg.eval_limit)
+    train, test = limit(train, cfg.train_limit, cfg.split_seed), limit(test, cfg.eval_limit,
+                                                                        cfg.split_seed)
     if len(train) == 0 or len(test) == 0:
         raise DataError(f"{source}: empty split ({len(train)} train, {len(test)} test images).")
     return train, test, source
 
 
-def validation_split(data: ImageData, fraction: float, seed: int) -> tuple[ImageData, ImageData]:
+def _load_streaming(cfg: DataConfig):
+    """``data.streaming=true``: Hugging Face splits iterated, never held; limits take the first
+    rows (a stream has no labels to stratify by until it is read)."""
+    from finetune.data.hub import load_hub_streaming  # imports datasets: only when used
+
+    if cfg.source not in ("auto", "hf"):
+        raise DataError(f"data.streaming=true reads Hugging Face datasets; data.source="
+                        f"{cfg.source} is read from files: drop data.streaming.")
+    if cfg.classes is not None:
+        raise DataError("data.classes cannot select classes of a stream; use "
+                        "data.streaming=false.")
+    return load_hub_streaming(cfg)
+
+
+def limit(data: Split, n: int | None, seed: int) -> Split:
+    """``n`` samples, the same fraction of every class, drawn with ``seed`` (all when ``n`` is
+    None or not below the size): a limit on a class-sorted source still sees every class."""
+    if n is None or n >= len(data):
+        return data
+    return data.subset(stratified_mask(data.labels, len(data.classes), n, seed))
+
+
+def validation_split(data: Split, fraction: float, seed: int) -> tuple[Split, Split]:
     """``(train, val)``: ``fraction`` of each class's images, drawn with ``seed``, held out.
     Both keep the original order of their images."""
     held = holdout_mask(data.labels, len(data.classes), fraction, seed)

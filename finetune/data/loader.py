@@ -1,24 +1,40 @@
 """Batches for training and evaluation.
 
 The fast path keeps the uint8 dataset on the device: each batch is indexed, resized, augmented
-and normalized there in one go (no per-sample Python, no PIL). A dataset too large for the
-device stays in host memory and is streamed: DataLoader workers gather the same index batches
-into pinned memory and the device does the rest, as before.
+and normalized there in one go (no per-sample Python, no PIL). A resident dataset too large for
+the device stays in host memory: DataLoader workers gather the same index batches into pinned
+memory and the device does the rest. Photos too many or too large to decode up front are
+streamed (:mod:`finetune.data.stream`): workers decode and transform each batch, and the device
+normalizes it. ``place`` chooses among the three.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from finetune.data.hub import StreamedSplit
+from finetune.data.samples import Samples, probe
 from finetune.data.sources import ImageData
+from finetune.data.stream import (
+    EpochSteps,
+    EvalSamples,
+    StreamedBatches,
+    StreamedEval,
+    TrainBatches,
+    epoch_permutation,
+)
+from finetune.data.workers import from_workers, loader_options
 
 log = logging.getLogger(__name__)
+# Resident uint8 images, images read one at a time, or a Hugging Face stream.
+Data = ImageData | Samples | StreamedSplit
 
 # ITU-R 601 luma weights, as PIL's convert("L") uses.
 _LUMA = (0.299, 0.587, 0.114)
@@ -120,8 +136,7 @@ def train_batches(num_samples: int, batch_size: int, epoch: int, seed: int, rank
     slice of each global batch, so processes never overlap and the global batch is
     ``batch_size``. The incomplete last batch is dropped (all processes take equal steps).
     """
-    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    perm = torch.randperm(num_samples, generator=gen).to(device)
+    perm = epoch_permutation(num_samples, seed, epoch).to(device)
     local = batch_size // world_size
     for step in range(num_samples // batch_size):
         start = step * batch_size + rank * local
@@ -138,17 +153,39 @@ def fits_on_device(nbytes: int, device: torch.device, fraction: float = 0.25) ->
     return nbytes <= fraction * free
 
 
-def place(data: ImageData, placement: str, device: torch.device, other: ImageData) -> str:
-    """Resolve ``data.placement``: "device" or "host" for the two splits together."""
+# Above this many bytes of decoded full-size images, data.placement=auto streams a file or row
+# source instead of decoding it all before the first step: a JPEG decodes at roughly 0.1-0.2
+# GB of pixels per second and core, so 1 GB keeps the wait before training to seconds.
+PRELOAD_LIMIT = 1_000_000_000
+
+
+def place(train: Data, test: Data, placement: str, device: torch.device, image_size: int,
+          ) -> tuple[str, str]:
+    """Resolve ``data.placement`` for the two splits together: ``(placement, why)``, one of
+    "device" (uint8 images resident on the device, batches indexed there), "host" (resident in
+    host memory, batches gathered by workers) or "stream" (decoded and transformed per batch
+    in workers from the files or rows)."""
+    if isinstance(train, StreamedSplit):
+        return "stream", "data.streaming=true"
     if placement != "auto":
-        return placement
-    nbytes = sum(d.images.nbytes + d.labels.nbytes for d in (data, other))
-    if fits_on_device(nbytes, device):
-        return "device"
-    log.warning("the dataset (%.1f GB as uint8) does not fit comfortably in the free memory "
-                "of %s: streaming batches from host memory with a DataLoader instead "
-                "(data.placement=host; slower)", nbytes / 1e9, device)
-    return "host"
+        return placement, f"data.placement={placement}"
+    if isinstance(train, Samples):
+        channels, pixels = train.channels, train.pixels or probe(train)[1]
+        decoded = pixels * channels * (len(train) + len(test))
+        if decoded > PRELOAD_LIMIT:
+            return "stream", (f"{len(train) + len(test)} images of {pixels / 1e6:.2g} "
+                              f"megapixels on average decode to {decoded / 1e9:.1f} GB, above "
+                              f"the {PRELOAD_LIMIT / 1e9:.1f} GB worth decoding once up front")
+        resident = channels * image_size ** 2 * (len(train) + len(test))
+        why = (f"{decoded / 1e9:.2f} GB decoded, {resident / 1e9:.2f} GB resident at "
+               f"{image_size} px")
+    else:
+        resident = sum(d.images.nbytes + d.labels.nbytes for d in (train, test))
+        why = f"{resident / 1e9:.2f} GB as uint8"
+    if fits_on_device(resident, device):
+        return "device", f"{why}: fits on the {device.type}"
+    return "host", (f"{why}: more than a quarter of the {device.type}'s free memory, so it "
+                    f"stays in host memory and batches are gathered by workers")
 
 
 class _GatherBatches(Dataset):
@@ -177,9 +214,8 @@ def batches_on(data: ImageData, index_batches: Iterable[torch.Tensor], device: t
                placement: str = "device", workers: int = 0
                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(uint8 images, labels) on ``device`` for each index batch. ``placement="device"``: the
-    data is there already and batches are indexed in place; ``"host"`` (the streaming
-    fallback, for data kept in host memory): ``workers`` DataLoader workers gather them into
-    pinned memory and they are copied without blocking."""
+    data is there already and batches are indexed in place; ``"host"``: ``workers`` DataLoader
+    workers gather them into pinned memory and they are copied without blocking."""
     if placement == "device":
         for idx in index_batches:
             yield data.images[idx], data.labels[idx]
@@ -190,6 +226,102 @@ def batches_on(data: ImageData, index_batches: Iterable[torch.Tensor], device: t
             yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
     else:
         raise ValueError(f"unknown placement {placement!r}; valid: device, host")
+
+
+class TrainLoader:
+    """This process's training batches, epoch by epoch: ``(uint8 images, labels)`` on the
+    device, from resident data (``device``/``host``) or streamed from files (``stream``, whose
+    workers persist across epochs). ``bad`` counts the bad images skipped so far."""
+
+    def __init__(self, data: Data, placement: str, batch_size: int, seed: int, rank: int,
+                 world_size: int, device: torch.device, workers: int,
+                 stream: TrainBatches | StreamedBatches | None = None) -> None:
+        self.data, self.placement, self.batch_size, self.seed = data, placement, batch_size, seed
+        self.rank, self.world, self.device, self.workers = rank, world_size, device, workers
+        self.steps = len(data) // batch_size  # the last partial batch drops
+        self.bad = 0
+        self._sampler: EpochSteps | None = None
+        self._loader: DataLoader | None = None
+        if placement == "stream" and stream is None:
+            raise ValueError("the streaming path needs its TrainBatches dataset")
+        if isinstance(stream, StreamedBatches):  # its epoch is set on the dataset itself,
+            # which each epoch's fresh workers then copy; a worker needs a shard of its own
+            workers = min(workers, data.rows.num_shards)
+            self._loader = DataLoader(stream, batch_size=None, **loader_options(
+                workers, persistent=False, pin=device.type == "cuda"))
+        elif stream is not None:
+            self._sampler = EpochSteps(self.steps)
+            self._loader = DataLoader(stream, sampler=self._sampler, batch_size=None,
+                                      **loader_options(workers, pin=device.type == "cuda"))
+
+    def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` training images and labels on the device, for the compile warm-up (streamed
+        data: blank images of the batches' shape, decoding nothing)."""
+        if isinstance(self.data, ImageData):
+            return gather(self.data, torch.arange(n), self.device)
+        size = self._loader.dataset.image_size
+        return (torch.zeros(n, self.data.channels, size, size, dtype=torch.uint8,
+                            device=self.device),
+                torch.zeros(n, dtype=torch.long, device=self.device))
+
+    def epoch(self, epoch: int, first: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches ``first..`` of ``epoch`` (a resumed epoch skips the ones it had)."""
+        if self._loader is not None:
+            # the sampler's keys, or the stream itself
+            keys = self._sampler if self._sampler is not None else self._loader.dataset
+            keys.epoch, keys.first = epoch, first
+            for images, labels, bad in from_workers(self._loader):
+                self.bad += bad
+                yield (images.to(self.device, non_blocking=True),
+                       labels.to(self.device, non_blocking=True))
+            return
+        indices = itertools.islice(train_batches(len(self.data), self.batch_size, epoch,
+                                                 self.seed, self.rank, self.world,
+                                                 self.data.images.device), first, None)
+        yield from batches_on(self.data, indices, self.device, self.placement, self.workers)
+
+
+def eval_loader(data: Data, batch_size: int, workers: int = 0,
+                stream: EvalSamples | StreamedEval | None = None) -> DataLoader:
+    """The loader of an evaluation split, to be prepared by Accelerate (which shards it across
+    processes and lets ``gather_for_metrics`` drop the padding): index batches of resident
+    data, or ``(index, uint8 image, label, decoded)`` batches decoded in workers. A Hugging
+    Face stream is not prepared: each process reads its own rows (``StreamedEval``)."""
+    if isinstance(data, ImageData):
+        return index_loader(len(data), batch_size)
+    if isinstance(stream, StreamedEval):
+        workers = 0 if data.taken else min(workers, data.rows.num_shards)
+        return DataLoader(stream, batch_size=None, **loader_options(
+            workers, persistent=False, pin=torch.cuda.is_available()))
+    return DataLoader(stream, batch_size=batch_size, shuffle=False,
+                      **loader_options(workers, pin=torch.cuda.is_available()))
+
+
+def prepared_eval_loader(data: Data, transform: Callable, need: int, image_size: int,
+                         batch_size: int, workers: int, skip_bad: bool, accelerator
+                         ) -> Iterable:
+    """The evaluation loader of ``data`` for this process: resident or read one image at a time
+    (``transform``: resize and crop), prepared by Accelerate; or a stream's own rows."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if isinstance(data, StreamedSplit):
+        return eval_loader(data, batch_size, workers, StreamedEval(
+            data, transform, need, image_size, batch_size, rank, world, skip_bad))
+    stream = (EvalSamples(data, transform, need, image_size, skip_bad)
+              if isinstance(data, Samples) else None)
+    return accelerator.prepare(eval_loader(data, batch_size, workers, stream))
+
+
+def eval_batches(data: Data, loader: Iterable, device: torch.device
+                 ) -> Iterator[tuple[torch.Tensor, ...]]:
+    """``(indices, uint8 images, labels, decoded or None)`` on ``device`` from a prepared
+    :func:`eval_loader`."""
+    for batch in (loader if isinstance(data, ImageData) else from_workers(loader)):
+        if isinstance(data, ImageData):
+            yield batch, *gather(data, batch, device), None
+        elif isinstance(data, StreamedSplit):  # this process's own rows: no indices
+            yield None, *(t.to(device, non_blocking=True) for t in batch)
+        else:
+            yield tuple(t.to(device, non_blocking=True) for t in batch)
 
 
 def index_loader(num_samples: int, batch_size: int) -> DataLoader:

@@ -1,8 +1,7 @@
-"""Data sources, each returning whole splits as uint8 tensors.
-
-- IDX files (Fashion-MNIST's own format), found in ``data.root`` or the Debian package's folder;
-- a Hugging Face dataset (``datasets`` is imported only here, only when used);
-- an ImageFolder tree: ``root/<class>/*.png``, optionally split as ``root/train``/``root/test``.
+"""Data sources: IDX files (Fashion-MNIST's own format, found in ``data.root`` or the Debian
+package's folder) as whole uint8 tensors (:class:`ImageData`); an ImageFolder tree
+(``root/<class>/*.jpg``, optionally split as ``root/train``/``root/test``) as files read one at a
+time (:class:`~finetune.data.samples.Samples`). Hugging Face datasets: :mod:`finetune.data.hub`.
 """
 
 from __future__ import annotations
@@ -13,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from finetune.data.idx import DataError, read_idx
+from finetune.data.samples import Samples, probe, relabel
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +24,8 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
 DEFAULT_IDX_DIRS = [Path("/usr/share/datasets/fashion-mnist")]
 IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
-# What torchvision.io.decode_image reads.
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp"}
+# Image files an ImageFolder tree may hold (PIL reads them all).
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
 
 
 @dataclass
@@ -50,21 +49,17 @@ class ImageData:
 
     def select(self, keep: list[int]) -> ImageData:
         """Only the samples of classes ``keep``, relabelled ``0..len(keep)-1`` in that order."""
-        relabel = torch.full((len(self.classes),), -1, dtype=torch.long)
-        relabel[torch.tensor(keep)] = torch.arange(len(keep))
-        new = relabel[self.labels]
-        mask = new >= 0
-        return ImageData(self.images[mask], new[mask], [self.classes[i] for i in keep])
+        mask, labels = relabel(self.labels, len(self.classes), keep)
+        return ImageData(self.images[mask], labels, [self.classes[i] for i in keep])
 
     def subset(self, mask: torch.Tensor) -> ImageData:
         """The samples where ``mask`` is true, in their order."""
         return ImageData(self.images[mask], self.labels[mask], self.classes)
 
-    def limit(self, n: int | None) -> ImageData:
-        """The first ``n`` samples (all when ``n`` is None)."""
-        if n is None or n >= len(self):
-            return self
-        return ImageData(self.images[:n], self.labels[:n], self.classes)
+    def as_samples(self) -> Samples:
+        """The same images read one at a time (the streaming path forced on resident data)."""
+        return Samples(list(range(len(self))), self.labels.cpu(), self.classes,
+                       self.images.shape[1], rows=self.images.cpu())
 
 
 # --- IDX -------------------------------------------------------------------------------------
@@ -116,66 +111,7 @@ def load_idx(folder: Path) -> tuple[ImageData, ImageData]:
     return splits[0], splits[1]
 
 
-# --- Hugging Face ----------------------------------------------------------------------------
-
-def _hf_split(ds, name: str) -> ImageData:
-    import datasets
-
-    image_col = next((k for k, f in ds.features.items() if isinstance(f, datasets.Image)), None)
-    label_col = next((k for k, f in ds.features.items() if isinstance(f, datasets.ClassLabel)),
-                     None)
-    if image_col is None or label_col is None:
-        raise DataError(f"Hugging Face dataset {name} needs an Image and a ClassLabel column; "
-                        f"it has {dict(ds.features)}.")
-    images = [np.asarray(im) for im in ds[image_col]]
-    if len({im.shape for im in images}) > 1:
-        raise DataError(f"Hugging Face dataset {name}: images differ in size or mode; "
-                        f"save them as an ImageFolder tree and use data.root=PATH.")
-    array = np.stack(images) if images else np.zeros((0, 1, 1), np.uint8)
-    array = array[:, None] if array.ndim == 3 else array.transpose(0, 3, 1, 2)
-    return ImageData(torch.from_numpy(np.ascontiguousarray(array, dtype=np.uint8)),
-                     torch.tensor(ds[label_col], dtype=torch.int64),
-                     list(ds.features[label_col].names))
-
-
-def load_hf(name: str) -> tuple[ImageData, ImageData]:
-    """Train and test splits of a Hugging Face image-classification dataset."""
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(name)
-    except Exception as e:
-        raise DataError(f"could not load Hugging Face dataset '{name}' (not cached, and the hub "
-                        f"is unreachable or refused: {type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}).") from None
-    test_split = next((s for s in ("test", "validation", "val") if s in ds), None)
-    if "train" not in ds or test_split is None:
-        raise DataError(f"Hugging Face dataset '{name}' has splits {list(ds)}; "
-                        f"need 'train' and 'test' (or 'validation').")
-    return _hf_split(ds["train"], name), _hf_split(ds[test_split], name)
-
-
 # --- ImageFolder -----------------------------------------------------------------------------
-
-def _read_image(path: Path, mode) -> torch.Tensor:
-    """uint8 (C, H, W): 16-bit images scaled to 8 bits, an animation's first frame."""
-    from torchvision.io import decode_image
-
-    try:
-        image = decode_image(str(path), mode=mode)
-        image = image[0] if image.ndim == 4 else image  # an animated GIF: its first frame
-        return to_uint8(image)
-    except Exception as e:
-        raise DataError(f"{path}: cannot decode image ({type(e).__name__}); the file is corrupt "
-                        f"or not a PNG, JPEG, GIF or WebP image. Remove or replace it.") from None
-
-
-def to_uint8(image: torch.Tensor) -> torch.Tensor:
-    """8-bit pixels: 16-bit ones (PNG) scaled by 255/65535, rounded."""
-    if image.dtype == torch.uint16:
-        return image.to(torch.float32).div_(257).round_().to(torch.uint8)
-    return image
-
 
 def _scan_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -197,44 +133,34 @@ def _scan_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     return classes, samples
 
 
-def _load_tree(root: Path, image_size: int, classes: list[str] | None = None) -> ImageData:
-    from torchvision.io import ImageReadMode
-
+def _tree(root: Path, classes: list[str] | None = None) -> Samples:
     found, samples = _scan_folder(root)
     if classes is not None and found != classes:
         raise DataError(f"{root}: class folders {found} differ from the training split's "
                         f"{classes}; both splits need the same class folders.")
-    decoded = [_read_image(p, ImageReadMode.UNCHANGED) for p, _ in samples]
-    # One channel when every image is grey, else RGB for all (alpha dropped).
-    mode = ImageReadMode.GRAY if all(t.shape[0] in (1, 2) for t in decoded) else ImageReadMode.RGB
-    images = []
-    for (path, _), tensor in zip(samples, decoded, strict=True):
-        if tensor.shape[0] != (1 if mode == ImageReadMode.GRAY else 3):
-            tensor = _read_image(path, mode)
-        if tuple(tensor.shape[1:]) != (image_size, image_size):
-            # Decoded once at load time: stacking needs one size, and every later step is
-            # on batches.
-            tensor = F.interpolate(tensor[None].float(), size=(image_size, image_size),
-                                   mode="bilinear", antialias=True, align_corners=False)[0]
-            tensor = tensor.round().clamp(0, 255).to(torch.uint8)
-        images.append(tensor)
-    labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
-    return ImageData(torch.stack(images), labels, found)
+    return Samples([p for p, _ in samples],
+                   torch.tensor([label for _, label in samples], dtype=torch.int64), found, 3)
 
 
-def load_imagefolder(root: Path, image_size: int, test_split: float = 0.1, seed: int = 0
-                     ) -> tuple[ImageData, ImageData]:
-    """Load ``root/train`` + ``root/test`` (or ``val``), or split one tree per class."""
+def load_imagefolder(root: Path, test_split: float = 0.1, seed: int = 0
+                     ) -> tuple[Samples, Samples]:
+    """``root/train`` + ``root/test`` (or ``val``), or one tree split per class with ``seed``;
+    nothing is decoded (the channel mode comes from a sample of headers)."""
     test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
     if (root / "train").is_dir() and test_dir is not None:
-        train = _load_tree(root / "train", image_size)
-        return train, _load_tree(test_dir, image_size, train.classes)
-    data = _load_tree(root, image_size)
-    # A fixed per-class hold-out, independent of the training seed, so runs compare fairly.
-    test_mask = holdout_mask(data.labels, len(data.classes), test_split, seed, at_least_one=True)
-    log.info("%s has no train/test folders: holding out %d of %d images per class for testing",
-             root, int(test_mask.sum()), len(data))
-    return data.subset(~test_mask), data.subset(test_mask)
+        train = _tree(root / "train")
+        test = _tree(test_dir, train.classes)
+    else:
+        data = _tree(root)
+        # A fixed per-class hold-out, independent of the training seed: runs compare fairly.
+        test_mask = holdout_mask(data.labels, len(data.classes), test_split, seed,
+                                 at_least_one=True)
+        log.info("%s has no train/test folders: holding out %d of %d images for testing (a "
+                 "seeded tenth of each class)", root, int(test_mask.sum()), len(data))
+        train, test = data.subset(~test_mask), data.subset(test_mask)
+    train.channels, train.pixels = probe(train, seed)
+    test.channels, test.pixels = train.channels, train.pixels
+    return train, test
 
 
 def holdout_mask(labels: torch.Tensor, num_classes: int, fraction: float, seed: int,
@@ -250,3 +176,19 @@ def holdout_mask(labels: torch.Tensor, num_classes: int, fraction: float, seed: 
         take = max(1, take) if at_least_one else take
         held[members[torch.randperm(len(members), generator=gen)[:take]]] = True
     return held
+
+
+def stratified_mask(labels: torch.Tensor, num_classes: int, n: int, seed: int) -> torch.Tensor:
+    """A mask keeping ``n`` samples, the same fraction of every class (largest remainders
+    round), drawn with ``seed``: a limit on a class-sorted source keeps every class."""
+    counts = torch.bincount(labels.cpu(), minlength=num_classes).double()
+    share = counts * n / counts.sum()
+    take = share.floor().long()
+    extra = n - int(take.sum())
+    take[torch.argsort(share - take, descending=True, stable=True)[:extra]] += 1
+    gen = torch.Generator().manual_seed(seed)
+    keep = torch.zeros(len(labels), dtype=torch.bool)
+    for k in range(num_classes):
+        members = torch.nonzero(labels.cpu() == k).flatten()
+        keep[members[torch.randperm(len(members), generator=gen)[:int(take[k])]]] = True
+    return keep

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,6 +34,8 @@ class LoadedWeights:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     notes: list[str]  # what was adapted
+    # The evaluation crop and interpolation the weights were made with ({}: not known).
+    preprocessing: dict = field(default_factory=dict)
 
 
 def weights_cfg(name: str) -> dict:
@@ -246,4 +248,23 @@ def load_pretrained(model: nn.Module, name: str, weights: str | None,
     for note in notes:
         log.info("adapted pretrained %s: %s", name, note)
     return LoadedWeights(source=source, mean=channel_stats(mean, in_chans),
-                         std=channel_stats(std, in_chans), notes=notes)
+                         std=channel_stats(std, in_chans), notes=notes,
+                         preprocessing=weights_preprocessing(source, sidecar))
+
+
+def weights_preprocessing(source: str, exported: dict) -> dict:
+    """``crop_pct`` and ``interpolation`` the weights were evaluated with: torchvision's weights
+    transforms, timm's pretrained config of the tag, or a finetune export's ``model.json``."""
+    kind, _, name = source.partition(":")
+    if kind == "torchvision":
+        from torchvision.models import get_weight
+
+        t = get_weight(name).transforms()
+        return {"crop_pct": t.crop_size[0] / t.resize_size[0],
+                "interpolation": t.interpolation.value}
+    if kind == "timm":
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(name.removeprefix("timm/"))
+        return {"crop_pct": cfg.crop_pct, "interpolation": cfg.interpolation} if cfg else {}
+    return {k: exported[k] for k in ("crop_pct", "interpolation") if k in exported}

@@ -1,0 +1,283 @@
+"""Hugging Face datasets (``datasets`` is imported only here, only when used): any image
+classification dataset from the hub or its cache, a ``save_to_disk`` folder, parquet files or
+a builder such as ``imagefolder`` over a local folder.
+
+Rows are read one at a time with their images still encoded (``Image(decode=False)``), so that
+images of any size and mode are decoded, like files, by :func:`finetune.data.images.open_image`
+in the loader's workers.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune.config import DataConfig
+from finetune.data.idx import DataError
+from finetune.data.images import open_image
+from finetune.data.samples import GREY_MODES, Samples, encoded, header, probe
+from finetune.data.sources import holdout_mask
+from finetune.data.workers import or_skip
+
+log = logging.getLogger(__name__)
+TEST_SPLITS = ("test", "validation", "val", "valid")
+
+
+def _first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def open_dataset(cfg: DataConfig) -> tuple[Any, str]:
+    """``(DatasetDict, description)`` for ``data.root`` (a ``save_to_disk`` folder, parquet
+    files, or a folder for the ``data.hf_name`` builder) or ``data.hf_name`` on the hub."""
+    import datasets
+
+    root = Path(cfg.root).expanduser() if cfg.root else None
+    try:
+        if root is not None and not root.exists():
+            raise DataError(f"data.root={cfg.root} does not exist.")
+        if root is not None and any((root / f).is_file() for f in
+                                    ("dataset_dict.json", "state.json")):
+            ds, where = datasets.load_from_disk(str(root)), f"hf-disk:{root}"
+        elif root is not None and (root.suffix == ".parquet" or any(root.rglob("*.parquet"))):
+            files = str(root) if root.is_file() else None
+            ds = (datasets.load_dataset("parquet", data_files=files) if files else
+                  datasets.load_dataset("parquet", data_dir=str(root)))
+            where = f"hf-parquet:{root}"
+        elif root is not None:
+            ds = datasets.load_dataset(cfg.hf_name, cfg.hf_config, data_dir=str(root))
+            where = f"hf:{cfg.hf_name}:{root}"
+        else:
+            ds, where = datasets.load_dataset(cfg.hf_name, cfg.hf_config), f"hf:{cfg.hf_name}"
+    except DataError:
+        raise
+    except Exception as e:
+        what = f"data.root={cfg.root}" if root is not None else f"'{cfg.hf_name}'"
+        raise DataError(f"could not load Hugging Face dataset {what} (not cached, and the hub "
+                        f"is unreachable or refused, or not a dataset: "
+                        f"{_first_line(e)}).") from None
+    if isinstance(ds, datasets.Dataset):  # one split saved on its own
+        ds = datasets.DatasetDict({"train": ds})
+    return ds, where
+
+
+def _split(ds: Any, spec: str, where: str) -> Any:
+    """A split by name or slice (``train``, ``train[:10%]``, ``test[100:200]``)."""
+    from datasets import ReadInstruction
+
+    try:
+        instruction = ReadInstruction.from_spec(spec)
+        parts = instruction.to_absolute({name: len(split) for name, split in ds.items()})
+    except (ValueError, KeyError, AssertionError) as e:
+        raise DataError(f"{where}: split '{spec}' is not one of {list(ds)} (or a slice of one, "
+                        f"e.g. train[:10%]): {_first_line(e)}") from None
+    if len(parts) != 1:
+        raise DataError(f"{where}: split '{spec}' names {len(parts)} splits; name one.")
+    part = parts[0]
+    return ds[part.splitname].select(range(part.from_, part.to))
+
+
+def columns(features: dict, cfg: DataConfig, where: str) -> tuple[str, str]:
+    """``(image column, label column)``: ``data.image_column``/``data.label_column``, else the
+    first Image feature and the first ClassLabel (or a ``label``/``labels`` column)."""
+    import datasets
+
+    def kind(f: Any) -> str:
+        return type(f).__name__
+
+    image = cfg.image_column or next((k for k, f in features.items()
+                                      if isinstance(f, datasets.Image)), None)
+    label = cfg.label_column or next(
+        (k for k, f in features.items() if isinstance(f, datasets.ClassLabel)),
+        next((k for k in ("label", "labels") if k in features), None))
+    described = ", ".join(f"{k} ({kind(f)})" for k, f in features.items())
+    if image is None or image not in features or not isinstance(features[image], datasets.Image):
+        raise DataError(f"{where}: no image column{f' {image!r}' if image else ''}; columns: "
+                        f"{described}. Set data.image_column=NAME (an Image feature).")
+    if label is None or label not in features:
+        raise DataError(f"{where}: no label column{f' {label!r}' if label else ''}; columns: "
+                        f"{described}. Set data.label_column=NAME.")
+    return image, label
+
+
+def _labels(split: Any, label: str, classes: list[str] | None, where: str
+            ) -> tuple[torch.Tensor, list[str]]:
+    """Integer labels and class names: a ClassLabel's own names, else the sorted distinct
+    values (strings or integers) of the training split."""
+    import datasets
+
+    feature = split.features[label]
+    values = split[label]
+    if isinstance(feature, datasets.ClassLabel):
+        names = list(feature.names)
+        if classes is not None and names != classes:
+            raise DataError(f"{where}: the test split's classes {names[:10]} differ from the "
+                            f"training split's {classes[:10]}.")
+        labels = torch.tensor(values, dtype=torch.int64)
+        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= len(names)):
+            # Hugging Face marks unlabelled rows -1 (e.g. a competition's test split).
+            raise DataError(f"{where}: a split has rows without a label ({int(labels.min())}) "
+                            f"or outside the {len(names)} classes; choose labelled splits "
+                            f"with data.train_split / data.test_split (e.g. validation).")
+        return labels, names
+    if classes is None:
+        # Integers in numeric order, then names in alphabetical order.
+        classes = sorted({str(v) for v in values},
+                         key=lambda v: (0, int(v), "") if v.isdigit() else (1, 0, v))
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted({str(v) for v in values} - set(index))
+    if unknown:
+        raise DataError(f"{where}: labels {unknown[:5]} of the test split are not among the "
+                        f"training split's classes {classes[:20]}.")
+    return torch.tensor([index[str(v)] for v in values], dtype=torch.int64), classes
+
+
+def load_hub(cfg: DataConfig, seed: int = 0) -> tuple[Samples, Samples, str]:
+    """Train and test splits of a Hugging Face image-classification dataset, read row by row
+    (the image column alone, still encoded). Without a test split, a tenth of each class of the
+    training split is held out (drawn with ``seed``)."""
+    import datasets
+
+    ds, where = open_dataset(cfg)
+    train = _split(ds, cfg.train_split, where)
+    test_spec = cfg.test_split or next((s for s in TEST_SPLITS if s in ds), None)
+    image, label = columns(train.features, cfg, where)
+    train = train.cast_column(image, datasets.Image(decode=False))
+    train_labels, classes = _labels(train, label, None, where)
+    train = train.select_columns([image])  # a row read is then its image alone
+    if test_spec is None:
+        held = holdout_mask(train_labels, len(classes), 0.1, seed, at_least_one=True)
+        log.info("%s has no test split (splits: %s): holding out %d of %d training rows, a "
+                 "seeded tenth of each class", where, list(ds), int(held.sum()), len(train))
+        rows = list(range(len(train)))
+        train_s = Samples(rows, train_labels, classes, 3, train, image)
+        tr, te = train_s.subset(~held), train_s.subset(held)
+        test_spec = "held-out"
+    else:
+        test = _split(ds, test_spec, where)
+        if columns(test.features, cfg, where) != (image, label):
+            raise DataError(f"{where}: split '{test_spec}' names its image and label columns "
+                            f"{columns(test.features, cfg, where)}, the training split "
+                            f"{(image, label)}; set data.image_column / data.label_column.")
+        test = test.cast_column(image, datasets.Image(decode=False))
+        test_labels, _ = _labels(test, label, classes, where)
+        test = test.select_columns([image])
+        tr = Samples(list(range(len(train))), train_labels, classes, 3, train, image)
+        te = Samples(list(range(len(test))), test_labels, classes, 3, test, image)
+    tr.channels, tr.pixels = probe(tr, seed)
+    te.channels, te.pixels = tr.channels, tr.pixels
+    splits = (cfg.train_split, test_spec)
+    return tr, te, where + (f" ({'/'.join(splits)})" if splits != ("train", "test") else "")
+
+
+@dataclass
+class StreamedSplit:
+    """A split iterated, never held (``data.streaming=true``): a Hugging Face IterableDataset
+    whose ``column`` holds undecoded images, with ``length`` rows (known up front: the steps of
+    an epoch must be)."""
+
+    rows: Any
+    column: str
+    label: str
+    classes: list[str]
+    channels: int
+    length: int
+    # Cut to a limit by IterableDataset.take: DataLoader workers would each take a share of
+    # their own shards, so such a split is evaluated in the process itself.
+    taken: bool = False
+
+    def __len__(self) -> int:
+        return self.length
+
+    def open(self, row: dict, need: int, name: str):
+        """The row's image decoded in this split's channel mode; errors say ``name``."""
+        return open_image(encoded(row[self.column], name), self.channels, need, name)
+
+    def label_of(self, row: dict) -> int:
+        value = row[self.label]
+        return value if isinstance(value, int) else self.classes.index(str(value))
+
+    def node(self, rank: int, world_size: int) -> Any:
+        """This process's rows: every ``world_size``-th example (equal shares, +-1)."""
+        from datasets.distributed import split_dataset_by_node
+
+        return split_dataset_by_node(self.rows, rank, world_size, strategy="examples")
+
+
+def _streamed(cfg: DataConfig, spec: str, where: str, limit: int | None
+              ) -> tuple[Any, int, bool]:
+    """``(IterableDataset, rows, taken)`` of split ``spec``, its first ``limit`` rows when
+    given: a local dataset's split as shards, or the hub's split streamed (its row count from
+    the dataset card, or the limit)."""
+    import datasets
+
+    root = Path(cfg.root).expanduser() if cfg.root else None
+    try:
+        if root is not None and any((root / f).is_file() for f in
+                                    ("dataset_dict.json", "state.json")):
+            ds, _ = open_dataset(cfg)
+            split = _split(ds, spec, where)
+            split = split.select(range(min(limit or len(split), len(split))))
+            return split.to_iterable_dataset(num_shards=min(len(split), 64)), len(split), False
+        kwargs = {"data_dir": str(root)} if root is not None else {}
+        name = "parquet" if root is not None and any(root.rglob("*.parquet")) else cfg.hf_name
+        rows = datasets.load_dataset(name, cfg.hf_config, split=spec, streaming=True, **kwargs)
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"could not stream split '{spec}' of {where}: {_first_line(e)}") from None
+    info = rows.info.splits.get(spec.split("[")[0]) if rows.info.splits else None
+    known = info.num_examples if info is not None and "[" not in spec else None
+    if limit is not None and (not known or limit < known):
+        return rows.take(limit), limit, True  # a split with fewer rows: evaluation says so
+    if not known:
+        raise DataError(f"{where}: the number of rows of split '{spec}' is not known up front "
+                        f"(the epoch's steps must be); set data.train_limit / data.eval_limit, "
+                        f"or use data.streaming=false.")
+    return rows, known, False
+
+
+def load_hub_streaming(cfg: DataConfig) -> tuple[StreamedSplit, StreamedSplit, str]:
+    """Train and test splits iterated without being held (``data.streaming=true``)."""
+    import datasets
+
+    where = f"hf-stream:{cfg.root or cfg.hf_name}"
+    if cfg.test_split is None:
+        raise DataError(f"{where}: data.streaming=true needs data.test_split=NAME (a held-out "
+                        f"split cannot be drawn from a stream).")
+    out = []
+    for spec, limit in ((cfg.train_split, cfg.train_limit), (cfg.test_split, cfg.eval_limit)):
+        rows, length, taken = _streamed(cfg, spec, where, limit)
+        features = rows.features
+        if features is None:
+            raise DataError(f"{where}: split '{spec}' does not declare its features; name "
+                            f"them in the dataset card or use data.streaming=false.")
+        image, label = columns(features, cfg, where)
+        if not isinstance(features[label], datasets.ClassLabel):
+            raise DataError(f"{where}: streaming needs a ClassLabel label column (the class "
+                            f"names must be known before the first row); '{label}' is "
+                            f"{type(features[label]).__name__}.")
+        rows = rows.cast_column(image, datasets.Image(decode=False))
+        out.append(StreamedSplit(rows, image, label, list(features[label].names), 3, length,
+                                 taken))
+    train, test = out
+    # The channel mode from the first rows' headers: grey when every one is.
+    grey = all(header(encoded(row[train.column], f"row {i}"))[0] in GREY_MODES
+               for i, row in enumerate(train.rows.take(64)))
+    train.channels = test.channels = 1 if grey else 3
+    return train, test, where
+
+
+def streamed_head(split: StreamedSplit, n: int, image_size: int) -> torch.Tensor:
+    """The first ``n`` rows' images (shorter side resized, center square), uint8, bad ones
+    left out: what the data's mean/std are measured on."""
+    from finetune.data.images import eval_transform
+
+    transform = eval_transform(image_size, 1.0, "bilinear")
+    images = [or_skip(lambda row=row, i=i: split.open(row, image_size, f"training row {i + 1}"),
+                      True) for i, row in enumerate(split.rows.take(n))]
+    return torch.stack([transform(image) for image in images if image is not None])
