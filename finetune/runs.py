@@ -114,6 +114,7 @@ def run_folder(cfg: Config, accelerator: Accelerator, final: Path) -> Iterator[P
     finally:
         if lock is not None:  # unlinked while still held: a run that opened it is refused
             (final / LOCK).unlink(missing_ok=True)
+            _HELD_LOCK[0] = None
             os.close(lock)  # releases the lock (as a process's death does)
 
 
@@ -142,7 +143,26 @@ def _lock(folder: Path) -> int:
                           ) from None
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
+    _HELD_LOCK[0] = fd
     return fd
+
+
+# The run folder's lock descriptor this process holds. A forked child (a DataLoader worker)
+# closes its copy at once: a flock belongs to every descriptor sharing it, and a worker that
+# outlives a killed run by the seconds it takes to notice would keep the folder locked.
+_HELD_LOCK: list[int | None] = [None]
+
+
+def _close_held_lock() -> None:
+    if _HELD_LOCK[0] is not None:
+        try:
+            os.close(_HELD_LOCK[0])
+        except OSError:
+            pass
+        _HELD_LOCK[0] = None
+
+
+os.register_at_fork(after_in_child=_close_held_lock)
 
 
 def check_same_run(out: Path, cfg: Config) -> None:

@@ -200,7 +200,7 @@ def test_a_hugging_face_dataset_of_mixed_sizes_trains(tmp_path, placement):
     assert train.channels == 3 and train.classes[0] == "k0"  # columns found by feature type
     assert source.startswith("hf-disk:")
     result = main(load_config(_args(root, tmp_path / "run", "data.source=hf",
-                                    f"data.placement={placement}", "train.epochs=2")))
+                                    f"data.placement={placement}")))
     assert result["test_total"] == 23
     records = untimed_metrics(tmp_path / "run")
     assert records[-1]["placement"] == ("device" if placement == "auto" else "stream")
@@ -268,7 +268,7 @@ def test_a_hugging_face_stream_trains_and_resumes_exactly(tmp_path):
     assert result["test_total"] == 23
     assert evaluate_run(run, [])["confusion"] == result["confusion"]  # read as trained
     records = untimed_metrics(run)
-    assert [r["placement"] for r in records] == ["stream", "stream"]
+    assert [r["placement"] for r in records] == ["stream", "stream"]  # 2 epochs
     weights = load_file(run / "model.safetensors")
     main(load_config(args + [f"resume={run / 'checkpoints' / 'epoch0002-step000002'}",
                              "output_dir=null"]))

@@ -5,6 +5,7 @@ that end as one line with nothing partial left."""
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -273,3 +274,21 @@ def test_export_onnx_out_below_a_file_is_one_line(tiny_args, tmp_path, capsys):
     assert last == (f"error: could not write {blocker / 'model.onnx'}: a file is in the way of a "
                     f"folder on the path. Free space or write elsewhere (output_dir=PATH); "
                     f"nothing partially written was kept.")
+
+
+def test_a_killed_runs_forked_workers_do_not_keep_its_folder_locked(tmp_path):
+    """SIGKILL reaches the run, not its DataLoader workers (they notice seconds later): they
+    must not hold the folder's lock, or an immediate resume is refused as a concurrent run."""
+    code = ("import os, signal, sys, time\n"
+            "from pathlib import Path\n"
+            "from finetune.runs import _lock\n"
+            "_lock(Path(sys.argv[1]))\n"
+            "if os.fork() == 0:\n"
+            "    time.sleep(30)\n"
+            "    os._exit(0)\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)])
+    assert proc.returncode == -signal.SIGKILL
+    from finetune.runs import _lock
+
+    os.close(_lock(tmp_path))  # the sleeping child has closed its copy: free at once
