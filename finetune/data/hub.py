@@ -31,6 +31,24 @@ def _first_line(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
+def _saved(root: Path | None) -> bool:
+    """Whether ``data.root`` is a folder written by ``save_to_disk``."""
+    return root is not None and any((root / f).is_file() for f in
+                                    ("dataset_dict.json", "state.json"))
+
+
+def _builder(cfg: DataConfig, root: Path | None) -> tuple[str, str | None, dict]:
+    """``load_dataset``'s path, config name and file arguments for ``data.root`` (parquet
+    files, or a folder for the ``data.hf_name`` builder) or ``data.hf_name`` on the hub."""
+    if root is None:
+        return cfg.hf_name, cfg.hf_config, {}
+    if root.suffix == ".parquet":
+        return "parquet", None, {"data_files": str(root)}
+    if any(root.rglob("*.parquet")):
+        return "parquet", None, {"data_dir": str(root)}
+    return cfg.hf_name, cfg.hf_config, {"data_dir": str(root)}
+
+
 def open_dataset(cfg: DataConfig) -> tuple[Any, str]:
     """``(DatasetDict, description)`` for ``data.root`` (a ``save_to_disk`` folder, parquet
     files, or a folder for the ``data.hf_name`` builder) or ``data.hf_name`` on the hub."""
@@ -40,19 +58,13 @@ def open_dataset(cfg: DataConfig) -> tuple[Any, str]:
     try:
         if root is not None and not root.exists():
             raise DataError(f"data.root={cfg.root} does not exist.")
-        if root is not None and any((root / f).is_file() for f in
-                                    ("dataset_dict.json", "state.json")):
+        if _saved(root):
             ds, where = datasets.load_from_disk(str(root)), f"hf-disk:{root}"
-        elif root is not None and (root.suffix == ".parquet" or any(root.rglob("*.parquet"))):
-            files = str(root) if root.is_file() else None
-            ds = (datasets.load_dataset("parquet", data_files=files) if files else
-                  datasets.load_dataset("parquet", data_dir=str(root)))
-            where = f"hf-parquet:{root}"
-        elif root is not None:
-            ds = datasets.load_dataset(cfg.hf_name, cfg.hf_config, data_dir=str(root))
-            where = f"hf:{cfg.hf_name}:{root}"
         else:
-            ds, where = datasets.load_dataset(cfg.hf_name, cfg.hf_config), f"hf:{cfg.hf_name}"
+            path, config, files = _builder(cfg, root)
+            ds = datasets.load_dataset(path, config, **files)
+            where = (f"hf:{cfg.hf_name}" if root is None else f"hf-parquet:{root}"
+                     if path == "parquet" else f"hf:{cfg.hf_name}:{root}")
     except DataError:
         raise
     except Exception as e:
@@ -217,15 +229,13 @@ def _streamed(cfg: DataConfig, spec: str, where: str, limit: int | None
 
     root = Path(cfg.root).expanduser() if cfg.root else None
     try:
-        if root is not None and any((root / f).is_file() for f in
-                                    ("dataset_dict.json", "state.json")):
+        if _saved(root):
             ds, _ = open_dataset(cfg)
             split = _split(ds, spec, where)
             split = split.select(range(min(limit or len(split), len(split))))
             return split.to_iterable_dataset(num_shards=min(len(split), 64)), len(split), False
-        kwargs = {"data_dir": str(root)} if root is not None else {}
-        name = "parquet" if root is not None and any(root.rglob("*.parquet")) else cfg.hf_name
-        rows = datasets.load_dataset(name, cfg.hf_config, split=spec, streaming=True, **kwargs)
+        path, config, files = _builder(cfg, root)
+        rows = datasets.load_dataset(path, config, split=spec, streaming=True, **files)
     except DataError:
         raise
     except Exception as e:
