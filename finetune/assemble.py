@@ -40,9 +40,18 @@ from finetune.data.stream import StreamedBatches, TrainBatches
 from finetune.ema import EMA
 from finetune.errors import ConfigError
 from finetune.export import meta_beside, model_meta
-from finetune.models import LoadedWeights, build_model, create_model, fetch_state_dict
-from finetune.models.pretrained import channel_stats
-from finetune.models.registry import IMAGENET_MEAN, IMAGENET_STD, check_model_name
+from finetune.models import (
+    Fetched,
+    LoadedWeights,
+    build_model,
+    create_model,
+    fetch_state_dict,
+    set_grad_checkpointing,
+    unwrap,
+)
+from finetune.models.backbones import on_meta
+from finetune.models.pretrained import channel_stats, weights_input_size
+from finetune.models.registry import IMAGENET_MEAN, IMAGENET_STD, check_model_options
 from finetune.optim import (
     StagePlan,
     freeze_for_good,
@@ -59,20 +68,48 @@ log = logging.getLogger(__name__)
 
 def check_model(cfg: Config) -> None:
     """The model the config names, built on the meta device (shapes only, instantly): its
-    name, the image size and the freezing settings are checked."""
+    name, the image size (``None``: the weights' input size, set here) and the freezing
+    settings are checked."""
     try:
-        check_model_name(cfg.model.name)
+        check_model_options(cfg.model.name, cfg.model.norm, cfg.model.drop_path_rate)
     except ValueError as e:
         raise ConfigError(f"model.name: {e} (see `finetune models`).") from None
+    if cfg.data.image_size is None:
+        cfg.data.image_size = default_image_size(cfg)
+    size, in_chans = cfg.data.image_size, cfg.model.in_chans or 1
     try:
-        with torch.device("meta"):
-            model = create_model(cfg.model.name, num_classes=10,
-                                 in_chans=cfg.model.in_chans or 1,
-                                 image_size=cfg.data.image_size, norm=cfg.model.norm)
+        model = on_meta(lambda: create_model(
+            cfg.model.name, num_classes=10, in_chans=in_chans, image_size=size,
+            norm=cfg.model.norm, drop_path_rate=cfg.model.drop_path_rate))
     except ValueError as e:
-        raise ConfigError(f"model.name={cfg.model.name} cannot take data.image_size="
-                          f"{cfg.data.image_size}: {e}") from None
+        raise ConfigError(f"model.name={cfg.model.name} cannot take data.image_size={size}: "
+                          f"{e}") from None
+    if cfg.model.grad_checkpointing:
+        try:
+            set_grad_checkpointing(model)
+        except ValueError as e:
+            raise ConfigError(f"model.name={cfg.model.name}: {e}") from None
+    try:  # shapes only: a model that cannot take this size fails here, not after the data
+        model.eval()(torch.zeros(2, in_chans, size, size, device=_device_of(model)))
+    except NotImplementedError:
+        pass  # an operation without a meta kernel: the first step will tell
+    except (ValueError, TypeError, RuntimeError, AssertionError) as e:
+        raise ConfigError(f"model.name={cfg.model.name} cannot take data.image_size={size}: "
+                          f"{str(e).strip().splitlines()[0]}") from None
     plan_stages(model, cfg.finetune)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def default_image_size(cfg: Config) -> int:
+    """``data.image_size`` when unset: the pretrained weights' input size, else 28."""
+    size = (weights_input_size(cfg.model.name, cfg.model.weights) if cfg.model.pretrained
+            else None)
+    log.info("data.image_size=%d (%s)", size or 28,
+             "the pretrained weights' input size" if size else "the default")
+    return size or 28
 
 
 def normalization(mode: str, loaded: LoadedWeights | None, train: Data, in_chans: int,
@@ -134,11 +171,12 @@ class Parts:
                           resample=self.resample, recipe=cfg.recipe,
                           pretrained=self.loaded.source if self.loaded else None,
                           data=self.source, train_images=len(self.train_data),
-                          test_images=len(self.test_data))
+                          test_images=len(self.test_data),
+                          pretrained_cfg=getattr(unwrap(self.model), "pretrained_cfg", {}))
 
 
 def _load(cfg: Config, accelerator: Accelerator
-          ) -> tuple[tuple[dict, str] | None, Data, Data, Data | None, str]:
+          ) -> tuple[Fetched | None, Data, Data, Data | None, str]:
     """Pretrained weights (first: a run that cannot get them fails in seconds, not after the
     data), then the data; the main process fills any download cache first."""
     with accelerator.main_process_first():
@@ -177,6 +215,10 @@ def preprocessing(dcfg: DataConfig, loaded: LoadedWeights | None, placement: str
     for key, value in (("crop_pct", crop_pct), ("interpolation", interpolation)):
         if getattr(dcfg, key) == value and weights.get(key, value) != value:
             log.info("data.%s=%s overrides the pretrained weights' %s", key, value, weights[key])
+    made_for = weights.get("input_size", (0, dcfg.image_size))[-1]
+    if made_for != dcfg.image_size:
+        log.info("data.image_size=%d overrides the pretrained weights' %d", dcfg.image_size,
+                 made_for)
     return crop_pct, interpolation
 
 

@@ -150,12 +150,24 @@ def _recipes(ns: argparse.Namespace) -> None:
 
 def _models(ns: argparse.Namespace) -> None:
     from finetune.models import count_parameters, list_models
+    from finetune.models.backbones import list_backbones
     from finetune.models.registry import get_pretrained_cfg
 
+    if ns.pattern:
+        rows = list_backbones(ns.pattern)
+        if not rows:
+            raise ConfigError(f"no model matches '{ns.pattern}'; try a wider pattern, e.g. "
+                              f"'timm:convnext*' or 'tv:*'.")
+        width = max(len(name) for name, _ in rows)
+        for name, weights in rows:
+            print(f"{name:<{width}}  {weights}")
+        return
     print(f"{'model':<16} {'params (3x224x224, 1000 classes)':>34}  weights")
     for name in list_models():
         weights = "ImageNet (torchvision)" if get_pretrained_cfg(name)["tv_weights"] else ""
         print(f"{name:<16} {count_parameters(name):>34,d}  {weights}")
+    print("\nand any timm or torchvision model: model.name=timm:NAME[.TAG] or tv:NAME; list "
+          "them with `finetune models 'timm:convnext*'` or `finetune models 'tv:*'`.")
 
 
 def _show_model(ns: argparse.Namespace) -> None:
@@ -240,7 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     _overrides(_add(sub, "show", _show, "print the resolved config, nothing run",
                     epilog=_keys()))
     _add(sub, "recipes", _recipes, "list recipes")
-    _add(sub, "models", _models, "list registered models with parameter counts")
+    p = _add(sub, "models", _models, "list the built-in models, or timm's and torchvision's "
+             "matching a pattern",
+             epilog="examples:\n  finetune models\n  finetune models 'timm:convnext*'\n"
+                    "  finetune models 'timm:vit_small*dinov2*'\n"
+                    "  finetune models 'tv:efficientnet*'")
+    p.add_argument("pattern", nargs="?", help="timm:GLOB or tv:GLOB (quote it for the shell)")
     _overrides(_add(sub, "show-model", _show_model, "each layer's output shape and parameters",
                     epilog=_keys("recipe", "model.", "data.image_size")))
     return parser

@@ -25,11 +25,14 @@ __all__ = ["Config", "ConfigError", "DataConfig", "FinetuneConfig", "ModelConfig
 
 @dataclass
 class ModelConfig:
+    # A registered model (`finetune models`), timm:NAME[.TAG] (any timm model) or tv:NAME
+    # (torchvision's get_model names).
     name: str = "resnet18"
     # Start from pretrained weights (ImageNet unless `weights` says otherwise).
     pretrained: bool = False
-    # Where pretrained weights come from: a local .safetensors/.pth file, "torchvision[:TAG]"
-    # or "timm:NAME" (a timm model on the Hugging Face hub). None: the model's default source.
+    # Where pretrained weights come from: a local .safetensors/.pth file or a folder with
+    # model.safetensors (+ config.json), "torchvision[:TAG]" or "timm[:NAME.TAG]" (the Hugging
+    # Face hub or its cache). None: timm's for a timm:NAME model, else torchvision's.
     weights: str | None = None
     # Input channels of the network; None: as many as the data has.
     in_chans: int | None = None
@@ -37,6 +40,10 @@ class ModelConfig:
     norm: str = "torch"
     # default: the architecture's own init; xavier: Xavier-uniform (the lecture's).
     init: str = "default"
+    # Stochastic depth of timm's models (e.g. 0.1); None: the model's default.
+    drop_path_rate: float | None = None
+    # Recompute activations in the backward pass (timm's set_grad_checkpointing): less memory.
+    grad_checkpointing: bool = False
 
 
 @dataclass
@@ -56,7 +63,9 @@ class DataConfig:
     # None: the first Image feature / the first ClassLabel (or a column named label, labels).
     image_column: str | None = None
     label_column: str | None = None
-    image_size: int = 28
+    # Side of the square images the model sees. None: the input size of the pretrained
+    # weights (model.pretrained=true; e.g. 224), else 28 (Fashion-MNIST's own).
+    image_size: int | None = None
     # Use only N training / test images (None: all): the same fraction of every class, drawn
     # with data.split_seed.
     train_limit: int | None = None
@@ -222,7 +231,8 @@ NON_NEGATIVE = ("data.crop_pad", "data.workers", "data.split_seed", "train.check
 
 MAX_IMAGE_SIZE = 4096
 PROBABILITY = ("data.random_erasing", "data.mix_switch")
-FRACTION = ("data.val_split", "train.ema_decay")  # 1 would leave nothing / never move
+# 1 would leave nothing / never move / drop every block
+FRACTION = ("data.val_split", "train.ema_decay", "model.drop_path_rate")
 
 
 def _schema(cls: type = Config, prefix: str = "") -> dict[str, str]:
@@ -399,7 +409,7 @@ def validate(cfg: Config) -> None:
     for key in (k for k, t in KEY_TYPES.items() if t.startswith("float")):
         if get(key) is not None and not math.isfinite(get(key)):
             raise ConfigError(f"'{key}' must be a finite number, got {get(key)}.")
-    if cfg.data.image_size > MAX_IMAGE_SIZE:
+    if (cfg.data.image_size or 0) > MAX_IMAGE_SIZE:
         raise ConfigError(f"'data.image_size' is at most {MAX_IMAGE_SIZE}, got "
                           f"{cfg.data.image_size} (a batch would need more memory than any "
                           f"device has).")
@@ -407,7 +417,7 @@ def validate(cfg: Config) -> None:
         if not 0 <= get(key) <= 1:
             raise ConfigError(f"'{key}' is a probability in [0, 1], got {get(key)}.")
     for key in FRACTION:
-        if not 0 <= get(key) < 1:
+        if get(key) is not None and not 0 <= get(key) < 1:
             raise ConfigError(f"'{key}' must be in [0, 1), got {get(key)}.")
     if cfg.train.early_stopping and not cfg.data.val_split:
         raise ConfigError("train.early_stopping needs a validation split: set data.val_split "

@@ -16,6 +16,8 @@ from torch import nn
 from finetune.errors import ExportError
 from finetune.files import atomic_write, atomic_write_text
 from finetune.models import create_model, unwrap
+from finetune.models.backbones import TIMM, source_of
+from finetune.models.interface import classifier_name
 from finetune.version import __version__
 
 WEIGHTS = "model.safetensors"
@@ -28,20 +30,30 @@ REQUIRED_META = ("architecture", "num_classes", "in_chans", "image_size", "mean"
 def model_meta(*, architecture: str, class_names: list[str], in_chans: int, image_size: int,
                norm: str, mean: tuple[float, ...], std: tuple[float, ...], crop_pct: float,
                interpolation: str, resample: str, recipe: str | None, pretrained: str | None,
-               data: str, train_images: int, test_images: int) -> dict:
+               data: str, train_images: int, test_images: int,
+               pretrained_cfg: dict | None = None) -> dict:
     """``model.json``'s content: what rebuilds and feeds the model (``REQUIRED_META``; the
     evaluation transform is: shorter side to ``floor(image_size / crop_pct)`` with
     ``interpolation``, center crop, then ``(x / 255 - mean) / std``; ``resample`` says whether
     images were resized one at a time ("image") or, square, as float batches ("batch")), and
-    where it came from."""
+    where it came from: the weights and the backbone's own ``pretrained_cfg`` (timm's or
+    torchvision's, e.g. the mean, std and crop its ImageNet weights were made with)."""
     return {"architecture": architecture, "num_classes": len(class_names),
             "in_chans": in_chans, "image_size": image_size, "norm": norm, "mean": list(mean),
             "std": list(std), "crop_pct": crop_pct, "interpolation": interpolation,
             "resize": math.floor(image_size / crop_pct), "resample": resample,
             "class_names": list(class_names),
-            "recipe": recipe, "pretrained": pretrained, "data": data,
+            "recipe": recipe, "pretrained": pretrained,
+            "pretrained_cfg": _json_safe(pretrained_cfg or {}), "data": data,
             "train_images": train_images, "test_images": test_images,
             "finetune_version": __version__}
+
+
+def _json_safe(cfg: dict) -> dict:
+    plain = (str, int, float, bool, type(None))
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()
+            if isinstance(v, plain) or (isinstance(v, tuple | list)
+                                        and all(isinstance(x, plain) for x in v))}
 
 
 def save_weights(model: nn.Module, path: str | Path) -> None:
@@ -60,7 +72,8 @@ def save_model(model: nn.Module, meta: dict, out_dir: str | Path) -> None:
     model = unwrap(model)
     save_weights(model, out_dir / WEIGHTS)
     atomic_write_text(out_dir / META, json.dumps(meta, indent=2) + "\n")
-    if getattr(model, "pretrained_cfg", {}).get("timm_compatible"):
+    if (source_of(meta["architecture"]) == "timm"
+            or getattr(model, "pretrained_cfg", {}).get("timm_compatible")):
         atomic_write_text(out_dir / TIMM_CONFIG,
                           json.dumps(timm_config(meta, model), indent=2) + "\n")
 
@@ -69,11 +82,15 @@ def timm_config(meta: dict, model: nn.Module) -> dict:
     """A timm ``config.json``: ``timm.create_model("local-dir:RUN_DIR", pretrained=True)``
     then rebuilds the model, channels, head and preprocessing included."""
     size = meta["image_size"]
+    arch = meta["architecture"].removeprefix(TIMM).partition(".")[0]
+    model_args = {"in_chans": meta["in_chans"]}
+    if model.pretrained_cfg.get("fixed_input_size"):  # e.g. a ViT's position embeddings
+        model_args["img_size"] = size
     return {
-        "architecture": meta["architecture"],
+        "architecture": arch,
         "num_classes": meta["num_classes"],
-        "num_features": model.get_classifier().in_features,
-        "model_args": {"in_chans": meta["in_chans"]},
+        "num_features": getattr(model, "num_features", None) or model.get_classifier().in_features,
+        "model_args": model_args,
         "pretrained_cfg": {
             "input_size": [meta["in_chans"], size, size],
             "interpolation": meta.get("interpolation", "bilinear"),
@@ -83,7 +100,7 @@ def timm_config(meta: dict, model: nn.Module) -> dict:
             "crop_mode": "center",
             "num_classes": meta["num_classes"],
             "first_conv": model.pretrained_cfg["first_conv"],
-            "classifier": model.get_classifier(name_only=True),
+            "classifier": classifier_name(model),
         },
         "label_names": list(meta["class_names"]),
     }
@@ -124,11 +141,13 @@ def _read_json(meta_file: Path) -> dict:
     return meta
 
 
-def meta_beside(weights_file: str | Path | None) -> dict:
-    """The ``model.json`` of a finetune export beside a weights file, or {} (other weights)."""
-    if weights_file is None or not Path(weights_file).expanduser().is_file():
+def meta_beside(weights: str | Path | None) -> dict:
+    """The ``model.json`` of a finetune export beside a weights file or in a weights folder,
+    or {} (other weights)."""
+    path = Path(weights).expanduser() if weights else None
+    if path is None or not path.exists():
         return {}
-    return exported_meta(Path(weights_file).expanduser().parent)
+    return exported_meta(path if path.is_dir() else path.parent)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:

@@ -290,22 +290,26 @@ def test_a_stream_needs_a_test_split_and_known_sizes(tmp_path):
 
 
 def test_the_weights_own_preprocessing_is_the_default(caplog):
-    from finetune.assemble import preprocessing
-    from finetune.models.pretrained import LoadedWeights, weights_preprocessing
+    from torchvision.models import get_weight
 
-    assert weights_preprocessing("torchvision:ResNet50_Weights.IMAGENET1K_V2", {}) == {
-        "crop_pct": 224 / 232, "interpolation": "bilinear"}
-    assert weights_preprocessing("timm:timm/resnet18.a1_in1k", {}) == {
-        "crop_pct": 0.95, "interpolation": "bicubic"}
-    assert weights_preprocessing("/some/model.safetensors", {"crop_pct": 0.9}) == {
-        "crop_pct": 0.9}
+    from finetune.assemble import preprocessing
+    from finetune.models.backbones import timm_cfg, tv_cfg
+    from finetune.models.pretrained import LoadedWeights
+
+    tv = tv_cfg(get_weight("ResNet50_Weights.IMAGENET1K_V2"))
+    assert (tv["crop_pct"], tv["interpolation"], tv["input_size"]) == (224 / 232, "bilinear",
+                                                                       (3, 224, 224))
+    timm = timm_cfg("resnet18.a1_in1k")
+    assert (timm["crop_pct"], timm["interpolation"]) == (0.95, "bicubic")
     loaded = LoadedWeights("timm:timm/resnet18.a1_in1k", (0.5,), (0.5,), [],
                            {"crop_pct": 0.95, "interpolation": "bicubic"})
-    assert preprocessing(DataConfig(), loaded, "stream") == (0.95, "bicubic")
-    assert preprocessing(DataConfig(), None, "stream") == (0.875, "bilinear")
-    assert preprocessing(DataConfig(), loaded, "device") == (1.0, "bicubic")  # kept whole
+    d = DataConfig(image_size=224)
+    assert preprocessing(d, loaded, "stream") == (0.95, "bicubic")
+    assert preprocessing(d, None, "stream") == (0.875, "bilinear")
+    assert preprocessing(d, loaded, "device") == (1.0, "bicubic")  # kept whole
     with caplog.at_level(logging.INFO, logger="finetune"):
-        assert preprocessing(DataConfig(crop_pct=0.8), loaded, "stream") == (0.8, "bicubic")
+        assert preprocessing(DataConfig(image_size=224, crop_pct=0.8), loaded, "stream") == (
+            0.8, "bicubic")
     assert "data.crop_pct=0.8 overrides the pretrained weights' 0.95" in caplog.text
 
 

@@ -9,7 +9,12 @@ from safetensors.torch import save_file
 
 from finetune.config import ModelConfig
 from finetune.models import WeightsError, build_model, create_model
-from finetune.models.pretrained import adapt_input_conv, channel_stats, load_pretrained
+from finetune.models.pretrained import (
+    adapt_input_conv,
+    channel_stats,
+    fetch_state_dict,
+    load_pretrained,
+)
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +27,7 @@ TIMM_R18 = ModelConfig(name="resnet18", pretrained=True, weights="timm:resnet18.
 
 def _load(name, weights, num_classes, in_chans):
     model = create_model(name, num_classes=num_classes, in_chans=in_chans)
-    return model, load_pretrained(model, name, weights)
+    return model, load_pretrained(model, name, fetch_state_dict(name, weights))
 
 
 def _save_pth(tmp_path, model, name="tv.pth"):

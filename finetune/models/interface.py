@@ -6,7 +6,7 @@ A model declares (timm's models do all of this already):
 - ``group_matcher(coarse)``: regular expressions grouping parameter names into stages, from the
   input to the output (``{"stem": r"^conv1|^bn1", "layer": r"^layer(\\d+)"}``); parameters that
   no expression matches (the classifier) form the last group;
-- ``get_classifier(name_only)``: the final layer, or its module name.
+- ``get_classifier()``: the final layer.
 """
 
 from __future__ import annotations
@@ -23,7 +23,11 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def classifier_name(model: nn.Module) -> str:
-    return unwrap(model).get_classifier(name_only=True)
+    """The module name of the model's final layer (timm's ``get_classifier()`` returns the
+    module itself)."""
+    model = unwrap(model)
+    head = model.get_classifier()
+    return next(name for name, m in model.named_modules() if m is head)
 
 
 def stages(model: nn.Module) -> list[tuple[str, list[str]]]:
@@ -80,6 +84,5 @@ class FeaturesClassifier(nn.Module):
                              for k, b in enumerate(blocks)],
                 "classifier": rf"^classifier\.(?:{'|'.join(hidden)})\." if hidden else None}
 
-    def get_classifier(self, name_only: bool = False) -> nn.Module | str:
-        last = len(self.classifier) - 1
-        return f"classifier.{last}" if name_only else self.classifier[last]
+    def get_classifier(self) -> nn.Module:
+        return self.classifier[-1]

@@ -1,26 +1,41 @@
 """Pretrained weights: fetch a state dict, adapt input channels and classifier, load it.
 
 Sources (``model.weights``):
-- ``None`` / ``"torchvision"`` / ``"torchvision:TAG"``: torchvision's ImageNet weights
-  (``TAG`` defaults to ``IMAGENET1K_V1``), from the torch hub cache or downloaded;
-- ``"timm:NAME"``: ``model.safetensors`` of ``timm/NAME`` on the Hugging Face hub (or its cache);
-- a path to a ``.safetensors`` file or a ``.pth``/``.pt``/``.bin`` state dict (loaded with
-  ``weights_only=True``: tensors only, never pickled code), in torchvision or timm key layout.
+- ``None``: timm's default weights for a ``timm:`` model, else torchvision's;
+- ``"torchvision"`` / ``"torchvision:TAG"``: torchvision's ImageNet weights (``TAG``:
+  ``IMAGENET1K_V1`` for the lecture's models, ``DEFAULT`` for ``tv:`` models), from the torch
+  hub cache or downloaded;
+- ``"timm"`` / ``"timm:NAME[.TAG]"``: timm's weights on the Hugging Face hub (its cache first;
+  ``HF_HUB_OFFLINE=1`` is respected);
+- a path to a ``.safetensors`` file, a ``.pth``/``.pt``/``.bin`` state dict (loaded with
+  ``weights_only=True``: tensors only, never pickled code), or a folder holding
+  ``model.safetensors`` (+ ``config.json``) as timm and finetune save them.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from torch import nn
 
 from finetune.errors import WeightsError
+from finetune.models.backbones import (
+    TIMM,
+    TV,
+    create_timm,
+    source_of,
+    timm_cfg,
+    tv_cfg,
+    tv_weights_cfg,
+)
 from finetune.models.interface import classifier_name
-from finetune.models.registry import get_pretrained_cfg, list_models
+from finetune.models.registry import IMAGENET_MEAN, IMAGENET_STD, get_pretrained_cfg, list_models
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +130,19 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return _strip_prefixes(state_dict)
 
 
-def _fetch_torchvision(name: str, enum: str, tag: str) -> tuple[dict, str]:
+@dataclass
+class Fetched:
+    """Pretrained weights and what is known about them."""
+
+    state_dict: dict[str, torch.Tensor]
+    source: str  # human-readable origin, stored in model.json
+    # The weights' own pretrained config as far as known (mean, std, crop_pct, interpolation,
+    # input_size, num_classes): torchvision's weights transforms, timm's config of the tag, or
+    # the config.json (timm) / model.json (finetune) beside a local file; {} for a bare file.
+    cfg: dict = field(default_factory=dict)
+
+
+def _fetch_torchvision(name: str, enum: str, tag: str) -> Fetched:
     from torchvision.models import get_weight
 
     try:
@@ -133,42 +160,128 @@ def _fetch_torchvision(name: str, enum: str, tag: str) -> tuple[dict, str]:
             f"({type(e).__name__}: {e}). {_FIX} To use these exact weights offline, copy "
             f"{Path(weights.url).name} to {cached.parent}/ or pass model.weights=PATH."
         ) from None
-    return state_dict, f"torchvision:{enum}.{tag}"
+    return Fetched(state_dict, f"torchvision:{enum}.{weights.name}", tv_cfg(weights))
 
 
-def _fetch_timm(hub_name: str) -> tuple[dict, str]:
+def _fetch_timm(hub_name: str) -> Fetched:
+    """timm's weights ``hub_name`` (``NAME.TAG`` or ``owner/repo``) from the Hugging Face cache,
+    else the hub (``HF_HUB_OFFLINE=1`` forbids that), else its URL through the torch hub."""
     from huggingface_hub import hf_hub_download
 
-    repo = hub_name if "/" in hub_name else f"timm/{hub_name}"
+    bare = hub_name.removeprefix("timm/")
+    cfg = timm_cfg(bare) if "/" not in bare else {}
+    if cfg and not cfg.get("hf_hub_id") and cfg.get("url"):  # older weights: a URL only
+        return _fetch_url(cfg["url"], bare, cfg)
+    repo = cfg.get("hf_hub_id") or (hub_name if "/" in hub_name else f"timm/{hub_name}")
+    filename = cfg.get("hf_hub_filename") or "model.safetensors"
     try:
-        path = hf_hub_download(repo, "model.safetensors", local_files_only=True)
+        path = hf_hub_download(repo, filename, local_files_only=True)
     except Exception:
         log.info("timm weights %s not cached; trying the Hugging Face hub", repo)
         try:
-            path = hf_hub_download(repo, "model.safetensors")
+            path = hf_hub_download(repo, filename)
         except Exception as e:
             raise WeightsError(
                 f"could not load timm weights '{repo}': not in the Hugging Face cache and the "
                 f"hub download failed ({type(e).__name__}: {str(e).splitlines()[0]}). {_FIX}"
             ) from None
-    return read_state_dict(path), f"timm:{repo}"
+    return Fetched(read_state_dict(path), f"timm:{repo}", _weights_cfg(cfg))
 
 
-def fetch_state_dict(name: str, weights: str | None) -> tuple[dict[str, torch.Tensor], str]:
-    """Return ``(state_dict, source)`` for ``model.weights`` (see the module docstring)."""
-    source = weights or "torchvision"
+def _fetch_url(url: str, name: str, cfg: dict) -> Fetched:
+    try:
+        state_dict = torch.hub.load_state_dict_from_url(url, map_location="cpu",
+                                                        weights_only=True, progress=False)
+    except Exception as e:
+        raise WeightsError(f"could not load timm weights {name} from {url} (not in the torch "
+                           f"hub cache, download failed: {type(e).__name__}: {e}). {_FIX}"
+                           ) from None
+    return Fetched(_strip_prefixes(state_dict), f"timm:{name}", _weights_cfg(cfg))
+
+
+def _weights_cfg(cfg: dict) -> dict:
+    keys = ("mean", "std", "crop_pct", "interpolation", "input_size", "num_classes")
+    return {k: cfg[k] for k in keys if cfg.get(k) is not None}
+
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def _read_local(path: Path) -> Fetched:
+    """A weights file, or a folder with ``model.safetensors`` (or ``pytorch_model.bin``) as
+    timm and finetune save them; a ``config.json`` (timm) beside says how they were made."""
+    if path.is_dir():
+        found = [path / f for f in WEIGHT_FILES if (path / f).is_file()]
+        if not found:
+            raise WeightsError(f"weights folder '{path}' holds none of {', '.join(WEIGHT_FILES)}."
+                               f" {_FIX}")
+        path = found[0]
+    cfg = {}
+    config = path.with_name("config.json")
+    if config.is_file():
+        try:
+            timm_config = json.loads(config.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise WeightsError(f"{config} is not JSON ({e}); fix or remove it.") from None
+        if isinstance(timm_config, dict) and isinstance(timm_config.get("pretrained_cfg"), dict):
+            cfg = _weights_cfg({**timm_config["pretrained_cfg"],
+                                **({"num_classes": timm_config["num_classes"]}
+                                   if "num_classes" in timm_config else {})})
+    return Fetched(read_state_dict(path), str(path.resolve()), cfg)
+
+
+def default_weights(name: str) -> str:
+    """``model.weights`` when unset: timm's own for a timm model, else torchvision's."""
+    return "timm" if source_of(name) == "timm" else "torchvision"
+
+
+def fetch_state_dict(name: str, weights: str | None) -> Fetched:
+    """The weights ``model.weights`` names for model ``name`` (see the module docstring)."""
+    source = weights or default_weights(name)
     kind, _, arg = source.partition(":")
-    if kind == "torchvision" and not Path(source).exists():
+    path = Path(source).expanduser()
+    if kind == "torchvision" and not path.exists():
+        if source_of(name) == "tv":
+            return _fetch_torchvision(name, tv_weights_cfg(name[len(TV):])["tv_weights"],
+                                      arg or "DEFAULT")
         return _fetch_torchvision(name, weights_cfg(name)["tv_weights"], arg or "IMAGENET1K_V1")
-    elif kind == "timm" and not Path(source).exists():
-        hub_name = arg or weights_cfg(name)["hf_hub_id"]
+    elif kind == "timm" and not path.exists():
+        if arg:
+            return _fetch_timm(arg)
+        if source_of(name) == "timm":
+            return _fetch_timm(name[len(TIMM):])
+        hub_name = weights_cfg(name)["hf_hub_id"]
         if not hub_name:
             raise WeightsError(f"no default timm weights for {name} (timm's layout differs); "
                                f"use model.weights=torchvision or a local file.")
         return _fetch_timm(hub_name)
     else:
-        path = Path(source).expanduser()
-        return read_state_dict(path), str(path.resolve())
+        if not path.exists():
+            raise WeightsError(f"weights file '{path}' does not exist. {_FIX}")
+        return _read_local(path)
+
+
+def weights_input_size(name: str, weights: str | None) -> int | None:
+    """The input size the pretrained weights were made for, from their config (nothing is
+    downloaded); None when unknown."""
+    source = weights or default_weights(name)
+    kind, _, arg = source.partition(":")
+    path = Path(source).expanduser()
+    if path.exists():
+        folder = path if path.is_dir() else path.parent
+        for file, key in (("model.json", "image_size"), ("config.json", "pretrained_cfg")):
+            try:
+                value = json.loads((folder / file).read_text())[key]
+                return int(value) if key == "image_size" else int(value["input_size"][-1])
+            except (OSError, ValueError, KeyError, TypeError, IndexError):
+                continue
+        return None
+    if kind == "timm":
+        size = timm_cfg(arg.removeprefix("timm/") if arg else name.removeprefix(TIMM)).get(
+            "input_size")
+    else:
+        size = get_pretrained_cfg(name).get("input_size")
+    return int(size[-1]) if size else None
 
 
 def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module, first_conv: str,
@@ -201,28 +314,25 @@ def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module, firs
     return notes
 
 
-def load_pretrained(model: nn.Module, name: str, weights: str | None,
-                    fetched: tuple[dict[str, torch.Tensor], str] | None = None,
+def load_pretrained(model: nn.Module, name: str, fetched: Fetched,
                     class_names: list[str] | None = None, exported: dict | None = None
                     ) -> LoadedWeights:
-    """Load pretrained weights for architecture ``name`` into ``model``, adapting its first
-    conv's input channels and replacing its classifier as needed.
+    """Load pretrained weights for architecture ``name`` (not a timm model: see
+    :func:`load_timm`) into ``model``, adapting its first conv's input channels and replacing
+    its classifier as needed.
 
-    ``fetched`` is what ``fetch_state_dict(name, weights)`` returned, for callers that fetch
-    early. Raises :class:`WeightsError` (never falls back to random init) when the weights
-    cannot be fetched or do not fit the architecture. ``exported`` is the ``model.json`` of a
-    finetune export the weights come from: trained on classes other than ``class_names``, it
-    gets a new classifier even when the class count matches; its mean/std come along.
+    Raises :class:`WeightsError` (never falls back to random init) when the weights do not fit
+    the architecture. ``exported`` is the ``model.json`` of a finetune export the weights come
+    from: trained on classes other than ``class_names``, it gets a new classifier even when the
+    class count matches; its mean/std come along.
     """
     cfg = model.pretrained_cfg
     first_conv, classifier = cfg["first_conv"], classifier_name(model)
-    state_dict, source = fetched or fetch_state_dict(name, weights)
-    state_dict = dict(state_dict)  # adapted below; the caller's copy stays as it was
+    state_dict = dict(fetched.state_dict)  # adapted below; the caller's copy stays as it was
     sidecar = exported or {}
-    new_classes = (class_names is not None and "class_names" in sidecar
-                   and list(sidecar["class_names"]) != list(class_names))
-    notes = adapt_state_dict(state_dict, model, first_conv, classifier, new_classes)
-
+    notes = adapt_state_dict(state_dict, model, first_conv, classifier,
+                             _new_classes(sidecar, class_names))
+    notes += _resize_position_embedding(state_dict, model)
     target = model.state_dict()
     missing_body = [k for k in target if k not in state_dict
                     and not k.startswith(f"{classifier}.")]
@@ -237,34 +347,100 @@ def load_pretrained(model: nn.Module, name: str, weights: str | None,
             problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
         if wrong:
             problems.append(f"{len(wrong)} with other shapes (e.g. {wrong[0]})")
-        raise WeightsError(f"weights from {source} do not fit {name}: "
-                           f"{'; '.join(problems)} keys. Are they for another architecture? "
-                           f"{_FIX}")
+        _misfit(fetched.source, name, "; ".join(problems) + " keys")
     model.load_state_dict(state_dict, strict=False)
-
     in_chans = target[f"{first_conv}.weight"].shape[1]
-    mean, std = ((sidecar["mean"], sidecar["std"]) if "mean" in sidecar and "std" in sidecar
-                 else (cfg["mean"], cfg["std"]))
+    return _loaded(name, fetched, sidecar, notes, in_chans)
+
+
+def load_timm(name: str, fetched: Fetched, *, num_classes: int, in_chans: int, image_size: int,
+              drop_path_rate: float | None = None, class_names: list[str] | None = None,
+              exported: dict | None = None) -> tuple[nn.Module, LoadedWeights]:
+    """Build timm model ``name`` (``timm:ARCH[.TAG]``) and load ``fetched`` into it the way
+    timm loads its own weights (its checkpoint filter, input conv, classifier); as
+    :func:`load_pretrained` otherwise."""
+    arch = name[len(TIMM):]
+    cfg = timm_cfg(arch)
+    first = cfg.get("first_conv") or ""
+    first = first if isinstance(first, str) else first[0]
+    head = cfg.get("classifier") or ""
+    head = head if isinstance(head, str) else head[0]
+    state_dict = dict(fetched.state_dict)
+    src_classes = (state_dict[f"{head}.weight"].shape[0] if f"{head}.weight" in state_dict
+                   else 0)
+    src_chans = (state_dict[f"{first}.weight"].shape[1] if f"{first}.weight" in state_dict
+                 else in_chans)
+    size = (cfg.get("input_size") or (3, image_size, image_size))[1:]
+    try:
+        model = create_timm(arch, num_classes=num_classes, in_chans=in_chans,
+                            image_size=image_size, drop_path_rate=drop_path_rate,
+                            state_dict=state_dict,
+                            weights_cfg={"num_classes": src_classes,
+                                         "input_size": (src_chans, *size)})
+    except (RuntimeError, KeyError, ValueError, AssertionError) as e:
+        _misfit(fetched.source, name, f"{type(e).__name__}: "
+                f"{str(e).strip().splitlines()[0][:300]}")
+    notes = []
+    if src_chans != in_chans:
+        how = "summed RGB filters" if in_chans == 1 else "cycled and rescaled filters"
+        notes.append(f"{first}: {src_chans} -> {in_chans} input channels ({how}, as timm "
+                     f"adapts them)")
+    sidecar = exported or {}
+    new_classes = _new_classes(sidecar, class_names)
+    if new_classes and src_classes == num_classes:
+        model.reset_classifier(num_classes)
+    if new_classes or src_classes != num_classes:
+        why = ", the weights' classes differ" if new_classes else ""
+        notes.append(f"{head}: classifier replaced, {src_classes} -> {num_classes} classes{why} "
+                     f"(new layer randomly initialised)")
+    return model, _loaded(name, fetched, sidecar, notes, in_chans)
+
+
+def _new_classes(sidecar: dict, class_names: list[str] | None) -> bool:
+    return (class_names is not None and "class_names" in sidecar
+            and list(sidecar["class_names"]) != list(class_names))
+
+
+def _misfit(source: str, name: str, problems: str) -> NoReturn:
+    hint = ""
+    if source.startswith("timm:") and source_of(name) != "timm":
+        hint = (f" timm's weights fit timm's architecture: model.name=timm:"
+                f"{source.removeprefix('timm:').removeprefix('timm/')}.")
+    raise WeightsError(f"weights from {source} do not fit {name}: {problems}. Are they for "
+                       f"another architecture?{hint} {_FIX}")
+
+
+def _resize_position_embedding(state_dict: dict[str, torch.Tensor], model: nn.Module
+                               ) -> list[str]:
+    """torchvision ViT weights at another image size: position embeddings interpolated, as
+    torchvision does it."""
+    key = "encoder.pos_embedding"
+    target = model.state_dict().get(key)
+    if target is None or key not in state_dict or state_dict[key].shape == target.shape:
+        return []
+    from torchvision.models.vision_transformer import interpolate_embeddings
+
+    before = tuple(state_dict[key].shape)
+    state_dict.update(interpolate_embeddings(model.image_size, model.patch_size,
+                                             {key: state_dict[key]}))
+    return [f"{key}: {before} -> {tuple(target.shape)} (interpolated to the image size)"]
+
+
+def _loaded(name: str, fetched: Fetched, sidecar: dict, notes: list[str], in_chans: int
+            ) -> LoadedWeights:
+    """What the run keeps of the weights: the preprocessing they were made with (a finetune
+    export's model.json first, then the weights' own config, then the model's pretrained
+    config)."""
+    known = {**_weights_cfg(get_pretrained_cfg(name)), **fetched.cfg,
+             **{k: sidecar[k] for k in ("mean", "std", "crop_pct", "interpolation")
+                if k in sidecar}}
+    if "image_size" in sidecar:
+        known["input_size"] = (sidecar.get("in_chans", in_chans), sidecar["image_size"],
+                               sidecar["image_size"])
+    mean, std = known.get("mean", IMAGENET_MEAN), known.get("std", IMAGENET_STD)
     for note in notes:
         log.info("adapted pretrained %s: %s", name, note)
-    return LoadedWeights(source=source, mean=channel_stats(mean, in_chans),
-                         std=channel_stats(std, in_chans), notes=notes,
-                         preprocessing=weights_preprocessing(source, sidecar))
-
-
-def weights_preprocessing(source: str, exported: dict) -> dict:
-    """``crop_pct`` and ``interpolation`` the weights were evaluated with: torchvision's weights
-    transforms, timm's pretrained config of the tag, or a finetune export's ``model.json``."""
-    kind, _, name = source.partition(":")
-    if kind == "torchvision":
-        from torchvision.models import get_weight
-
-        t = get_weight(name).transforms()
-        return {"crop_pct": t.crop_size[0] / t.resize_size[0],
-                "interpolation": t.interpolation.value}
-    if kind == "timm":
-        import timm
-
-        cfg = timm.models.get_pretrained_cfg(name.removeprefix("timm/"))
-        return {"crop_pct": cfg.crop_pct, "interpolation": cfg.interpolation} if cfg else {}
-    return {k: exported[k] for k in ("crop_pct", "interpolation") if k in exported}
+    return LoadedWeights(source=fetched.source, mean=channel_stats(tuple(mean), in_chans),
+                         std=channel_stats(tuple(std), in_chans), notes=notes,
+                         preprocessing={k: known[k] for k in ("crop_pct", "interpolation",
+                                                              "input_size") if k in known})

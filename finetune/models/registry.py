@@ -13,11 +13,21 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import nn
 
 from finetune.config import INITS, NORMS
 from finetune.errors import did_you_mean
+from finetune.models.backbones import (
+    TIMM,
+    TV,
+    check_backbone_name,
+    create_timm,
+    create_tv,
+    on_meta,
+    source_of,
+    timm_cfg,
+    tv_weights_cfg,
+)
 
 ModelBuilder = Callable[..., nn.Module]
 _MODELS: dict[str, ModelBuilder] = {}
@@ -63,15 +73,35 @@ def list_models() -> list[str]:
 
 
 def get_pretrained_cfg(name: str) -> dict[str, Any]:
-    """The registered ``pretrained_cfg`` of model ``name`` (a copy)."""
+    """The ``pretrained_cfg`` of model ``name`` (a copy): registered, timm's (of the name's
+    tag, or the default one) or that of torchvision's default weights."""
     check_model_name(name)
+    source = source_of(name)
+    if source == "timm":
+        return timm_cfg(name[len(TIMM):])
+    elif source == "tv":
+        return tv_weights_cfg(name[len(TV):])
     return dict(_CFGS[name])
 
 
 def check_model_name(name: str) -> None:
-    if name not in _MODELS:
+    """Refuse a name that is neither registered nor a ``timm:``/``tv:`` model."""
+    if source_of(name) != "own":
+        check_backbone_name(name)
+    elif name not in _MODELS:
         raise ValueError(f"unknown model '{name}'.{did_you_mean(name, list_models())} "
-                         f"Registered: {', '.join(list_models())}")
+                         f"Registered: {', '.join(list_models())}; or any timm or torchvision "
+                         f"model as timm:NAME or tv:NAME")
+
+
+def check_model_options(name: str, norm: str, drop_path_rate: float | None) -> None:
+    """Refuse a name that is unknown, and options its model does not have."""
+    check_model_name(name)
+    if source_of(name) != "own" and norm != "torch":
+        raise ValueError(f"model.norm={norm} (finetune's own batch norm) applies to the "
+                         f"lecture's models, not to {name}")
+    if source_of(name) != "timm" and drop_path_rate is not None:
+        raise ValueError(f"model.drop_path_rate applies to timm's models, not to {name}")
 
 
 def norm_layer(norm: str) -> type[nn.Module]:
@@ -102,12 +132,22 @@ def init_weights(model: nn.Module, init: str) -> None:
 
 
 def create_model(name: str, *, num_classes: int = 1000, in_chans: int = 3,
-                 image_size: int = 224, norm: str = "torch", init: str = "default"
-                 ) -> nn.Module:
-    """Build a registered model with randomly initialised weights and its ``pretrained_cfg``."""
-    check_model_name(name)
-    model = _MODELS[name](num_classes=num_classes, in_chans=in_chans, image_size=image_size,
-                          norm_layer=norm_layer(norm))
+                 image_size: int = 224, norm: str = "torch", init: str = "default",
+                 drop_path_rate: float | None = None) -> nn.Module:
+    """Build a model with randomly initialised weights and its ``pretrained_cfg``: a
+    registered one, ``timm:NAME`` or ``tv:NAME``. ``drop_path_rate`` (stochastic depth) is for
+    timm's models, ``norm`` for the lecture's."""
+    check_model_options(name, norm, drop_path_rate)
+    source = source_of(name)
+    if source == "timm":
+        model = create_timm(name[len(TIMM):], num_classes=num_classes, in_chans=in_chans,
+                            image_size=image_size, drop_path_rate=drop_path_rate)
+    elif source == "tv":
+        model = create_tv(name[len(TV):], num_classes=num_classes, in_chans=in_chans,
+                          image_size=image_size)
+    else:
+        model = _MODELS[name](num_classes=num_classes, in_chans=in_chans,
+                              image_size=image_size, norm_layer=norm_layer(norm))
     init_weights(model, init)
     return model
 
@@ -115,5 +155,4 @@ def create_model(name: str, *, num_classes: int = 1000, in_chans: int = 3,
 def count_parameters(name: str, **kwargs: Any) -> int:
     """Parameters of model ``name`` built with ``kwargs``, counted on the meta device (shapes
     only: no memory, no init time)."""
-    with torch.device("meta"):
-        return sum(p.numel() for p in create_model(name, **kwargs).parameters())
+    return sum(p.numel() for p in on_meta(lambda: create_model(name, **kwargs)).parameters())

@@ -100,8 +100,8 @@ class ResNet(nn.Module):
         return {"stem": r"^conv1\.|^bn1\.",
                 "layer": r"^layer(\d+)\." if coarse else r"^layer(\d+)\.(\d+)\."}
 
-    def get_classifier(self, name_only: bool = False) -> nn.Module | str:
-        return "fc" if name_only else self.fc
+    def get_classifier(self) -> nn.Module:
+        return self.fc
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
