@@ -36,7 +36,7 @@ from finetune.data.loader import (
 )
 from finetune.data.samples import preload
 from finetune.data.sources import stratified_mask
-from finetune.data.stream import StreamedBatches, TrainBatches
+from finetune.data.stream import StreamedBatches, TrainBatches, balanced_weights
 from finetune.ema import EMA
 from finetune.errors import ConfigError
 from finetune.export import meta_beside, model_meta
@@ -49,7 +49,7 @@ from finetune.models import (
     set_grad_checkpointing,
     unwrap,
 )
-from finetune.models.backbones import on_meta
+from finetune.models.backbones import check_backbone_name, on_meta
 from finetune.models.pretrained import channel_stats, weights_input_size
 from finetune.models.registry import IMAGENET_MEAN, IMAGENET_STD, check_model_options
 from finetune.optim import (
@@ -74,6 +74,12 @@ def check_model(cfg: Config) -> None:
         check_model_options(cfg.model.name, cfg.model.norm, cfg.model.drop_path_rate)
     except ValueError as e:
         raise ConfigError(f"model.name: {e} (see `finetune models`).") from None
+    kind, _, arg = (cfg.model.weights or "").partition(":")
+    if cfg.model.pretrained and kind == "timm" and arg and "/" not in arg:
+        try:
+            check_backbone_name(f"timm:{arg}")
+        except ValueError as e:
+            raise ConfigError(f"model.weights: {e}") from None
     if cfg.data.image_size is None:
         cfg.data.image_size = default_image_size(cfg)
     size, in_chans = cfg.data.image_size, cfg.model.in_chans or 1
@@ -83,6 +89,9 @@ def check_model(cfg: Config) -> None:
             norm=cfg.model.norm, drop_path_rate=cfg.model.drop_path_rate))
     except ValueError as e:
         raise ConfigError(f"model.name={cfg.model.name} cannot take data.image_size={size}: "
+                          f"{e}") from None
+    except TypeError as e:  # e.g. timm's VGG has no drop_path_rate
+        raise ConfigError(f"model.name={cfg.model.name} does not take these model.* settings: "
                           f"{e}") from None
     if cfg.model.grad_checkpointing:
         try:
@@ -318,6 +327,9 @@ def train_loader(cfg: Config, parts: Parts, accelerator: Accelerator) -> TrainLo
     transform = train_transform(dcfg.image_size, scale, ratio, parts.interpolation, dcfg.hflip,
                                 dcfg.auto_augment)
     rank, world = accelerator.process_index, accelerator.num_processes
+    weights = None
+    if dcfg.sampler == "balanced":  # a stream is refused by check_model
+        weights = balanced_weights(parts.train_data.labels, len(parts.train_data.classes))
     if isinstance(parts.train_data, StreamedSplit):
         stream = StreamedBatches(parts.train_data, transform, dcfg.image_size,
                                  train_need(dcfg.image_size, scale), tcfg.batch_size, tcfg.seed,
@@ -326,10 +338,10 @@ def train_loader(cfg: Config, parts: Parts, accelerator: Accelerator) -> TrainLo
     elif parts.placement == "stream":
         stream = TrainBatches(parts.train_data, transform, dcfg.image_size,
                               train_need(dcfg.image_size, scale), tcfg.batch_size, tcfg.seed,
-                              rank, world, dcfg.skip_bad_images)
+                              rank, world, dcfg.skip_bad_images, weights)
     return TrainLoader(parts.train_data, parts.placement, tcfg.batch_size, tcfg.seed,
                        accelerator.process_index, accelerator.num_processes, accelerator.device,
-                       dcfg.workers, stream)
+                       dcfg.workers, stream, weights)
 
 
 def evaluation_loader(cfg: Config, parts: Parts, data: Data, accelerator: Accelerator
@@ -378,5 +390,7 @@ def prepare_training(cfg: Config, parts: Parts, accelerator: Accelerator) -> Tra
     gen = torch.Generator(device=accelerator.device).manual_seed(
         tcfg.seed * 7919 + accelerator.process_index)
     return Training(model, raw, optimizer, scheduler, factor,
-                    StepOptions.from_config(cfg, len(parts.train_data.classes)),
+                    StepOptions.from_config(cfg, len(parts.train_data.classes),
+                                            getattr(parts.train_data, "labels", None),
+                                            accelerator.device),
                     loader.steps, loader, eval_loader, val_loader, ema, gen)

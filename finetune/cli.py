@@ -59,7 +59,7 @@ def _evaluate(ns: argparse.Namespace) -> None:
 
     if "=" in ns.run_dir:
         raise ConfigError("usage: finetune evaluate RUN_DIR [data.key=value ...]")
-    evaluate_run(ns.run_dir, ns.args)
+    evaluate_run(ns.run_dir, ns.args, tta=ns.tta)
 
 
 def _predict(ns: argparse.Namespace) -> None:
@@ -70,7 +70,7 @@ def _predict(ns: argparse.Namespace) -> None:
     predictor = load(ns.model)
     files = image_files(ns.images)
     # Opened as training's evaluation opened its files (a bad one is a one-line DataError).
-    results = predictor.predict(files, top_k=ns.top_k)
+    results = predictor.predict(files, top_k=ns.top_k, tta=ns.tta)
     if ns.json:
         print(json.dumps([{"file": str(f), "top_k": [{"class": c, "probability": round(p, 6)}
                                                       for c, p in r]}
@@ -79,6 +79,13 @@ def _predict(ns: argparse.Namespace) -> None:
     width = max(len(str(f)) for f in files)
     for f, r in zip(files, results, strict=True):
         print(f"{str(f):<{width}}  " + "  ".join(f"{c} {p:.3f}" for c, p in r))
+
+
+def _push(ns: argparse.Namespace) -> None:
+    from finetune.publish import push
+
+    url = push(ns.run_dir, ns.repo_id, private=ns.private, revision=ns.revision)
+    print(f"published {ns.run_dir} to https://huggingface.co/{ns.repo_id}: {url}")
 
 
 def _compare(ns: argparse.Namespace) -> None:
@@ -219,16 +226,27 @@ def build_parser() -> argparse.ArgumentParser:
                     "Train a recipe (recipe=NAME or a .yaml path) with key=value overrides. "
                     "The same as `accelerate launch -m finetune.run recipe=NAME ...`.",
                     _keys()))
-    p = _add(sub, "evaluate", _evaluate, "rebuild an exported model and measure it: accuracy, "
-             "per-class precision/recall, evaluation.json, confusion.png",
+    p = _add(sub, "evaluate", _evaluate, "rebuild an exported model and measure it: top-1/top-5 "
+             "and balanced accuracy, macro F1, calibration (ECE), per-class precision/recall/F1;"
+             " evaluation.json, confusion.png, reliability.png",
              epilog=_keys("data."))
     p.add_argument("run_dir", help="a run folder (or its ema/ folder)")
+    p.add_argument("--tta", action="store_true",
+                   help="also with test-time augmentation (mirror images), beside the plain")
     _overrides(p, "data.* overrides: evaluate on other data than the run's")
     p = _add(sub, "predict", _predict, "top-k classes of images")
     p.add_argument("model", help="run folder or model.safetensors")
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--top-k", type=_positive, default=3)
+    p.add_argument("--tta", action="store_true",
+                   help="average each image's probabilities with its mirror image's")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p = _add(sub, "push", _push, "publish an export folder as a Hugging Face Hub model "
+             "repository (model card, weights, configs, metrics)")
+    p.add_argument("run_dir", help="a run folder (or its ema/ folder)")
+    p.add_argument("repo_id", help="user/name or org/name on the hub")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--revision", default=None, help="a branch to push to (created if needed)")
     _overrides(_add(sub, "compare", _compare, "train recipes over paired seeds under one "
                     "budget and report, or report finished runs",
                     "finetune compare recipe=A,B [seeds=3|0,5,9] [targets=0.8,0.9] "

@@ -110,6 +110,9 @@ class RecipeSummary:
     params: int
     # The weight average's final test accuracy (train.ema_decay), when the runs kept one.
     ema_final: Estimate | None = None
+    # The final epoch's other test metrics (test_top5_acc, test_balanced_acc, test_macro_f1,
+    # test_ece), where every run has them.
+    metrics: dict[str, Estimate] = field(default_factory=dict)
 
 
 @dataclass
@@ -123,6 +126,9 @@ class Summary:
     @property
     def sizes(self) -> list[int]:
         return sorted(self.by_size)
+
+
+OTHER_METRICS = ("test_top5_acc", "test_balanced_acc", "test_macro_f1", "test_ece")
 
 
 def count_parameters(meta: dict) -> int:
@@ -185,7 +191,9 @@ def summarize(runs: list[Run], targets: list[float] | None = None) -> Summary:
                 train_seconds=sum(r.train_seconds for r in group) / len(group),
                 params=params[label],
                 ema_final=(mean_ci([r.final["ema_test_acc"] for r in group])
-                           if all("ema_test_acc" in r.final for r in group) else None)))
+                           if all("ema_test_acc" in r.final for r in group) else None),
+                metrics={k: mean_ci([r.final[k] for r in group]) for k in OTHER_METRICS
+                         if all(k in r.final for r in group)}))
         summary.by_size[size] = rows
     return summary
 

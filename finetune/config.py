@@ -118,6 +118,10 @@ class DataConfig:
     # Fraction of the training images held out (a seeded, per-class draw) as a validation split,
     # evaluated every epoch; early stopping watches it, never the test set.
     val_split: float = 0.0
+    # shuffle: each epoch a seeded permutation of the training images; balanced: as many
+    # draws, with replacement, each class equally likely (seeded by train.seed and the epoch:
+    # the same on every process and after a resume). Not with data.streaming.
+    sampler: str = "shuffle"
 
 
 @dataclass
@@ -138,6 +142,9 @@ class TrainConfig:
     step_epochs: list[int] = field(default_factory=list)
     step_gamma: float = 0.1
     label_smoothing: float = 0.0
+    # Weights of the classes in the training loss: none, balanced (n / (k * count of the class),
+    # scikit-learn's), or one number per class [w0,w1,...].
+    class_weights: Any = "none"
     # Clip the global gradient norm to this value before each step (0: off).
     clip_grad_norm: float = 0.0
     # Gradient accumulation: each step's batch (batch_size, still the global batch per step)
@@ -167,6 +174,12 @@ class TrainConfig:
     keep_checkpoints: int = 2
     # Progress-bar refresh interval in steps; reading the loss syncs the device, so not every step.
     log_every: int = 25
+    # Experiment trackers (Accelerate's): [tensorboard], [wandb], [mlflow], [aim], [comet_ml],
+    # [clearml], [dvclive], [trackio], several at once; main process only. Files of the ones
+    # that write locally go to <output_dir>/trackers. metrics.jsonl stays the record.
+    log_with: list[str] = field(default_factory=list)
+    # The trackers' project (experiment) name; None: the recipe's name, else "finetune".
+    project: str | None = None
 
 
 @dataclass
@@ -213,6 +226,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "finetune.bn": ("train", "freeze_stats", "freeze"),
     "train.mixed_precision": ("auto", "fp32", "bf16", "fp16"),
     "data.placement": ("auto", "device", "host", "stream"),
+    "data.sampler": ("shuffle", "balanced"),
     "data.auto_augment": ("none", "trivial", "randaugment", "autoaugment", "colorjitter"),
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune",
                            "max-autotune-no-cudagraphs"),
@@ -431,12 +445,41 @@ def validate(cfg: Config) -> None:
     if cfg.train.label_smoothing >= 1:
         raise ConfigError(f"'train.label_smoothing' must be < 1, got {cfg.train.label_smoothing}.")
     _check_transforms(cfg.data)
+    _check_balance(cfg)
     if cfg.data.source == "imagefolder" and not cfg.data.root:
         raise ConfigError("data.source=imagefolder needs data.root=PATH "
                           "(a folder with one subfolder of images per class).")
     if cfg.model.weights and not cfg.model.pretrained:
         raise ConfigError(f"model.weights={cfg.model.weights} is set but model.pretrained=false; "
                           "set model.pretrained=true to load it, or drop model.weights.")
+
+
+TRACKERS = ("tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml", "dvclive", "trackio")
+
+
+def _check_balance(cfg: Config) -> None:
+    """train.class_weights, data.sampler and train.log_with."""
+    weights = cfg.train.class_weights
+    if isinstance(weights, list | tuple):
+        if not weights or not all(isinstance(w, int | float) and not isinstance(w, bool)
+                                  and w >= 0 and math.isfinite(w) for w in weights) \
+                or not sum(weights) > 0:
+            raise ConfigError(f"'train.class_weights' as a list needs one number >= 0 per "
+                              f"class, not all 0, got {list(weights)}.")
+    elif weights not in ("none", "balanced"):
+        raise ConfigError(f"invalid value {weights!r} for 'train.class_weights'. Valid values: "
+                          f"none, balanced, or [w0,w1,...] (one per class).")
+    if weights == "balanced" and cfg.data.streaming:
+        raise ConfigError("train.class_weights=balanced counts the training labels, which a "
+                          "stream (data.streaming=true) does not know up front; give the "
+                          "weights as a list [w0,w1,...].")
+    if cfg.data.sampler == "balanced" and cfg.data.streaming:
+        raise ConfigError("data.sampler=balanced draws from every training image by its class: "
+                          "it needs random access, not data.streaming=true.")
+    unknown = [t for t in cfg.train.log_with if t not in TRACKERS]
+    if unknown:
+        raise ConfigError(f"unknown tracker(s) {unknown} in train.log_with; valid: "
+                          f"{', '.join(TRACKERS)}.")
 
 
 def _check_transforms(d: DataConfig) -> None:

@@ -18,66 +18,84 @@ from finetune.data.hub import StreamedSplit
 from finetune.data.loader import BatchTransform, Data, eval_batches, prepared_eval_loader
 from finetune.errors import TrainingError
 from finetune.files import atomic_write_text
-from finetune.inference import load
-from finetune.runs import CONFUSION, EVALUATION, config_file
+from finetune.inference import load, predict_log_probs
+from finetune.metrics import CALIBRATION_BINS, calibration_counts, per_class, summary
+from finetune.runs import CONFUSION, EVALUATION, RELIABILITY, config_file
 from finetune.speed import make_accelerator
 
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, data: Data, transform: BatchTransform, loader,
-             accelerator: Accelerator) -> dict:
-    """Accuracy and mean loss over every sample of ``data`` exactly once, across processes.
+             accelerator: Accelerator, tta: bool = False) -> dict:
+    """Accuracy, mean loss, top-5, balanced accuracy, macro F1 and calibration over every
+    sample of ``data`` exactly once, across processes (see ``finetune.metrics``).
 
     ``loader`` is an Accelerate-prepared :func:`eval_loader` of ``data`` (resident on the
     device or in host memory, or streamed). A bad image skipped (``data.skip_bad_images``) is
-    counted as seen but not scored: ``test_skipped``.
+    counted as seen but not scored: ``test_skipped``. ``tta``: the probabilities averaged over
+    each image and its mirror image.
     """
     model.eval()
     k = len(data.classes)
+    dev = accelerator.device
     # confusion[true, predicted], accumulated on the device: no host sync per batch.
-    confusion = torch.zeros(k * k, dtype=torch.long, device=accelerator.device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    confusion = torch.zeros(k * k, dtype=torch.long, device=dev)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+    top5 = torch.zeros((), dtype=torch.long, device=dev)
+    calibration = torch.zeros(3, CALIBRATION_BINS, dtype=torch.float64, device=dev)
     # A stream's processes read disjoint rows and sum once at the end; otherwise each batch is
     # gathered (Accelerate drops the last one's padding) and every index is counted.
     streamed = isinstance(data, StreamedSplit)
     if streamed:  # processes may read different numbers of batches: no DDP collective here
         model = accelerator.unwrap_model(model)
-    seen = torch.zeros(1 if streamed else len(data), dtype=torch.long, device=accelerator.device)
-    for idx, images, labels, decoded in eval_batches(data, loader, accelerator.device):
+    seen = torch.zeros(1 if streamed else len(data), dtype=torch.long, device=dev)
+    for idx, images, labels, decoded in eval_batches(data, loader, dev):
         torch.compiler.cudagraph_mark_step_begin()
-        logits = model(transform(images))
-        loss = F.cross_entropy(logits.float(), labels, reduction="none")
+        log_probs = predict_log_probs(model, transform(images), tta)
         scored = torch.ones_like(labels) if decoded is None else decoded.long()
-        preds = logits.argmax(1)
+        confidence, preds = log_probs.max(1)
+        loss = F.nll_loss(log_probs, labels, reduction="none")
+        in_top5 = (log_probs.topk(min(5, k), dim=1).indices == labels[:, None]).any(1).long()
         if streamed:
             seen += len(labels)
-        else:
-            preds, labels, loss, idx, scored = accelerator.gather_for_metrics(
-                (preds, labels, loss, idx, scored))
+        else:  # per sample a few numbers, not k log-probabilities, cross the processes
+            preds, labels, loss, idx, scored, confidence, in_top5 = accelerator.gather_for_metrics(
+                (preds, labels, loss, idx, scored, confidence, in_top5))
             seen.index_add_(0, idx, torch.ones_like(idx))
         # index_add_, not bincount: bincount reads its input's max on the host (a sync).
         confusion.index_add_(0, labels * k + preds, scored)
         loss_sum += (loss * scored).sum()
+        top5 += (in_top5 * scored).sum()
+        calibration += calibration_counts(confidence.exp(), preds == labels, scored)
     if streamed:
-        confusion, loss_sum, seen = (accelerator.reduce(t, "sum") for t in
-                                     (confusion, loss_sum, seen))
+        confusion, loss_sum, seen, top5, calibration = (
+            accelerator.reduce(t, "sum") for t in (confusion, loss_sum, seen, top5, calibration))
     confusion = confusion.view(k, k).cpu()
     n, correct = int(confusion.sum()), int(confusion.trace())
+    _check_counts(n, seen, streamed, len(data))
+    scores = summary(confusion.tolist(), int(top5), calibration.tolist())
+    result = {"test_acc": correct / n, "test_loss": float(loss_sum) / n,
+              "test_correct": correct, "test_total": n,
+              **{f"test_{key}": value for key, value in scores.items() if key != "acc"},
+              "confusion": confusion.tolist(),
+              "calibration": [[round(v, 6) for v in row] for row in calibration.tolist()]}
+    if n < len(data):
+        result["test_skipped"] = len(data) - n
+    return result
+
+
+def _check_counts(n: int, seen: torch.Tensor, streamed: bool, expected: int) -> None:
+    """Every sample counted exactly once (a stream: as many rows as announced)."""
     if n == 0:
         raise TrainingError("every test image was skipped as bad; check the test data.")
-    if streamed and int(seen) != len(data):
-        raise DataError(f"the streamed test split gave {int(seen)} rows, not the {len(data)} "
+    if streamed and int(seen) != expected:
+        raise DataError(f"the streamed test split gave {int(seen)} rows, not the {expected} "
                         f"expected (data.eval_limit, or the dataset card's size); set "
                         f"data.eval_limit to at most the split's size.")
     if not streamed and not bool((seen == 1).all()):  # each sample once, over all processes
         raise TrainingError(f"evaluation counted {int((seen == 0).sum())} test samples never "
                             f"and {int((seen > 1).sum())} more than once; this is a bug in "
                             f"finetune's sharding, please report it.")
-    result = {"test_acc": correct / n, "test_loss": float(loss_sum) / n,
-              "test_correct": correct, "test_total": n, "confusion": confusion.tolist()}
-    if n < len(data):
-        result["test_skipped"] = len(data) - n
-    return result
 
 
 def _eval_loader(data: Data, predictor, cfg, accelerator: Accelerator) -> tuple:
@@ -96,7 +114,7 @@ def _eval_loader(data: Data, predictor, cfg, accelerator: Accelerator) -> tuple:
 def prefixed(prefix: str, result: dict) -> dict:
     """``test_acc`` -> ``val_acc`` etc.: another split's or model's numbers beside the test's."""
     return {f"{prefix}_{k.removeprefix('test_')}": v for k, v in result.items()
-            if k != "confusion"}
+            if k not in ("confusion", "calibration")}
 
 
 def accuracy_line(result: dict) -> str:
@@ -105,26 +123,12 @@ def accuracy_line(result: dict) -> str:
             f"({result['test_correct']}/{result['test_total']})")
 
 
-def per_class(confusion: list[list[int]], class_names: list[str]) -> list[dict]:
-    """Precision, recall and support per class from ``confusion[true][predicted]``.
-
-    A class never predicted has precision 0 (no true positives to credit), as scikit-learn's
-    ``zero_division=0``.
-    """
-    m = torch.tensor(confusion, dtype=torch.float64)
-    tp, predicted, actual = m.diag(), m.sum(dim=0), m.sum(dim=1)
-    rows = []
-    for i, name in enumerate(class_names):
-        rows.append({"class": name, "precision": float(tp[i] / predicted[i]) if predicted[i]
-                     else 0.0, "recall": float(tp[i] / actual[i]) if actual[i] else 0.0,
-                     "support": int(actual[i])})
-    return rows
-
-
-def evaluate_run(run_dir: str | Path, overrides: list[str]) -> dict:
+def evaluate_run(run_dir: str | Path, overrides: list[str], tta: bool = False) -> dict:
     """Evaluate the model exported in ``run_dir`` on its recipe's test data (``overrides`` may
-    point ``data.*`` elsewhere); write ``evaluation.json`` and ``confusion.png`` there."""
-    from finetune.plots import plot_confusion  # matplotlib: only when there is a figure
+    point ``data.*`` elsewhere); write ``evaluation.json``, ``confusion.png`` and
+    ``reliability.png`` there. ``tta``: also with test-time augmentation (mirror images),
+    reported beside the plain numbers (``tta`` in evaluation.json)."""
+    from finetune.plots import plot_confusion, plot_reliability  # matplotlib: only for figures
 
     run_dir = Path(run_dir)
     saved = config_file(run_dir)
@@ -146,17 +150,49 @@ def evaluate_run(run_dir: str | Path, overrides: list[str]) -> dict:
     loader, test_data = _eval_loader(test_data, predictor, cfg, accelerator)
     with accelerator.autocast():
         result = evaluate(predictor.model, test_data, predictor.transform, loader, accelerator)
+        if tta:
+            with_tta = evaluate(predictor.model, test_data, predictor.transform, loader,
+                                accelerator, tta=True)
+            result["tta"] = {k.removeprefix("test_"): v for k, v in with_tta.items()
+                             if k not in ("confusion", "calibration")}
     result["per_class"] = per_class(result["confusion"], meta["class_names"])
     result["data"] = source
     if accelerator.is_main_process:
         atomic_write_text(run_dir / EVALUATION, json.dumps(result, indent=2) + "\n")
         plot_confusion(result["confusion"], meta["class_names"], run_dir / CONFUSION,
                        f"{meta['architecture']}: accuracy {result['test_acc']:.4f}")
-        accelerator.print(f"{accuracy_line(result)} on {source}")
-        width = max(len(name) for name in meta["class_names"])
-        accelerator.print(f"{'class':<{width}}  precision  recall  support")
-        for row in result["per_class"]:
-            accelerator.print(f"{row['class']:<{width}}  {row['precision']:9.4f}  "
-                              f"{row['recall']:6.4f}  {row['support']:7d}")
-        accelerator.print(f"wrote {run_dir / EVALUATION} and {run_dir / CONFUSION}")
+        plot_reliability(result["calibration"], run_dir / RELIABILITY,
+                         f"{meta['architecture']}: ECE {result['test_ece']:.4f}")
+        _print_evaluation(result, meta["class_names"], accelerator.print)
+        accelerator.print(f"wrote {run_dir / EVALUATION}, {run_dir / CONFUSION} and "
+                          f"{run_dir / RELIABILITY}")
     return result
+
+
+def metrics_table(result: dict) -> list[tuple[str, str]]:
+    """``(metric, value)`` rows of an evaluation: what `finetune evaluate` prints, and the
+    model card's results."""
+    rows = [("top-1 accuracy", f"{result['test_acc']:.4f}")]
+    if "test_top5_acc" in result:
+        rows.append(("top-5 accuracy", f"{result['test_top5_acc']:.4f}"))
+    rows += [("balanced accuracy", f"{result['test_balanced_acc']:.4f}"),
+             ("macro F1", f"{result['test_macro_f1']:.4f}"),
+             ("expected calibration error", f"{result['test_ece']:.4f}"),
+             ("loss", f"{result['test_loss']:.4f}")]
+    return rows
+
+
+def _print_evaluation(result: dict, class_names: list[str], show) -> None:
+    show(f"{accuracy_line(result)} on {result['data']}")
+    tta = result.get("tta", {})
+    keys = ["acc", "top5_acc", "balanced_acc", "macro_f1", "ece", "loss"]
+    for (name, value), key in zip(metrics_table(result), [k for k in keys
+                                                          if f"test_{k}" in result],
+                                  strict=True):
+        extra = f"   with TTA (mirror) {tta[key]:.4f}" if key in tta else ""
+        show(f"{name:<28}{value}{extra}")
+    width = max(len(name) for name in class_names)
+    show(f"{'class':<{width}}  precision  recall      f1  support")
+    for row in result["per_class"]:
+        show(f"{row['class']:<{width}}  {row['precision']:9.4f}  {row['recall']:6.4f}  "
+             f"{row['f1']:6.4f}  {row['support']:7d}")

@@ -9,10 +9,12 @@ normalization (:class:`~finetune.data.loader.BatchTransform`) as training.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
@@ -89,10 +91,11 @@ class Predictor:
 
     @torch.inference_mode()
     def logits(self, images: torch.Tensor | list[str | Path | Image.Image | torch.Tensor],
-               batch_size: int = 256) -> torch.Tensor:
+               batch_size: int = 256, tta: bool = False) -> torch.Tensor:
         """Logits (N, num_classes) of a uint8 batch (N, C, H, W) or a list of images (files,
         PIL images or tensors), which may differ in size (each is then resized and cropped on
-        its own); the model runs on batches of ``batch_size``."""
+        its own); the model runs on batches of ``batch_size``. ``tta``: log-probabilities
+        averaged (as probabilities) with the mirror images' instead."""
         if isinstance(images, torch.Tensor):
             batches = [self.transform(self._cropped(images[i:i + batch_size]).to(self.device))
                        for i in range(0, len(images), batch_size)]
@@ -101,15 +104,28 @@ class Predictor:
             batches = [torch.cat(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
         with torch.autocast(self.device.type, dtype=torch.bfloat16,
                             enabled=self.precision == "bf16"):
+            if tta:
+                return torch.cat([predict_log_probs(self.model, b, tta=True) for b in batches])
             return torch.cat([self.model(b) for b in batches]).float()
 
-    def predict(self, images: list[str | Path | Image.Image | torch.Tensor], top_k: int = 5
-                ) -> list[list[tuple[str, float]]]:
-        """For each image, the ``top_k`` (class name, probability) pairs, most likely first."""
-        probs = self.logits(images).float().softmax(dim=1)
+    def predict(self, images: list[str | Path | Image.Image | torch.Tensor], top_k: int = 5,
+                tta: bool = False) -> list[list[tuple[str, float]]]:
+        """For each image, the ``top_k`` (class name, probability) pairs, most likely first;
+        ``tta``: averaged with its mirror image's."""
+        probs = self.logits(images, tta=tta).float().softmax(dim=1)
         values, indices = probs.topk(min(top_k, probs.shape[1]), dim=1)
         return [[(self.class_names[i], float(p)) for p, i in zip(vs, ix, strict=True)]
                 for vs, ix in zip(values.tolist(), indices.tolist(), strict=True)]
+
+
+def predict_log_probs(model: nn.Module, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
+    """Log-probabilities (float32) of a normalized batch; ``tta``: the probabilities averaged
+    with those of the mirror images (the models train with horizontal flips)."""
+    log_probs = F.log_softmax(model(x).float(), dim=1)
+    if tta:
+        mirrored = F.log_softmax(model(x.flip(-1)).float(), dim=1)
+        log_probs = torch.logaddexp(log_probs, mirrored) - math.log(2)
+    return log_probs
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", precision: str = "fp32"

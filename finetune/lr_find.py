@@ -65,7 +65,8 @@ def lr_find(cfg: Config, start_lr: float = 1e-7, end_lr: float = 10.0, steps: in
     ratio = (end_lr / start_lr) ** (1 / (steps - 1))
     scheduler = make_scheduler(optimizer, lambda step: start_lr * ratio ** step)
     model, optimizer = accelerator.prepare(parts.model, optimizer)
-    opts = StepOptions.from_config(cfg, len(parts.train_data.classes))
+    opts = StepOptions.from_config(cfg, len(parts.train_data.classes),
+                                   getattr(parts.train_data, "labels", None), accelerator.device)
     gen = torch.Generator(device=accelerator.device).manual_seed(tcfg.seed)
     model.train()
     thawing = enter_epoch(parts.model, parts.plan, 1, cfg.finetune.bn)

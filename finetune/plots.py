@@ -190,6 +190,48 @@ def plot_confusion(confusion: list[list[int]], class_names: list[str], path: Pat
     return save_figure(fig, path, dpi=120)
 
 
+def plot_reliability(calibration: list[list[float]], path: Path, title: str) -> Path:
+    """Reliability diagram: per confidence bin, the accuracy against the mean confidence (a
+    calibrated model follows the diagonal), and how many samples each bin holds."""
+    count, confidence, hits = (np.array(row, dtype=np.float64) for row in calibration)
+    bins = len(count)
+    edges = np.linspace(0, 1, bins + 1)
+    filled = count > 0
+    fig, (ax, bx) = plt.subplots(2, 1, figsize=(5, 6), height_ratios=(3, 1), sharex=True)
+    ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1, label="calibrated")
+    ax.bar(edges[:-1][filled], hits[filled] / count[filled], width=1 / bins, align="edge",
+           edgecolor="black", alpha=0.8, label="accuracy")
+    ax.plot(confidence[filled] / count[filled], hits[filled] / count[filled], "o",
+            color="red", markersize=3, label="(mean confidence, accuracy)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title(title)
+    bx.bar(edges[:-1], count / max(count.sum(), 1), width=1 / bins, align="edge",
+           edgecolor="black", color="0.7")
+    bx.set_xlabel("confidence (top softmax probability)")
+    bx.set_ylabel("share")
+    bx.set_xlim(0, 1)
+    return save_figure(fig, path, dpi=120)
+
+
+def plot_training_loss(records: list[dict], path: Path) -> Path:
+    """One run's training loss per step (smoothed) and test loss per epoch."""
+    losses = np.array([v for r in records for v in r["batch_loss"]])
+    steps = len(records[0]["batch_loss"]) if records else 1
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(np.arange(1, len(losses) + 1) / steps, losses, color="0.75", linewidth=0.6,
+            label="training loss per step")
+    ax.plot(np.arange(1, len(losses) + 1) / steps, _smooth(losses, max(1, steps // 10)),
+            label="smoothed")
+    ax.plot([r["epoch"] for r in records], [r["test_loss"] for r in records], "o-",
+            label="test loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.legend()
+    return save_figure(fig, path)
+
+
 def plot_lr_find(result: dict, path: Path) -> Path:
     """The learning-rate range test: loss per batch and smoothed, the suggested rate."""
     fig, ax = plt.subplots(figsize=(7, 4))

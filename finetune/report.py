@@ -50,6 +50,17 @@ def accuracy_table(rows: list, baseline: str, many_seeds: bool) -> Block:
     return ("table", header, body)
 
 
+def metrics_table(rows: list) -> Block | None:
+    """The final epoch's other test metrics per recipe (where every run recorded them)."""
+    names = {"test_top5_acc": "top-5 acc %", "test_balanced_acc": "balanced acc %",
+             "test_macro_f1": "macro F1 %", "test_ece": "calibration error (ECE) %"}
+    keys = [k for k in names if all(k in r.metrics for r in rows)]
+    if not keys:
+        return None
+    return ("table", ["recipe", *(names[k] for k in keys)],
+            [[r.label, *(r.metrics[k].format() for k in keys)] for r in rows])
+
+
 def reach_table(rows: list, targets: list[float]) -> Block:
     header = ["recipe"]
     for t in targets:
@@ -151,6 +162,11 @@ def figure_blocks(runs: list[Run], summary: Summary, labels: list[str], out: Pat
                    f"accuracy {best.final_acc:.4f}")
     blocks.append(("img", "confusion.png", f"Confusion matrix of the best run ({best.path}), "
                    f"rows normalised; numbers are counts."))
+    if "calibration" in best.final:
+        plots.plot_reliability(best.final["calibration"], out / "reliability.png",
+                               f"best run: {best.label}, ECE {best.final['test_ece']:.4f}")
+        blocks.append(("img", "reliability.png", "Reliability diagram of the best run: "
+                       "accuracy against confidence per bin (calibrated: the diagonal)."))
     grid = predictions(best)
     if grid is not None:
         plots.plot_predictions(*grid, title=f"{best.label}, seed {best.seed}: the first test "
@@ -194,8 +210,11 @@ def build_report(runs: list[Run], out: str | Path, targets: list[float] | None =
     for s in summary.sizes:
         rows = summary.by_size[s]
         blocks += [("h", 2, f"Accuracy on {s:,d} training images"),
-                   accuracy_table(rows, rows[0].label, many_seeds),
-                   ("h", 3, "Time to accuracy (mean over the seeds that reached it)"),
+                   accuracy_table(rows, rows[0].label, many_seeds)]
+        others = metrics_table(rows)
+        if others is not None:
+            blocks += [("h", 3, "Other test metrics of the final epoch"), others]
+        blocks += [("h", 3, "Time to accuracy (mean over the seeds that reached it)"),
                    reach_table(rows, summary.targets[s])]
     blocks += figure_blocks(runs, summary, labels, out)
     blocks += [("h", 2, "Runs"),

@@ -8,7 +8,7 @@ finished run exports (the last epoch's or early stopping's best; the weight aver
     <run>/ema/                 the weight average's export (train.ema_decay)
     <run>/best.safetensors     the best epoch's weights while early stopping watches
     <run>/checkpoints/         finetune.checkpoint's
-    <run>/evaluation.json, confusion.png   written by ``finetune evaluate``
+    <run>/evaluation.json, confusion.png, reliability.png   written by ``finetune evaluate``
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from accelerate.utils import broadcast_object_list
 from safetensors.torch import load_file
 from torch import nn
 
+from finetune.card import write_model_card
 from finetune.checkpoint import CHECKPOINTS, find_checkpoint, list_checkpoints
 from finetune.config import Config, flat_config, load_config, show_value, to_yaml
 from finetune.errors import ConfigError
@@ -40,6 +41,7 @@ BEST = "best.safetensors"
 EMA = "ema"
 EVALUATION = "evaluation.json"
 CONFUSION = "confusion.png"
+RELIABILITY = "reliability.png"
 LOCK = ".lock"
 
 
@@ -240,16 +242,23 @@ def keep_best(model: nn.Module, out: Path) -> None:
 
 
 def export_run(out: Path, model: nn.Module, meta: dict, records: list[dict], best: int | None,
-               ema: nn.Module | None = None, ema_decay: float = 0.0) -> None:
+               cfg: Config, ema: nn.Module | None = None, ema_decay: float = 0.0) -> None:
     """Export the run's model: the last epoch's weights, or with early stopping (``best``)
-    the best epoch's; the weight average's (``ema``) into ``<run>/ema``."""
+    the best epoch's; the weight average's (``ema``) into ``<run>/ema``. Each export folder
+    gets its model card (README.md): a Hub model repository."""
     if best is not None:
         model.load_state_dict(load_file(out / BEST))
         meta = {**meta, "early_stopping": {"best_epoch": best, "epochs_run": len(records),
                                            "val_acc": records[best - 1]["val_acc"]}}
+    record = records[-1] if best is None else records[best - 1]
     save_model(model, meta, out)
+    write_model_card(out, meta, record, cfg)
     if ema is not None:
         save_model(ema, {**meta, "ema_decay": ema_decay}, out / EMA)
+        # the average's own test numbers (its confusion matrix is not kept)
+        ema_record = {k.replace("ema_test_", "test_"): v for k, v in record.items()
+                      if k.startswith("ema_test_")}
+        write_model_card(out / EMA, meta, {"epoch": record["epoch"], **ema_record}, cfg)
 
 
 # --- finished runs ---------------------------------------------------------------------------

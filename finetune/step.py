@@ -11,7 +11,7 @@ follow. Nothing here reads a value back from the device.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,7 @@ from torch import nn
 
 from finetune.config import Config
 from finetune.ema import EMA
+from finetune.errors import ConfigError
 from finetune.mixing import mix_batch, mix_params
 
 
@@ -35,16 +36,55 @@ class StepOptions:
     mixup: float = 0.0
     cutmix: float = 0.0
     mix_switch: float = 0.5
+    # The loss's per-class weights, on the device (None: all 1).
+    class_weights: torch.Tensor | None = field(default=None, compare=False)
 
     @classmethod
-    def from_config(cls, cfg: Config, num_classes: int) -> StepOptions:
+    def from_config(cls, cfg: Config, num_classes: int, labels: torch.Tensor | None = None,
+                    device: torch.device | None = None) -> StepOptions:
+        """The step's options; ``labels`` (the training labels) for balanced class weights."""
         t, d = cfg.train, cfg.data
+        weights = class_weights(t.class_weights, num_classes, labels)
         return cls(num_classes, t.seed, t.accumulate, t.clip_grad_norm, t.label_smoothing,
-                   d.mixup, d.cutmix, d.mix_switch)
+                   d.mixup, d.cutmix, d.mix_switch,
+                   None if weights is None else weights.to(device))
 
     @property
     def mixing(self) -> bool:
         return self.mixup > 0 or self.cutmix > 0
+
+
+def class_weights(setting: str | list[float], num_classes: int,
+                  labels: torch.Tensor | None) -> torch.Tensor | None:
+    """``train.class_weights`` as a float32 tensor (None: unweighted): ``balanced`` gives class
+    c the weight n / (k * n_c) (scikit-learn's), a class without images 0."""
+    if setting == "none":
+        return None
+    if setting == "balanced":
+        if labels is None:
+            raise ConfigError("train.class_weights=balanced counts the training labels, which a "
+                              "stream (data.streaming=true) does not know up front; give the "
+                              "weights as a list [w0,w1,...].")
+        counts = torch.bincount(labels.cpu(), minlength=num_classes).float()
+        present = counts > 0
+        out = torch.zeros(num_classes)
+        out[present] = len(labels) / (int(present.sum()) * counts[present])
+        return out
+    if len(setting) != num_classes:
+        raise ConfigError(f"train.class_weights has {len(setting)} weights for {num_classes} "
+                          f"classes; give one per class, in the order of the classes.")
+    return torch.tensor([float(w) for w in setting])
+
+
+def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
+                           weights: torch.Tensor | None, smoothing: float) -> torch.Tensor:
+    """Cross-entropy, class-weighted as torch weights hard targets (the sum divided by the
+    weights of the targets); soft targets (Mixup/CutMix) are divided by theirs alike, so that
+    mixing does not rescale the loss."""
+    if weights is None or target.ndim == 1:
+        return F.cross_entropy(logits, target, weight=weights, label_smoothing=smoothing)
+    return (F.cross_entropy(logits, target, weight=weights, reduction="sum")
+            / (target.float() @ weights).sum())
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, accelerator: Accelerator,
@@ -69,7 +109,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, accelerator: 
         with accelerator.accumulate(model):
             torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: last outputs are done
             logits = model(xs)
-            loss = F.cross_entropy(logits, ts, label_smoothing=smoothing)
+            loss = weighted_cross_entropy(logits, ts, opts.class_weights, smoothing)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 for p in thawing:

@@ -39,6 +39,7 @@ from finetune.runs import (
 )
 from finetune.speed import compile_model, copy_to_host, make_accelerator, tune_backends
 from finetune.step import train_step
+from finetune.tracking import check_trackers, log_epoch, log_run_figures, start_trackers
 
 log = logging.getLogger(__name__)
 # checkpoint(steps_done, per-step losses so far, correct so far): called inside an epoch
@@ -48,12 +49,15 @@ Checkpointer = Callable[[int, torch.Tensor, torch.Tensor], None]
 def main(cfg: Config) -> dict:
     """Train, evaluate after every epoch, export; return the exported model's metrics."""
     check_model(cfg)  # before anything loads: a model that cannot run fails in a second
+    check_trackers(cfg)
     accelerator, precision = make_accelerator(cfg.train.mixed_precision, cfg.train.accumulate)
     folder = output_dir(cfg)  # computed once: a new run's name is a timestamp
-    with run_folder(cfg, accelerator, folder) as out:  # locked; a replaced run stays till export
-        final = train(cfg, accelerator, precision, out)
+    try:
+        with run_folder(cfg, accelerator, folder) as out:  # locked; a replaced run stays
+            final = train(cfg, accelerator, precision, out)  # till export
+    finally:
+        accelerator.end_training()  # trackers closed, also when the run fails
     accelerator.print(f"{accuracy_line(final)}; run saved to {folder}")
-    accelerator.end_training()
     return final
 
 
@@ -68,6 +72,7 @@ def train(cfg: Config, accelerator: Accelerator, precision: str, out: Path) -> d
     start_epoch, partial = starting_point(cfg, out, t, accelerator)
     records = metrics_before(out, start_epoch)
     start_run(out, cfg, accelerator)
+    start_trackers(cfg, accelerator, out)
 
     def save(epoch: int, step: int, losses: torch.Tensor, correct: torch.Tensor) -> None:
         save_checkpoint(accelerator, out, LoopState(epoch, step, t.gen.get_state(), losses,
@@ -105,6 +110,7 @@ def train(cfg: Config, accelerator: Accelerator, precision: str, out: Path) -> d
             if tcfg.early_stopping and best == epoch:  # the weights to export if it stops
                 keep_best(t.raw, out)
             write_metrics(out, records)
+        log_epoch(accelerator, record, t.steps_per_epoch, lambda s: tcfg.lr * t.factor(s))
         if tcfg.checkpoint:  # the epoch is complete (and checked): the next starts at step 0
             save(epoch, t.steps_per_epoch, torch.zeros(0), torch.zeros((), dtype=torch.long))
         if stop:
@@ -138,8 +144,10 @@ def finish(cfg: Config, out: Path, parts: Parts, t: Training, accelerator: Accel
     """Export (the best epoch's weights with early stopping) and return its metrics."""
     best, _ = early_stopping(records, cfg.train.early_stopping)  # None without early stopping
     if accelerator.is_main_process:
-        export_run(out, t.raw, parts.meta(cfg), records, best,
+        export_run(out, t.raw, parts.meta(cfg), records, best, cfg,
                    t.ema.module if t.ema else None, cfg.train.ema_decay)
+    log_run_figures(accelerator, out, records, parts.train_data.classes,
+                    records[-1]["epoch"] * t.steps_per_epoch)
     accelerator.wait_for_everyone()
     return records[-1] if best is None else records[best - 1]
 

@@ -267,3 +267,75 @@ def test_onnx_export_of_timm_models(arch, trained_backbones, tmp_path):
     x = torch.randn(3, 1, 32, 32)
     got = session.run(None, {"input": x.numpy()})[0]
     np.testing.assert_allclose(got, model(x).detach().numpy(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe, arch", [("convnext_tiny_fmnist", "convnext_tiny"),
+                                          ("efficientnet_b0_fmnist", "efficientnet_b0"),
+                                          ("vit_small_fmnist", "vit_small_patch16_224")])
+def test_backbone_recipes_run_offline(recipe, arch, fmnist_dir, tmp_path):
+    """The shipped timm recipes, offline: their weights given as a file (random init here),
+    shrunk to a few seconds; their settings (drop path, layer decay, clipping) hold."""
+    torch.manual_seed(0)
+    weights = _save(timm.create_model(arch), tmp_path / "w.safetensors")
+    cfg = load_config([f"recipe={recipe}", f"model.weights={weights}", f"data.root={fmnist_dir}",
+                       "data.image_size=32", "train.epochs=1", "train.batch_size=16",
+                       "train.checkpoint=false", f"output_dir={tmp_path / 'run'}"])
+    result = main(cfg)
+    meta = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert meta["architecture"] == f"timm:{arch}" and meta["pretrained"].endswith("w.safetensors")
+    assert 0 <= result["test_acc"] <= 1 and meta["interpolation"] == "bilinear"  # resident
+    assert meta["mean"] == [pytest.approx(sum(timm.models.get_pretrained_cfg(arch).mean) / 3)]
+
+
+def test_distilled_models_keep_both_heads_in_the_head_stage():
+    """timm's distilled models return (head, head_dist) from get_classifier()."""
+    cfg = load_config(["model.name=timm:deit_tiny_distilled_patch16_224", "data.image_size=32"])
+    check_model(cfg)
+    model = create_model(cfg.model.name, num_classes=10, in_chans=1, image_size=32)
+    head = dict(stages(model))["head"]
+    assert "head.weight" in head and "head_dist.weight" in head
+
+
+def test_googlenet_weights_load_without_their_auxiliary_heads(tmp_path):
+    torch.manual_seed(0)
+    source = torchvision.models.googlenet(aux_logits=True, init_weights=True)
+    path = tmp_path / "googlenet.pth"
+    torch.save(source.state_dict(), path)
+    model, loaded = build_model(ModelConfig(name="tv:googlenet", pretrained=True,
+                                            weights=str(path)),
+                                num_classes=10, in_chans=3, image_size=64)
+    torch.testing.assert_close(model.inception5b.branch1.conv.weight,
+                               source.inception5b.branch1.conv.weight)
+    assert model.eval()(torch.zeros(2, 3, 64, 64)).shape == (2, 10)
+
+
+def test_weights_of_the_wrong_family_are_refused_with_the_fix():
+    with pytest.raises(WeightsError, match="tv:NAME"):
+        build_model(ModelConfig(name="timm:test_resnet", pretrained=True,
+                                weights="torchvision"), num_classes=10, in_chans=1,
+                    image_size=32)
+    with pytest.raises(ConfigError, match="model.weights: timm has no pretrained tag 'nope'"):
+        check_model(load_config(["model.name=timm:test_vit", "model.pretrained=true",
+                                 "model.weights=timm:test_vit.nope", "data.image_size=32"]))
+    with pytest.raises(ConfigError, match="does not take these model"):
+        check_model(load_config(["model.name=timm:vgg11", "model.drop_path_rate=0.1",
+                                 "data.image_size=32"]))
+
+
+def test_torchvision_stages_keep_hidden_classifier_layers_apart():
+    model = create_model("tv:vgg11", num_classes=10, in_chans=1, image_size=32)
+    groups = dict(stages(model))
+    assert groups["head"] == ["classifier.6.weight", "classifier.6.bias"]
+    assert "classifier.0.weight" in groups["classifier"]
+    names = [name for name, _ in stages(create_model("tv:mnasnet0_5", num_classes=10,
+                                                     in_chans=1, image_size=32))]
+    assert len(names) > 8  # MNASNet's `layers`, block by block
+    every = [p for _, ps in stages(model) for p in ps]
+    assert sorted(every) == sorted(n for n, _ in model.named_parameters())
+
+
+def test_models_lists_only_matching_tags(capsys):
+    assert cli_main(["models", "timm:test_vit.r160*"]) == 0
+    out = capsys.readouterr().out
+    assert "timm:test_vit.r160_in1k" in out and "no pretrained weights" not in out

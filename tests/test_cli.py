@@ -11,19 +11,20 @@ from finetune.cli import build_parser, main
 from finetune.runs import read_metrics
 
 COMMANDS = ["train", "evaluate", "predict", "compare", "report", "lr-find", "export-onnx",
-            "show", "recipes", "models", "show-model"]
+            "push", "show", "recipes", "models", "show-model"]
 # What each command's help must name: its own arguments and, where it takes them, config keys.
 EXPECTED = {
     "train": ["key=value", "train.lr", "data.root", "finetune.freeze", "[sgd|adamw]"],
-    "evaluate": ["run_dir", "data.root", "data.image_size"],
-    "predict": ["model", "images", "--top-k", "--json"],
+    "evaluate": ["run_dir", "data.root", "data.image_size", "--tta"],
+    "predict": ["model", "images", "--top-k", "--json", "--tta"],
+    "push": ["run_dir", "repo_id", "--private", "--revision"],
     "compare": ["recipe=A,B", "seeds=", "targets=", "launcher=", "RUN_DIR", "train.epochs"],
     "report": ["run_dir", "output_dir=DIR"],
     "lr-find": ["start_lr=", "end_lr=", "steps=", "train.lr"],
     "export-onnx": ["run_dir", "--out"],
     "show": ["key=value", "model.name"],
     "recipes": ["--help"],
-    "models": ["--help"],
+    "models": ["pattern", "timm:convnext*"],
     "show-model": ["model.name", "data.image_size"],
 }
 

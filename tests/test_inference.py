@@ -33,9 +33,10 @@ def trained(tmp_path_factory):
 
 def test_per_class_by_hand():
     rows = per_class([[3, 1, 0], [0, 2, 0], [1, 0, 0]], ["a", "b", "c"])
-    assert rows[0] == {"class": "a", "precision": 0.75, "recall": 0.75, "support": 4}
-    assert rows[1] == {"class": "b", "precision": 2 / 3, "recall": 1.0, "support": 2}
-    assert rows[2] == {"class": "c", "precision": 0.0, "recall": 0.0, "support": 1}
+    assert rows[0] == {"class": "a", "precision": 0.75, "recall": 0.75, "f1": 0.75,
+                       "support": 4}
+    assert rows[1] == {"class": "b", "precision": 2 / 3, "recall": 1.0, "f1": 0.8, "support": 2}
+    assert rows[2] == {"class": "c", "precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
 
 
 def test_evaluate_matches_hand_computation(trained):

@@ -144,7 +144,7 @@ def test_overwrite_replaces_the_old_run_with_everything_derived_from_it(tiny_arg
     (run / "evaluation.json").write_text("{}")
     (run / "confusion.png").write_bytes(b"old")
     main(load_config(tiny_args + ["train.epochs=2", "overwrite=true"]))
-    assert sorted(p.name for p in run.iterdir()) == ["config.json", "config.yaml",
+    assert sorted(p.name for p in run.iterdir()) == ["README.md", "config.json", "config.yaml",
                                                      "metrics.jsonl", "model.json",
                                                      "model.safetensors"]
     assert len(untimed_metrics(run)) == 2

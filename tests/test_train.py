@@ -20,7 +20,7 @@ from finetune.train import main
 def test_end_to_end_writes_every_output(tiny_args, tmp_path, capsys):
     final = main(load_config(tiny_args))
     out = tmp_path / "run"
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "config.yaml",
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "config.yaml",
                                                      "metrics.jsonl", "model.json",
                                                      "model.safetensors"]
     records = read_metrics(out)

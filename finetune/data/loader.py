@@ -129,14 +129,16 @@ class BatchTransform:
 
 
 def train_batches(num_samples: int, batch_size: int, epoch: int, seed: int, rank: int,
-                  world_size: int, device: torch.device) -> Iterator[torch.Tensor]:
+                  world_size: int, device: torch.device, weights: torch.Tensor | None = None
+                  ) -> Iterator[torch.Tensor]:
     """This process's index batches for one epoch.
 
-    Every process draws the same permutation (seeded by seed and epoch) and takes its own
-    slice of each global batch, so processes never overlap and the global batch is
-    ``batch_size``. The incomplete last batch is dropped (all processes take equal steps).
+    Every process draws the same permutation (seeded by seed and epoch; with ``weights``, the
+    same weighted draw) and takes its own slice of each global batch, so processes never
+    overlap and the global batch is ``batch_size``. The incomplete last batch is dropped (all
+    processes take equal steps).
     """
-    perm = epoch_permutation(num_samples, seed, epoch).to(device)
+    perm = epoch_permutation(num_samples, seed, epoch, weights).to(device)
     local = batch_size // world_size
     for step in range(num_samples // batch_size):
         start = step * batch_size + rank * local
@@ -235,8 +237,10 @@ class TrainLoader:
 
     def __init__(self, data: Data, placement: str, batch_size: int, seed: int, rank: int,
                  world_size: int, device: torch.device, workers: int,
-                 stream: TrainBatches | StreamedBatches | None = None) -> None:
+                 stream: TrainBatches | StreamedBatches | None = None,
+                 weights: torch.Tensor | None = None) -> None:
         self.data, self.placement, self.batch_size, self.seed = data, placement, batch_size, seed
+        self.weights = weights  # per sample: balanced sampling of resident data
         self.rank, self.world, self.device, self.workers = rank, world_size, device, workers
         self.steps = len(data) // batch_size  # the last partial batch drops
         self.bad = 0
@@ -277,7 +281,8 @@ class TrainLoader:
             return
         indices = itertools.islice(train_batches(len(self.data), self.batch_size, epoch,
                                                  self.seed, self.rank, self.world,
-                                                 self.data.images.device), first, None)
+                                                 self.data.images.device, self.weights),
+                                   first, None)
         yield from batches_on(self.data, indices, self.device, self.placement, self.workers)
 
 

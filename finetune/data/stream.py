@@ -23,10 +23,21 @@ from finetune.data.workers import batch_seed, or_skip
 Transform = Callable[..., torch.Tensor]  # PIL image -> uint8 (C, size, size)
 
 
-def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
-    """The epoch's order of the training samples: the same on every process."""
+def epoch_permutation(num_samples: int, seed: int, epoch: int,
+                      weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The epoch's order of the training samples: the same on every process, a function of
+    (seed, epoch) alone (so a resumed epoch sees the same). With ``weights`` (one per sample):
+    ``num_samples`` draws with replacement in proportion to them (balanced sampling)."""
     gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(num_samples, generator=gen)
+    if weights is None:
+        return torch.randperm(num_samples, generator=gen)
+    return torch.multinomial(weights, num_samples, replacement=True, generator=gen)
+
+
+def balanced_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per-sample weights 1 / (its class's count): every class drawn equally often."""
+    counts = torch.bincount(labels.cpu(), minlength=num_classes).double()
+    return (1.0 / counts.clamp_min(1))[labels.cpu()]
 
 
 class TrainBatches(Dataset):
@@ -34,15 +45,18 @@ class TrainBatches(Dataset):
     decoded and augmented: ``(uint8 images, labels, bad images skipped)``."""
 
     def __init__(self, samples: Samples, transform: Transform, image_size: int, need: int,
-                 batch_size: int, seed: int, rank: int, world_size: int, skip_bad: bool) -> None:
+                 batch_size: int, seed: int, rank: int, world_size: int, skip_bad: bool,
+                 weights: torch.Tensor | None = None) -> None:
         self.samples, self.transform, self.need, self.skip_bad = samples, transform, need, skip_bad
+        self.weights = weights  # per sample: balanced sampling (None: a permutation)
         self.image_size = image_size
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world_size
         self._perm: tuple[int, torch.Tensor] | None = None  # this worker's epoch, permutation
 
     def indices(self, epoch: int, step: int) -> list[int]:
         if self._perm is None or self._perm[0] != epoch:
-            self._perm = epoch, epoch_permutation(len(self.samples), self.seed, epoch)
+            self._perm = epoch, epoch_permutation(len(self.samples), self.seed, epoch,
+                                                  self.weights)
         local = self.batch_size // self.world
         start = step * self.batch_size + self.rank * local
         return self._perm[1][start:start + local].tolist()

@@ -60,7 +60,10 @@ def timm_cfg(name: str) -> dict[str, Any]:
     """timm's pretrained config of ``NAME`` or ``NAME.TAG`` (the default tag's without one)."""
     import timm
 
-    cfg = timm.models.get_pretrained_cfg(name)
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except RuntimeError:  # an architecture timm knows with a tag it does not
+        return {}
     return cfg.to_dict() if cfg is not None else {}
 
 
@@ -167,6 +170,17 @@ def _tv_matcher(model: nn.Module, head: str) -> dict[str, Any]:
     family = _TV_FAMILIES.get(type(model).__name__)
     if family is not None:
         return family
+    matcher = _tv_layout(model, head)
+    classifier = getattr(model, "classifier", None)
+    if isinstance(classifier, nn.Sequential) and "features" in matcher:
+        hidden = [n for n, m in classifier.named_children()
+                  if f"classifier.{n}" != head and any(True for _ in m.parameters())]
+        if hidden:  # VGG's, AlexNet's, MobileNetV3's hidden layers: a stage before the head
+            matcher["classifier"] = rf"^classifier\.(?:{'|'.join(hidden)})\."
+    return matcher
+
+
+def _tv_layout(model: nn.Module, head: str) -> dict[str, Any]:
     features = getattr(model, "features", None)
     if isinstance(features, nn.Sequential):
         children = list(features.named_children())
@@ -181,8 +195,13 @@ def _tv_matcher(model: nn.Module, head: str) -> dict[str, Any]:
             return {"features": [(rf"^features\.(?:{'|'.join(b)})\.", (k,))
                                  for k, b in enumerate(blocks, 1)]}
         return {"features": r"^features\.(\d+)"}
-    top = [n for n, m in model.named_children()
-           if not head.startswith(n + ".") and n != head and any(True for _ in m.parameters())]
+    top = []  # each top-level child with parameters; a list of blocks (MaxViT, MNASNet) split
+    for n, m in model.named_children():
+        if head.startswith(n + ".") or n == head or not any(True for _ in m.parameters()):
+            continue
+        parts = [c for c, sub in m.named_children() if any(True for _ in sub.parameters())]
+        nested = isinstance(m, nn.Sequential | nn.ModuleList) and len(parts) >= 3
+        top += [f"{n}.{c}" for c in parts] if nested else [n]
     return {"block": [(rf"^{re.escape(n)}\.", (k,)) for k, n in enumerate(top)]}
 
 
@@ -194,7 +213,7 @@ def list_backbones(pattern: str) -> list[tuple[str, str]]:
 
         glob = pattern[len(TIMM):] or "*"
         tags = timm.list_pretrained(glob if "." in glob else f"{glob}.*")
-        archs = timm.list_models(glob.partition(".")[0])
+        archs = [] if "." in glob else timm.list_models(glob)  # a tag pattern: tags only
         rows = [(TIMM + a, "no pretrained weights") for a in archs
                 if not any(t.startswith(a + ".") for t in tags)]
         return sorted(rows + [(TIMM + t, "hub: timm/" + t) for t in tags])

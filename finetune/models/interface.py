@@ -27,6 +27,8 @@ def classifier_name(model: nn.Module) -> str:
     module itself)."""
     model = unwrap(model)
     head = model.get_classifier()
+    if isinstance(head, tuple):  # timm's distilled models: (head, head_dist); both in "head"
+        head = head[0]
     return next(name for name, m in model.named_modules() if m is head)
 
 

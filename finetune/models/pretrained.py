@@ -56,7 +56,11 @@ class LoadedWeights:
 def weights_cfg(name: str) -> dict:
     """The registered ``pretrained_cfg`` of ``name``, refusing a model without ImageNet weights."""
     cfg = get_pretrained_cfg(name)
-    if not cfg["tv_weights"]:
+    if source_of(name) == "timm":
+        raise WeightsError(f"torchvision's weights do not fit timm's {name}: use timm's "
+                           f"(model.weights unset, or timm:NAME.TAG), or torchvision's model "
+                           f"as tv:NAME.")
+    if not cfg.get("tv_weights"):
         known = [n for n in list_models() if get_pretrained_cfg(n)["tv_weights"]]
         raise WeightsError(f"no pretrained weights are known for model '{name}'; models with "
                            f"known weights: {', '.join(known)}. {_FIX}")
@@ -279,6 +283,13 @@ def weights_input_size(name: str, weights: str | None) -> int | None:
     if kind == "timm":
         size = timm_cfg(arg.removeprefix("timm/") if arg else name.removeprefix(TIMM)).get(
             "input_size")
+    elif kind == "torchvision" and arg and source_of(name) == "tv":
+        from torchvision.models import get_model_weights
+
+        try:
+            size = tv_cfg(get_model_weights(name[len(TV):])[arg])["input_size"]
+        except KeyError:
+            size = None  # an unknown tag: fetching says so
     else:
         size = get_pretrained_cfg(name).get("input_size")
     return int(size[-1]) if size else None
@@ -330,6 +341,10 @@ def load_pretrained(model: nn.Module, name: str, fetched: Fetched,
     first_conv, classifier = cfg["first_conv"], classifier_name(model)
     state_dict = dict(fetched.state_dict)  # adapted below; the caller's copy stays as it was
     sidecar = exported or {}
+    aux = [k for k in state_dict if k.startswith(("aux1.", "aux2.", "AuxLogits."))
+           and k not in model.state_dict()]
+    for k in aux:  # GoogLeNet's / Inception's auxiliary heads: training-only, not built here
+        del state_dict[k]
     notes = adapt_state_dict(state_dict, model, first_conv, classifier,
                              _new_classes(sidecar, class_names))
     notes += _resize_position_embedding(state_dict, model)
@@ -368,8 +383,8 @@ def load_timm(name: str, fetched: Fetched, *, num_classes: int, in_chans: int, i
     state_dict = dict(fetched.state_dict)
     src_classes = (state_dict[f"{head}.weight"].shape[0] if f"{head}.weight" in state_dict
                    else 0)
-    src_chans = (state_dict[f"{first}.weight"].shape[1] if f"{first}.weight" in state_dict
-                 else in_chans)
+    sidecar = exported or {}
+    src_chans = _source_channels(fetched, sidecar, cfg, state_dict.get(f"{first}.weight"))
     size = (cfg.get("input_size") or (3, image_size, image_size))[1:]
     try:
         model = create_timm(arch, num_classes=num_classes, in_chans=in_chans,
@@ -385,7 +400,6 @@ def load_timm(name: str, fetched: Fetched, *, num_classes: int, in_chans: int, i
         how = "summed RGB filters" if in_chans == 1 else "cycled and rescaled filters"
         notes.append(f"{first}: {src_chans} -> {in_chans} input channels ({how}, as timm "
                      f"adapts them)")
-    sidecar = exported or {}
     new_classes = _new_classes(sidecar, class_names)
     if new_classes and src_classes == num_classes:
         model.reset_classifier(num_classes)
@@ -394,6 +408,20 @@ def load_timm(name: str, fetched: Fetched, *, num_classes: int, in_chans: int, i
         notes.append(f"{head}: classifier replaced, {src_classes} -> {num_classes} classes{why} "
                      f"(new layer randomly initialised)")
     return model, _loaded(name, fetched, sidecar, notes, in_chans)
+
+
+def _source_channels(fetched: Fetched, sidecar: dict, cfg: dict,
+                     stem: torch.Tensor | None) -> int:
+    """The input channels the weights were made for: a finetune export's or the weights'
+    config; else the stem's when it reads 1 or 3 channels; else timm's default (3). (A
+    space-to-depth stem, e.g. TResNet's, reads 48 from 3 channels.)"""
+    if "in_chans" in sidecar:
+        return int(sidecar["in_chans"])
+    if "input_size" in fetched.cfg:
+        return int(fetched.cfg["input_size"][0])
+    if stem is not None and stem.ndim == 4 and stem.shape[1] in (1, 3):
+        return int(stem.shape[1])
+    return int((cfg.get("input_size") or (3,))[0])
 
 
 def _new_classes(sidecar: dict, class_names: list[str] | None) -> bool:
