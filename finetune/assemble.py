@@ -181,7 +181,10 @@ class Parts:
                           pretrained=self.loaded.source if self.loaded else None,
                           data=self.source, train_images=len(self.train_data),
                           test_images=len(self.test_data),
-                          pretrained_cfg=getattr(unwrap(self.model), "pretrained_cfg", {}))
+                          pretrained_cfg=getattr(unwrap(self.model), "pretrained_cfg", {}),
+                          augment={"hflip": cfg.data.hflip,
+                                   "crop_pad": cfg.data.crop_pad if self.placement != "stream"
+                                   else 0})
 
 
 def _load(cfg: Config, accelerator: Accelerator

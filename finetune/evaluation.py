@@ -26,14 +26,14 @@ from finetune.speed import make_accelerator
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, data: Data, transform: BatchTransform, loader,
-             accelerator: Accelerator, tta: bool = False) -> dict:
+             accelerator: Accelerator, tta: tuple[bool, int] | None = None) -> dict:
     """Accuracy, mean loss, top-5, balanced accuracy, macro F1 and calibration over every
     sample of ``data`` exactly once, across processes (see ``finetune.metrics``).
 
     ``loader`` is an Accelerate-prepared :func:`eval_loader` of ``data`` (resident on the
     device or in host memory, or streamed). A bad image skipped (``data.skip_bad_images``) is
-    counted as seen but not scored: ``test_skipped``. ``tta``: the probabilities averaged over
-    each image and its mirror image.
+    counted as seen but not scored: ``test_skipped``. ``tta``: ``(mirror, shift)``, the
+    probabilities averaged over each image's test-time views (:meth:`BatchTransform.views`).
     """
     model.eval()
     k = len(data.classes)
@@ -51,7 +51,8 @@ def evaluate(model: nn.Module, data: Data, transform: BatchTransform, loader,
     seen = torch.zeros(1 if streamed else len(data), dtype=torch.long, device=dev)
     for idx, images, labels, decoded in eval_batches(data, loader, dev):
         torch.compiler.cudagraph_mark_step_begin()
-        log_probs = predict_log_probs(model, transform(images), tta)
+        views = transform.views(images, *tta) if tta else [transform(images)]
+        log_probs = predict_log_probs(model, views)
         scored = torch.ones_like(labels) if decoded is None else decoded.long()
         confidence, preds = log_probs.max(1)
         loss = F.nll_loss(log_probs, labels, reduction="none")
@@ -126,8 +127,9 @@ def accuracy_line(result: dict) -> str:
 def evaluate_run(run_dir: str | Path, overrides: list[str], tta: bool = False) -> dict:
     """Evaluate the model exported in ``run_dir`` on its recipe's test data (``overrides`` may
     point ``data.*`` elsewhere); write ``evaluation.json``, ``confusion.png`` and
-    ``reliability.png`` there. ``tta``: also with test-time augmentation (mirror images),
-    reported beside the plain numbers (``tta`` in evaluation.json)."""
+    ``reliability.png`` there. ``tta``: also with test-time augmentation (the mirror images
+    and shifts the model was trained with), beside the plain numbers (``tta`` in
+    evaluation.json)."""
     from finetune.plots import plot_confusion, plot_reliability  # matplotlib: only for figures
 
     run_dir = Path(run_dir)
@@ -152,7 +154,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str], tta: bool = False) -
         result = evaluate(predictor.model, test_data, predictor.transform, loader, accelerator)
         if tta:
             with_tta = evaluate(predictor.model, test_data, predictor.transform, loader,
-                                accelerator, tta=True)
+                                accelerator, tta=predictor.tta)
             result["tta"] = {k.removeprefix("test_"): v for k, v in with_tta.items()
                              if k not in ("confusion", "calibration")}
     result["per_class"] = per_class(result["confusion"], meta["class_names"])
@@ -189,7 +191,7 @@ def _print_evaluation(result: dict, class_names: list[str], show) -> None:
     for (name, value), key in zip(metrics_table(result), [k for k in keys
                                                           if f"test_{k}" in result],
                                   strict=True):
-        extra = f"   with TTA (mirror) {tta[key]:.4f}" if key in tta else ""
+        extra = f"   with TTA {tta[key]:.4f}" if key in tta else ""
         show(f"{name:<28}{value}{extra}")
     width = max(len(name) for name in class_names)
     show(f"{'class':<{width}}  precision  recall      f1  support")

@@ -31,7 +31,7 @@ def model_meta(*, architecture: str, class_names: list[str], in_chans: int, imag
                norm: str, mean: tuple[float, ...], std: tuple[float, ...], crop_pct: float,
                interpolation: str, resample: str, recipe: str | None, pretrained: str | None,
                data: str, train_images: int, test_images: int,
-               pretrained_cfg: dict | None = None) -> dict:
+               pretrained_cfg: dict | None = None, augment: dict | None = None) -> dict:
     """``model.json``'s content: what rebuilds and feeds the model (``REQUIRED_META``; the
     evaluation transform is: shorter side to ``floor(image_size / crop_pct)`` with
     ``interpolation``, center crop, then ``(x / 255 - mean) / std``; ``resample`` says whether
@@ -44,7 +44,9 @@ def model_meta(*, architecture: str, class_names: list[str], in_chans: int, imag
             "resize": math.floor(image_size / crop_pct), "resample": resample,
             "class_names": list(class_names),
             "recipe": recipe, "pretrained": pretrained,
-            "pretrained_cfg": _json_safe(pretrained_cfg or {}), "data": data,
+            "pretrained_cfg": _json_safe(pretrained_cfg or {}),
+            # what training flipped and translated: the views of test-time augmentation
+            "augment": augment or {"hflip": False, "crop_pad": 0}, "data": data,
             "train_images": train_images, "test_images": test_images,
             "finetune_version": __version__}
 

@@ -58,6 +58,13 @@ class Predictor:
                               self.meta.get("interpolation", "bilinear"))
 
     @property
+    def tta(self) -> tuple[bool, int]:
+        """Test-time augmentation as the model was trained: ``(mirror, shift)``, from
+        model.json's ``augment`` (older exports: mirror only)."""
+        augment = self.meta.get("augment", {})
+        return bool(augment.get("hflip", True)), int(augment.get("crop_pad", 0))
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
@@ -94,38 +101,41 @@ class Predictor:
                batch_size: int = 256, tta: bool = False) -> torch.Tensor:
         """Logits (N, num_classes) of a uint8 batch (N, C, H, W) or a list of images (files,
         PIL images or tensors), which may differ in size (each is then resized and cropped on
-        its own); the model runs on batches of ``batch_size``. ``tta``: log-probabilities
-        averaged (as probabilities) with the mirror images' instead."""
+        its own); the model runs on batches of ``batch_size``. ``tta``: log-probabilities of
+        the test-time views (:attr:`tta`) averaged, instead."""
         if isinstance(images, torch.Tensor):
-            batches = [self.transform(self._cropped(images[i:i + batch_size]).to(self.device))
-                       for i in range(0, len(images), batch_size)]
-        else:
-            x = [self.transform(self.to_uint8(im)[None].to(self.device)) for im in images]
-            batches = [torch.cat(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+            chunks = [self._cropped(images[i:i + batch_size]).to(self.device)
+                      for i in range(0, len(images), batch_size)]
+        else:  # one at a time: sizes may differ before the batched resize
+            chunks = [self.to_uint8(im)[None].to(self.device) for im in images]
+        views = [self.transform.views(c, *self.tta) if tta else [self.transform(c)]
+                 for c in chunks]
+        stacked = [torch.cat([v[k] for v in views]) for k in range(len(views[0]))]
         with torch.autocast(self.device.type, dtype=torch.bfloat16,
                             enabled=self.precision == "bf16"):
             if tta:
-                return torch.cat([predict_log_probs(self.model, b, tta=True) for b in batches])
-            return torch.cat([self.model(b) for b in batches]).float()
+                return torch.cat([predict_log_probs(self.model, [s[i:i + batch_size]
+                                                                 for s in stacked])
+                                  for i in range(0, len(stacked[0]), batch_size)])
+            return torch.cat([self.model(stacked[0][i:i + batch_size])
+                              for i in range(0, len(stacked[0]), batch_size)]).float()
 
     def predict(self, images: list[str | Path | Image.Image | torch.Tensor], top_k: int = 5,
                 tta: bool = False) -> list[list[tuple[str, float]]]:
         """For each image, the ``top_k`` (class name, probability) pairs, most likely first;
-        ``tta``: averaged with its mirror image's."""
+        ``tta``: averaged over its test-time views (mirror image, shifts: :attr:`tta`)."""
         probs = self.logits(images, tta=tta).float().softmax(dim=1)
         values, indices = probs.topk(min(top_k, probs.shape[1]), dim=1)
         return [[(self.class_names[i], float(p)) for p, i in zip(vs, ix, strict=True)]
                 for vs, ix in zip(values.tolist(), indices.tolist(), strict=True)]
 
 
-def predict_log_probs(model: nn.Module, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
-    """Log-probabilities (float32) of a normalized batch; ``tta``: the probabilities averaged
-    with those of the mirror images (the models train with horizontal flips)."""
-    log_probs = F.log_softmax(model(x).float(), dim=1)
-    if tta:
-        mirrored = F.log_softmax(model(x.flip(-1)).float(), dim=1)
-        log_probs = torch.logaddexp(log_probs, mirrored) - math.log(2)
-    return log_probs
+def predict_log_probs(model: nn.Module, views: list[torch.Tensor]) -> torch.Tensor:
+    """Log-probabilities (float32) of a batch given as one or more normalized views of it
+    (test-time augmentation: :meth:`BatchTransform.views`): the views' probabilities
+    averaged."""
+    log_probs = torch.stack([F.log_softmax(model(v).float(), dim=1) for v in views])
+    return torch.logsumexp(log_probs, dim=0) - math.log(len(views))
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", precision: str = "fp32"

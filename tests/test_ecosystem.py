@@ -14,7 +14,7 @@ from torch import nn
 import finetune
 from finetune.cli import main as cli_main
 from finetune.config import ConfigError, load_config
-from finetune.data.loader import train_batches
+from finetune.data.loader import BatchTransform, train_batches
 from finetune.data.stream import balanced_weights, epoch_permutation
 from finetune.inference import predict_log_probs
 from finetune.metrics import calibration_counts, expected_calibration_error, per_class, summary
@@ -74,11 +74,27 @@ class _FlipInvariant(nn.Module):
 
 def test_tta_on_a_flip_invariant_model_equals_the_plain_result():
     torch.manual_seed(0)
-    x = torch.randn(4, 1, 8, 8)
     model = _FlipInvariant()
-    torch.testing.assert_close(predict_log_probs(model, x, tta=True), predict_log_probs(model, x))
+    transform = BatchTransform(8, 1, (0.5,), (0.25,))
+    images = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
+    views = transform.views(images)  # as evaluated, and mirrored
+    torch.testing.assert_close(predict_log_probs(model, views), predict_log_probs(model, views[:1]))
     sided = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))  # sees left from right
-    assert not torch.allclose(predict_log_probs(sided, x, tta=True), predict_log_probs(sided, x))
+    assert not torch.allclose(predict_log_probs(sided, views), predict_log_probs(sided, views[:1]))
+
+
+def test_tta_views_mirror_and_shift_as_training_translates():
+    transform = BatchTransform(6, 1, (0.5,), (0.5,))
+    images = torch.arange(36, dtype=torch.uint8).view(1, 1, 6, 6) * 7
+    plain, mirror, *shifted = transform.views(images, flip=True, shift=2)
+    assert len(shifted) == 4
+    torch.testing.assert_close(mirror, plain.flip(-1))
+    black = (0 - 0.5) / 0.5  # zero padding before normalization, as random_crop pads
+    # dy=0, dx=0 of the padded image: the image moved 2 pixels down and right
+    torch.testing.assert_close(shifted[0][..., 2:, 2:], plain[..., :4, :4])
+    assert (shifted[0][..., :2, :] == black).all() and (shifted[0][..., :, :2] == black).all()
+    torch.testing.assert_close(shifted[3][..., :4, :4], plain[..., 2:, 2:])
+    assert len(transform.views(images, flip=False, shift=0)) == 1
 
 
 # --- a trained run: metrics, card, TTA -------------------------------------------------------
@@ -123,13 +139,14 @@ def test_evaluate_reports_every_metric_and_tta(run, capsys):
     for key in ("test_acc", "test_top5_acc", "test_balanced_acc", "test_macro_f1", "test_ece"):
         assert evaluation[key] == pytest.approx(record[key]), key
     assert set(evaluation["tta"]) >= {"acc", "top5_acc", "balanced_acc", "macro_f1", "ece"}
-    assert "with TTA (mirror)" in printed and "macro F1" in printed
+    assert "with TTA" in printed and "macro F1" in printed
     assert (out / "reliability.png").stat().st_size > 1000
     predictor = finetune.load(out)
     files = sorted(glob.glob(str(run[1] / "*.png")))
     x = torch.randint(0, 256, (3, 1, 16, 16), dtype=torch.uint8)
-    plain, tta = predictor.logits(x), predictor.logits(x, tta=True)
-    mirrored = predictor.logits(x.flip(-1))
+    assert predictor.tta == (True, 0)  # the recipe trains with flips, no translation
+    tta = predictor.logits(x, tta=True)
+    plain, mirrored = predictor.logits(x), predictor.logits(x.flip(-1))
     expected = torch.logaddexp(plain.log_softmax(1), mirrored.log_softmax(1)) - math.log(2)
     torch.testing.assert_close(tta, expected, rtol=1e-4, atol=1e-4)
     assert not files or predictor.predict(files[:1], tta=True)

@@ -112,20 +112,41 @@ class BatchTransform:
 
     def __call__(self, images: torch.Tensor, train: bool = False,
                  gen: torch.Generator | None = None) -> torch.Tensor:
-        x = match_channels(images.float().div_(255), self.in_chans)
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
-                              antialias=True, align_corners=False)
+        x = self._resized(images)
         if train and self.hflip:
             flip = torch.rand(len(x), device=x.device, generator=gen) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         if train and self.crop_pad:
             x = random_crop(x, self.crop_pad, gen)
-        mean, std = self._stats_on(x.device)
-        x = (x - mean) / std
+        x = self._normalized(x)
         if train and self.erase:
             x = random_erasing(x, self.erase, gen)
         return x.contiguous(memory_format=self.memory_format)
+
+    def views(self, images: torch.Tensor, flip: bool = True, shift: int = 0
+              ) -> list[torch.Tensor]:
+        """Test-time augmentation: normalized views of a uint8 batch, as evaluated, mirrored
+        (``flip``) and translated by ``shift`` pixels along both diagonals (zero padding, as
+        training's ``crop_pad`` translates)."""
+        x = self._resized(images)
+        xs = [x, *([x.flip(-1)] if flip else [])]
+        if shift:
+            h, w = x.shape[-2:]
+            padded = F.pad(x, (shift, shift, shift, shift))
+            xs += [padded[..., dy:dy + h, dx:dx + w] for dy in (0, 2 * shift)
+                   for dx in (0, 2 * shift)]
+        return [self._normalized(v).contiguous(memory_format=self.memory_format) for v in xs]
+
+    def _resized(self, images: torch.Tensor) -> torch.Tensor:
+        x = match_channels(images.float().div_(255), self.in_chans)
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
+                              antialias=True, align_corners=False)
+        return x
+
+    def _normalized(self, x: torch.Tensor) -> torch.Tensor:
+        mean, std = self._stats_on(x.device)
+        return (x - mean) / std
 
 
 def train_batches(num_samples: int, batch_size: int, epoch: int, seed: int, rank: int,
