@@ -358,3 +358,21 @@ def test_card_licenses_the_hub_accepts():
     assert _license(None) == {"license": "other"}
     assert _license("apache-2.0") == {"license": "apache-2.0"}
     assert _license("dinov3-license") == {"license": "other", "license_name": "dinov3-license"}
+
+
+@pytest.mark.slow
+def test_two_processes_report_to_the_tracker_once(tiny_args, tmp_path):
+    """Under 2 processes only the main one tracks: one event file, the global numbers."""
+    pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
+    from conftest import HOOKS, launch_two_cpu_processes
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    launch_two_cpu_processes(HOOKS, "train", *tiny_args, "train.epochs=1",
+                             "train.log_with=[tensorboard]", "train.project=two")
+    run = tmp_path / "run"
+    assert len(glob.glob(str(run / "trackers" / "two" / "events.out.tfevents.*"))) == 1
+    events = EventAccumulator(str(run / "trackers" / "two"), size_guidance={"scalars": 0})
+    events.Reload()
+    steps, accs = _expected(read_metrics(run))
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(steps, rel=1e-6)
+    assert [e.value for e in events.Scalars("epoch/test_acc")] == pytest.approx(accs)

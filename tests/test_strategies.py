@@ -358,10 +358,12 @@ def test_lr_find_writes_plot_and_suggestion(ft_args, tmp_path, capsys):
 
 def test_resume_is_exact_with_every_strategy_on(ft_args, tmp_path):
     """Stopped mid-epoch and resumed, a run with gradual unfreezing, discriminative rates,
-    Mixup/CutMix, EMA, clipping, accumulation and early stopping ends bit-identical."""
+    Mixup/CutMix, EMA, clipping, accumulation, early stopping, class weights and balanced
+    sampling ends bit-identical."""
     args = ft_args + ["finetune.freeze=backbone", "finetune.unfreeze_at=[2]",
                       "finetune.head_lr_mult=5", "finetune.layer_decay=0.8", "data.mixup=0.4",
                       "data.cutmix=1.0", "train.ema_decay=0.9", "train.clip_grad_norm=2.0",
+                      "train.class_weights=balanced", "data.sampler=balanced",
                       "train.accumulate=2", "data.val_split=0.2", "train.early_stopping=5",
                       "train.epochs=2", "train.checkpoint=true", "train.checkpoint_every=2",
                       "train.keep_checkpoints=10"]
