@@ -83,29 +83,45 @@ def check_model(cfg: Config) -> None:
     if cfg.data.image_size is None:
         cfg.data.image_size = default_image_size(cfg)
     size, in_chans = cfg.data.image_size, cfg.model.in_chans or 1
-    try:
-        model = on_meta(lambda: create_model(
-            cfg.model.name, num_classes=10, in_chans=in_chans, image_size=size,
-            norm=cfg.model.norm, drop_path_rate=cfg.model.drop_path_rate))
-    except ValueError as e:
-        raise ConfigError(f"model.name={cfg.model.name} cannot take data.image_size={size}: "
-                          f"{e}") from None
-    except TypeError as e:  # e.g. timm's VGG has no drop_path_rate
-        raise ConfigError(f"model.name={cfg.model.name} does not take these model.* settings: "
-                          f"{e}") from None
-    if cfg.model.grad_checkpointing:
-        try:
-            set_grad_checkpointing(model)
-        except ValueError as e:
-            raise ConfigError(f"model.name={cfg.model.name}: {e}") from None
+    model = _meta_model(cfg, size, in_chans)
     try:  # shapes only: a model that cannot take this size fails here, not after the data
         model.eval()(torch.zeros(2, in_chans, size, size, device=_device_of(model)))
     except NotImplementedError:
         pass  # an operation without a meta kernel: the first step will tell
-    except (ValueError, TypeError, RuntimeError, AssertionError) as e:
+    except (ValueError, TypeError, RuntimeError, AssertionError, IndexError) as e:
         raise ConfigError(f"model.name={cfg.model.name} cannot take data.image_size={size}: "
-                          f"{str(e).strip().splitlines()[0]}") from None
-    plan_stages(model, cfg.finetune)
+                          f"{_first_line(e)}") from None
+    try:
+        plan_stages(model, cfg.finetune)
+    except (TypeError, AttributeError, AssertionError, NotImplementedError) as e:
+        raise ConfigError(f"model.name={cfg.model.name}: finetune cannot read its stages "
+                          f"(group_matcher): {_first_line(e)}. Choose another model.") from None
+
+
+def _meta_model(cfg: Config, size: int, in_chans: int) -> nn.Module:
+    """The model on the meta device, with gradient checkpointing if asked."""
+    try:
+        model = on_meta(lambda: create_model(
+            cfg.model.name, num_classes=10, in_chans=in_chans, image_size=size,
+            norm=cfg.model.norm, drop_path_rate=cfg.model.drop_path_rate))
+    except (ValueError, AssertionError, IndexError) as e:
+        raise ConfigError(f"model.name={cfg.model.name} cannot take data.image_size={size}: "
+                          f"{_first_line(e)}") from None
+    except TypeError as e:  # e.g. timm's VGG has no drop_path_rate
+        raise ConfigError(f"model.name={cfg.model.name} does not take these model.* settings: "
+                          f"{_first_line(e)}") from None
+    if cfg.model.grad_checkpointing:
+        try:
+            set_grad_checkpointing(model)
+        except (ValueError, AssertionError) as e:
+            raise ConfigError(f"model.name={cfg.model.name}: model.grad_checkpointing=true: "
+                              f"{_first_line(e)}") from None
+    return model
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def _device_of(model: nn.Module) -> torch.device:

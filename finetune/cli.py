@@ -161,7 +161,10 @@ def _models(ns: argparse.Namespace) -> None:
     from finetune.models.registry import get_pretrained_cfg
 
     if ns.pattern:
-        rows = list_backbones(ns.pattern)
+        try:
+            rows = list_backbones(ns.pattern)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if not rows:
             raise ConfigError(f"no model matches '{ns.pattern}'; try a wider pattern, e.g. "
                               f"'timm:convnext*' or 'tv:*'.")

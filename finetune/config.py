@@ -480,6 +480,13 @@ def _check_balance(cfg: Config) -> None:
     if unknown:
         raise ConfigError(f"unknown tracker(s) {unknown} in train.log_with; valid: "
                           f"{', '.join(TRACKERS)}.")
+    if len(set(cfg.train.log_with)) < len(cfg.train.log_with):
+        raise ConfigError(f"train.log_with={cfg.train.log_with} names a tracker twice.")
+    project = cfg.train.project
+    if project is not None and (not project.strip() or "/" in project or "\\" in project
+                                or project.startswith(".")):
+        raise ConfigError(f"train.project={project!r} must be a plain name (no path): the "
+                          f"trackers' files stay in <output_dir>/trackers.")
 
 
 def _check_transforms(d: DataConfig) -> None:

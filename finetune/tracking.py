@@ -75,7 +75,13 @@ def start_trackers(cfg: Config, accelerator: Accelerator, out: Path) -> None:
         else:
             trackers.append(tracker(project, **options.get(name, {})))
     accelerator.log_with = trackers  # initialized here: init_trackers starts them
-    accelerator.init_trackers(project, config=_scalars(flat_config(cfg)))
+    try:
+        accelerator.init_trackers(project, config=_scalars(flat_config(cfg)))
+    except Exception as e:  # no API key, a bad project name, no server: one line
+        accelerator.trackers = []  # nothing half-started for end_training to close
+        lines = str(e).strip().splitlines()
+        raise ConfigError(f"train.log_with={','.join(cfg.train.log_with)}: the tracker did not "
+                          f"start: {type(e).__name__}: {lines[0] if lines else ''}") from None
     log.info("tracking with %s (project %s)", ", ".join(cfg.train.log_with), project)
 
 

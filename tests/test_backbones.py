@@ -132,6 +132,10 @@ def test_grad_checkpointing_gives_the_same_gradients():
     (["model.name=timm:test_vit", "data.image_size=20"], "cannot take data.image_size=20"),
     (["model.name=tv:resnet18", "model.drop_path_rate=0.1"], "drop_path_rate applies to timm"),
     (["model.name=timm:test_resnet", "model.norm=scratch"], "applies to the lecture's models"),
+    (["model.name=tv:vit_b_16", "data.image_size=24"], "cannot take data.image_size=24"),
+    (["model.name=timm:cait_xxs24_224", "data.image_size=32"], "cannot read its stages"),
+    (["model.name=timm:vgg11", "model.grad_checkpointing=true", "data.image_size=32"],
+     "gradient checkpointing not supported"),
 ])
 def test_bad_backbones_are_refused_up_front(args, message):
     with pytest.raises(ConfigError, match=message):
@@ -181,6 +185,12 @@ def test_unavailable_weights_stop_with_the_fix(tmp_path, monkeypatch, timm_weigh
         build_model(ModelConfig(name="timm:test_convnext", pretrained=True,
                                 weights=str(timm_weights["test_vit"][0])),
                     num_classes=10, in_chans=1, image_size=32)
+    # timm loads non-strictly once it drops the classifier: what did not fit is still refused
+    for source, target in (("test_convnext", "test_resnet"), ("test_resnet", "test_vit")):
+        with pytest.raises(WeightsError, match=f"do not fit timm:{target}: .*missing"):
+            build_model(ModelConfig(name=f"timm:{target}", pretrained=True,
+                                    weights=str(timm_weights[source][0])),
+                        num_classes=10, in_chans=1, image_size=32)
     with pytest.raises(WeightsError, match="model.name=timm:resnet50d"):
         build_model(ModelConfig(name="resnet18", pretrained=True, weights="timm:resnet50d"),
                     num_classes=10, in_chans=1, image_size=32,

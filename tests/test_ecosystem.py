@@ -284,6 +284,19 @@ def test_mlflow_file_store_metrics_equal_the_metrics(tmp_path, fmnist_dir, monke
     assert mlrun.data.params["train.epochs"] == "2"
 
 
+def test_tracker_settings_are_checked_and_a_failed_start_is_one_line(tmp_path, fmnist_dir,
+                                                                     monkeypatch):
+    with pytest.raises(ConfigError, match="names a tracker twice"):
+        load_config(["train.log_with=[tensorboard,tensorboard]"])
+    with pytest.raises(ConfigError, match="plain name"):
+        load_config(["train.project=../elsewhere"])
+    pytest.importorskip("wandb", reason="the wandb extra is not installed")
+    monkeypatch.setenv("WANDB_MODE", "bogus")
+    with pytest.raises(ConfigError, match="the tracker did not start"):
+        _tracked_run(tmp_path, fmnist_dir, "wandb")
+    assert not (tmp_path / "run").exists()  # a new run that failed leaves nothing
+
+
 def test_a_missing_tracker_names_its_extra(monkeypatch):
     import importlib.util
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
@@ -386,6 +387,11 @@ def load_timm(name: str, fetched: Fetched, *, num_classes: int, in_chans: int, i
     sidecar = exported or {}
     src_chans = _source_channels(fetched, sidecar, cfg, state_dict.get(f"{first}.weight"))
     size = (cfg.get("input_size") or (3, image_size, image_size))[1:]
+    reported = _TimmKeys()
+    timm_log = logging.getLogger("timm.models._builder")
+    level = timm_log.level
+    timm_log.addHandler(reported)
+    timm_log.setLevel(logging.INFO)  # "Missing keys" is an info message
     try:
         model = create_timm(arch, num_classes=num_classes, in_chans=in_chans,
                             image_size=image_size, drop_path_rate=drop_path_rate,
@@ -394,7 +400,16 @@ def load_timm(name: str, fetched: Fetched, *, num_classes: int, in_chans: int, i
                                          "input_size": (src_chans, *size)})
     except (RuntimeError, KeyError, ValueError, AssertionError) as e:
         _misfit(fetched.source, name, f"{type(e).__name__}: "
-                f"{str(e).strip().splitlines()[0][:300]}")
+                f"{(str(e).strip().splitlines() or [''])[0][:300]}")
+    finally:
+        timm_log.removeHandler(reported)
+        timm_log.setLevel(level)
+    missing = [k for k in reported.keys["Missing"] if not k.startswith(f"{head}")]
+    if missing or reported.keys["Unexpected"]:
+        problems = ([f"{len(missing)} missing (e.g. {missing[0]})"] if missing else []) + (
+            [f"{len(reported.keys['Unexpected'])} unexpected (e.g. "
+             f"{reported.keys['Unexpected'][0]})"] if reported.keys["Unexpected"] else [])
+        _misfit(fetched.source, name, "; ".join(problems) + " keys")
     notes = []
     if src_chans != in_chans:
         how = "summed RGB filters" if in_chans == 1 else "cycled and rescaled filters"
@@ -408,6 +423,21 @@ def load_timm(name: str, fetched: Fetched, *, num_classes: int, in_chans: int, i
         notes.append(f"{head}: classifier replaced, {src_classes} -> {num_classes} classes{why} "
                      f"(new layer randomly initialised)")
     return model, _loaded(name, fetched, sidecar, notes, in_chans)
+
+
+class _TimmKeys(logging.Handler):
+    """The keys timm's loader reports missing or unexpected: it loads non-strictly once it
+    has dropped a classifier, and only logs what did not fit."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.keys: dict[str, list[str]] = {"Missing": [], "Unexpected": []}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        found = re.match(r"(Missing|Unexpected) keys \((.*?)\) (?:discovered|found)",
+                         record.getMessage())
+        if found:
+            self.keys[found.group(1)] += [k for k in found.group(2).split(", ") if k]
 
 
 def _source_channels(fetched: Fetched, sidecar: dict, cfg: dict,
