@@ -290,10 +290,15 @@ def test_tracker_settings_are_checked_and_a_failed_start_is_one_line(tmp_path, f
         load_config(["train.log_with=[tensorboard,tensorboard]"])
     with pytest.raises(ConfigError, match="plain name"):
         load_config(["train.project=../elsewhere"])
-    pytest.importorskip("wandb", reason="the wandb extra is not installed")
-    monkeypatch.setenv("WANDB_MODE", "bogus")
-    with pytest.raises(ConfigError, match="the tracker did not start"):
-        _tracked_run(tmp_path, fmnist_dir, "wandb")
+    pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
+    import accelerate.tracking
+
+    def unreachable(self) -> None:  # as a tracker without its server or API key fails
+        raise RuntimeError("cannot reach the tracking server")
+
+    monkeypatch.setattr(accelerate.tracking.TensorBoardTracker, "start", unreachable)
+    with pytest.raises(ConfigError, match="did not start: RuntimeError: cannot reach"):
+        _tracked_run(tmp_path, fmnist_dir, "tensorboard")
     assert not (tmp_path / "run").exists()  # a new run that failed leaves nothing
 
 
