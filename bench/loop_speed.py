@@ -9,7 +9,9 @@ lecture: the d2l-style loop the course used. A Dataset returns PIL images, torch
   NCHW, plain SGD, and the loss and accuracy read on the host after every batch.
 finetune: ``finetune.train.train_one_epoch`` itself on the uint8 data held on the device
   (batch resize/normalize/flip there), channels_last, fused SGD; the variant names the
-  precision (fp32 or bf16 through Accelerate) and whether the model is torch.compile'd.
+  precision (auto: what ``train.mixed_precision=auto`` chooses, on a CPU by timing a step in
+  fp32 and bf16; or fp32 or bf16 through Accelerate), +nchw for the plain memory layout, and
+  whether the model is torch.compile'd. Both loops train the same model (finetune's builder).
 
 Each loop is warmed up first (--warmup steps: workers started, cuDNN autotuned, compiled);
 then --steps steps are timed, waiting for the device at both ends.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -27,6 +30,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from PIL import Image
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
@@ -34,8 +38,9 @@ from finetune.assemble import Parts, Training
 from finetune.config import Config, DataConfig, TrainConfig
 from finetune.data import ImageData, load_data
 from finetune.data.loader import BatchTransform, TrainLoader
-from finetune.models import create_model
+from finetune.models import create_model, resnet
 from finetune.optim import make_optimizer, make_scheduler, plan_stages
+from finetune.precision import cpu_auto, cpu_description, resolve_mixed_precision
 from finetune.speed import compile_model, tune_backends
 from finetune.step import StepOptions
 from finetune.train import train_one_epoch
@@ -89,20 +94,26 @@ def lecture_loop(data: ImageData, args, device: torch.device) -> float:
     return seen / (time.perf_counter() - start)
 
 
-def finetune_loop(data: ImageData, args, variant: str) -> float:
-    """img/s of finetune's own epoch function on device-resident data."""
-    precision = "bf16" if "bf16" in variant else "no"
+def finetune_loop(data: ImageData, args, variant: str) -> tuple[float, str]:
+    """img/s of finetune's own epoch function on device-resident data, and the precision it
+    ran in (``auto``: what ``train.mixed_precision=auto`` chooses, timed on a CPU)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    layout = torch.contiguous_format if "nchw" in variant else torch.channels_last
+    torch.manual_seed(0)
+    model = create_model(args.model, num_classes=10, in_chans=1, image_size=args.image_size)
+    model.to(device, memory_format=layout)
+    precision = "bf16" if "bf16" in variant else "fp32"
+    if variant.startswith("auto"):  # as a run decides (and caches) it; logged
+        precision = (cpu_auto(device, model, (args.batch_size, 1, args.image_size,
+                                              args.image_size), layout, args.model)
+                     if device.type == "cpu" else resolve_mixed_precision("auto", device))
     AcceleratorState._reset_state(reset_partial_state=True)
-    accelerator = Accelerator(mixed_precision=precision)
-    device = accelerator.device
+    accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision)
     tune_backends(device)
     cfg = Config(train=TrainConfig(epochs=1, batch_size=args.batch_size, lr=0.01,
                                    log_every=10**9))
-    torch.manual_seed(0)
-    model = create_model(args.model, num_classes=10, in_chans=1, image_size=args.image_size)
     transform = BatchTransform(args.image_size, 1, (0.286,), (0.353,), hflip=True,
-                               channels_last=True)
-    model.to(device, memory_format=torch.channels_last)
+                               channels_last=layout == torch.channels_last)
     plan = plan_stages(model, cfg.finetune)
     optimizer = make_optimizer(model, cfg.train, plan)
     scheduler = make_scheduler(optimizer, lambda step: 1.0)
@@ -131,7 +142,7 @@ def finetune_loop(data: ImageData, args, variant: str) -> float:
     images_per_sec = args.steps * args.batch_size / epoch(args.steps)
     if args.profile:
         profile(lambda: epoch(args.steps), args.steps, device)
-    return images_per_sec
+    return images_per_sec, precision
 
 
 def profile(run, steps: int, device: torch.device) -> None:
@@ -164,13 +175,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--variants", default="fp32,bf16",
-                        help="finetune variants: fp32 or bf16, +compile, +compile+cudagraphs")
+    parser.add_argument("--variants", default="auto,fp32,bf16",
+                        help="finetune variants: auto (what train.mixed_precision=auto "
+                             "chooses), fp32 or bf16; +nchw (else channels_last), +compile, "
+                             "+compile+cudagraphs")
+    parser.add_argument("--plain-conv", action="store_true",
+                        help="convolve small maps too (finetune.models.resnet.Conv2d off), "
+                             "for the side-by-side")
     parser.add_argument("--profile", action="store_true",
                         help="also profile each finetune variant (torch.profiler)")
     parser.add_argument("--data-root", default=None, help="Fashion-MNIST IDX folder")
     parser.add_argument("--json", type=Path, default=None, help="append the result as a line")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="    %(message)s")
+    logging.getLogger("finetune.precision").setLevel(logging.INFO)  # auto's two timings
+    if args.plain_conv:
+        resnet.Conv2d.forward = nn.Conv2d.forward
 
     train, _, source = load_data(DataConfig(root=args.data_root))
     need = (args.warmup + args.steps) * args.batch_size
@@ -180,18 +200,24 @@ def main() -> None:
     if device.type == "cpu":
         torch.set_num_threads(len(__import__("os").sched_getaffinity(0)))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"CPU, {torch.get_num_threads()} threads"
+        f"{cpu_description()}, {torch.get_num_threads()} threads"
     print(f"{args.model} @ {args.image_size} px, batch {args.batch_size}, {args.steps} timed "
-          f"steps after {args.warmup} warm-up, on {name}; data {source}", flush=True)
+          f"steps after {args.warmup} warm-up, on {name}; data {source}"
+          f"{'; small maps convolved' if args.plain_conv else ''}", flush=True)
     result = {"model": args.model, "image_size": args.image_size, "batch_size": args.batch_size,
               "steps": args.steps, "device": name, "torch": torch.__version__,
+              "cpu": cpu_description() if device.type == "cpu" else None,
+              "plain_conv": args.plain_conv,
               "lecture": round(lecture_loop(train, args, device), 1)}
     print(f"  lecture loop            {result['lecture']:9.0f} img/s", flush=True)
     for variant in args.variants.split(","):
-        ips = round(finetune_loop(train, args, variant), 1)
-        result[variant] = ips
+        ips, precision = finetune_loop(train, args, variant)
+        result[variant] = round(ips, 1)
+        if variant.startswith("auto"):
+            result[f"{variant}_precision"] = precision
         print(f"  finetune {variant:14s} {ips:9.0f} img/s  {ips / result['lecture']:5.2f}x "
-              f"the lecture loop", flush=True)
+              f"the lecture loop{f' ({precision})' if variant.startswith('auto') else ''}",
+              flush=True)
     if args.json:
         with args.json.open("a") as f:
             f.write(json.dumps(result) + "\n")

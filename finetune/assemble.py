@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
+from accelerate.utils import set_seed
 from torch import nn
 
 from finetune.config import Config, DataConfig
@@ -60,7 +61,8 @@ from finetune.optim import (
     plan_stages,
     schedule_factor,
 )
-from finetune.speed import bf16_is_native, check_cpu_bf16
+from finetune.precision import choose_precision
+from finetune.speed import make_accelerator, tune_backends
 from finetune.step import StepOptions
 
 log = logging.getLogger(__name__)
@@ -203,11 +205,11 @@ class Parts:
                                    else 0})
 
 
-def _load(cfg: Config, accelerator: Accelerator
+def _load(cfg: Config, state: PartialState
           ) -> tuple[Fetched | None, Data, Data, Data | None, str]:
     """Pretrained weights (first: a run that cannot get them fails in seconds, not after the
     data), then the data; the main process fills any download cache first."""
-    with accelerator.main_process_first():
+    with state.main_process_first():
         fetched = (fetch_state_dict(cfg.model.name, cfg.model.weights)
                    if cfg.model.pretrained else None)
         train_data, test_data, source = load_data(cfg.data)
@@ -287,15 +289,15 @@ def _placed(cfg: Config, splits: tuple[Data, Data, Data | None], placement: str,
     return splits
 
 
-def assemble(cfg: Config, accelerator: Accelerator, precision: str) -> Parts:
+def assemble(cfg: Config, state: PartialState) -> Parts:
     """Load the data and the model (pretrained weights, frozen stages) and place both; shared
     by training and the learning-rate finder."""
     tcfg, dcfg = cfg.train, cfg.data
-    if tcfg.batch_size % accelerator.num_processes:
+    if tcfg.batch_size % state.num_processes:
         raise ConfigError(f"train.batch_size={tcfg.batch_size} is the global batch and must "
-                          f"divide evenly over {accelerator.num_processes} processes.")
-    fetched, train_data, test_data, val_data, source = _load(cfg, accelerator)
-    device = accelerator.device
+                          f"divide evenly over {state.num_processes} processes.")
+    fetched, train_data, test_data, val_data, source = _load(cfg, state)
+    device = state.device
     placement, why = place(train_data, test_data, dcfg.placement, device, dcfg.image_size)
     channels = (train_data.images.shape[1] if isinstance(train_data, ImageData)
                 else train_data.channels)
@@ -321,20 +323,31 @@ def assemble(cfg: Config, accelerator: Accelerator, precision: str) -> Parts:
              source, len(train_data), len(test_data), len(train_data.classes), cfg.model.name,
              loaded.source if loaded else "random init",
              sum(p.numel() for p in model.parameters()))
-    log.info("mixed precision %s, %s%s", precision,
-             "channels_last" if tcfg.channels_last else "NCHW",
-             ", torch.compile" if tcfg.compile else "")
-    if precision == "bf16" and device.type == "cpu":
-        check_cpu_bf16(model, in_chans, dcfg.image_size)
-        if not bf16_is_native(device):
-            log.warning("this CPU has no bf16 arithmetic (AVX512-BF16/AMX): bf16 is emulated "
-                        "and slower than fp32 here; set train.mixed_precision=fp32")
     model.to(device, memory_format=transform.memory_format)
     plan = plan_stages(model, cfg.finetune)
     freeze_for_good(model, plan, cfg.finetune.bn)  # before DDP wraps the model
     log.info("stages %s (train.lr %g)", plan.describe(), tcfg.lr)
     return Parts(model, loaded, plan, transform, train_data, test_data, val_data, source,
                  placement, in_chans, mean, std, crop_pct, interpolation, resample)
+
+
+def set_up(cfg: Config, state: PartialState) -> tuple[Parts, Accelerator, str]:
+    """Seeded, the run's :func:`assemble`'d parts, then its Accelerator in the precision chosen
+    for them (``finetune.precision``: on a CPU ``auto`` times this model on this process's
+    batch in fp32 and bf16). Accelerate fixes the precision when the Accelerator is made:
+    it is made once the model exists."""
+    set_seed(cfg.train.seed)
+    tune_backends(state.device)
+    parts = assemble(cfg, state)
+    tcfg, size = cfg.train, cfg.data.image_size
+    shape = (tcfg.batch_size // state.num_processes // tcfg.accumulate, parts.in_chans, size,
+             size)
+    precision = choose_precision(tcfg.mixed_precision, state, parts.model, shape,
+                                 parts.transform.memory_format, cfg.model.name)
+    log.info("mixed precision %s, %s%s", precision,
+             "channels_last" if tcfg.channels_last else "NCHW",
+             ", torch.compile" if tcfg.compile else "")
+    return parts, make_accelerator(precision, tcfg.accumulate), precision
 
 
 def train_loader(cfg: Config, parts: Parts, accelerator: Accelerator) -> TrainLoader:

@@ -156,8 +156,9 @@ class TrainConfig:
     # Stop when the validation accuracy (data.val_split) has not improved for this many epochs,
     # and export the best epoch's weights (0: off).
     early_stopping: int = 0
-    # auto: the launcher's --mixed_precision if it set one, else bf16 where the device computes
-    # it natively (recent NVIDIA GPUs, CPUs with AVX512-BF16/AMX), else fp32.
+    # auto: the launcher's --mixed_precision if it set one, else on a GPU bf16 where it computes
+    # it natively, on a CPU the faster of fp32 and bf16 for this model and batch, timed
+    # (finetune.precision; cached per machine), else fp32.
     mixed_precision: str = "auto"
     channels_last: bool = True
     # torch.compile the model (in place: the state dict keeps its keys). Compilation happens

@@ -20,8 +20,9 @@ from finetune.errors import TrainingError
 from finetune.files import atomic_write_text
 from finetune.inference import load, predict_log_probs
 from finetune.metrics import CALIBRATION_BINS, calibration_counts, per_class, summary
-from finetune.runs import CONFUSION, EVALUATION, RELIABILITY, config_file
-from finetune.speed import make_accelerator
+from finetune.precision import resolve_mixed_precision
+from finetune.runs import CONFUSION, EVALUATION, METRICS, RELIABILITY, config_file, read_metrics
+from finetune.speed import make_accelerator, start_processes
 
 
 @torch.inference_mode()
@@ -136,8 +137,12 @@ def evaluate_run(run_dir: str | Path, overrides: list[str], tta: bool = False) -
     saved = config_file(run_dir)
     cfg = load_config(([f"recipe={saved}"] if saved else []) + overrides)
     # The run's own precision and memory layout: its test accuracy is then reproduced exactly
-    # (bf16 against fp32 can flip a borderline prediction).
-    accelerator, _ = make_accelerator(cfg.train.mixed_precision)
+    # (bf16 against fp32 can flip a borderline prediction). On a CPU auto was a measurement:
+    # what it chose is in the run's metrics.
+    state = start_processes()
+    recorded = read_metrics(run_dir)[-1] if (run_dir / METRICS).is_file() else {}
+    accelerator = make_accelerator(resolve_mixed_precision(
+        recorded.get("mixed_precision", cfg.train.mixed_precision), state.device))
     # The model and preprocessing as `finetune predict` rebuilds them.
     predictor = load(run_dir, device=accelerator.device)
     if cfg.train.channels_last:

@@ -19,14 +19,13 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate.utils import set_seed
 
-from finetune.assemble import assemble, check_model, train_loader
+from finetune.assemble import check_model, set_up, train_loader
 from finetune.config import Config, load_config, split_options
 from finetune.errors import ConfigError
 from finetune.files import atomic_write_text
 from finetune.optim import enter_epoch, make_optimizer, make_scheduler
-from finetune.speed import make_accelerator, tune_backends
+from finetune.speed import start_processes
 from finetune.step import StepOptions, train_step
 
 log = logging.getLogger(__name__)
@@ -56,10 +55,8 @@ def lr_find(cfg: Config, start_lr: float = 1e-7, end_lr: float = 10.0, steps: in
                           f"start_lr={start_lr}, end_lr={end_lr}, steps={steps}.")
     tcfg = cfg.train
     check_model(cfg)
-    accelerator, precision = make_accelerator(tcfg.mixed_precision, tcfg.accumulate)
-    set_seed(tcfg.seed)
-    tune_backends(accelerator.device)
-    parts = assemble(cfg, accelerator, precision)
+    state = start_processes()
+    parts, accelerator, _ = set_up(cfg, state)
     # Base rate 1: the schedule's factor is the rate itself, start_lr * ratio**step.
     optimizer = make_optimizer(parts.model, dataclasses.replace(tcfg, lr=1.0), parts.plan)
     ratio = (end_lr / start_lr) ** (1 / (steps - 1))

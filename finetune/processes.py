@@ -14,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-from accelerate import Accelerator
+from accelerate import PartialState
 
 from finetune.errors import ConfigError
 
@@ -86,22 +86,21 @@ def requested_processes() -> tuple[int, str]:
     return 1, "accelerate launch"
 
 
-def check_world_size(accelerator: Accelerator) -> None:
+def check_world_size(state: PartialState) -> None:
     """Refuse a run with fewer processes than the launcher asked for: never a silent
     single-process run."""
     asked, where = requested_processes()
-    if accelerator.num_processes < asked:
+    if state.num_processes < asked:
         hint = (" (`accelerate launch --cpu` starts one process whatever --num_processes "
                 "says)" if "accelerate" in where else "")
         raise ConfigError(
             f"the launcher asked for {asked} processes ({where}) but this run has "
-            f"{accelerator.num_processes}{hint}. For {asked} CPU processes use "
+            f"{state.num_processes}{hint}. For {asked} CPU processes use "
             f"{CPU_COMMAND.replace('N', str(asked))}")
 
 
-def describe_process(accelerator: Accelerator) -> str:
+def describe_process(state: PartialState) -> str:
     """``process 1 of 2 (local 1), backend gloo, device cpu, pid 1234``."""
-    return (f"process {accelerator.process_index} of {accelerator.num_processes} (local "
-            f"{accelerator.local_process_index}), backend "
-            f"{accelerator.state.backend or 'none'}, device {accelerator.device}, "
-            f"pid {os.getpid()}")
+    return (f"process {state.process_index} of {state.num_processes} (local "
+            f"{state.local_process_index}), backend {state.backend or 'none'}, device "
+            f"{state.device}, pid {os.getpid()}")

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list
 from safetensors.torch import load_file
 from torch import nn
@@ -71,7 +71,7 @@ def held_run(out: Path) -> list[str]:
 
 
 @contextlib.contextmanager
-def run_folder(cfg: Config, accelerator: Accelerator, final: Path) -> Iterator[Path]:
+def run_folder(cfg: Config, accelerator: PartialState, final: Path) -> Iterator[Path]:
     """The folder a run writes into while it runs (``final``, from :func:`output_dir`): created
     and locked before anything else (a second run into a busy folder is refused with the
     holder's PID; a folder that cannot be written stops the run before its data loads). A

@@ -1,5 +1,6 @@
-"""Speed settings around the loop: the Accelerator with its mixed precision and CPU threads,
-backend tuning, torch.compile, and reading a device value without waiting for it."""
+"""Speed settings around the loop: the processes and their CPU threads, the Accelerator with
+its mixed precision, backend tuning, torch.compile, and reading a device value without waiting
+for it."""
 
 from __future__ import annotations
 
@@ -22,102 +23,47 @@ from finetune.step import StepOptions, train_step
 log = logging.getLogger(__name__)
 
 
-def resolve_mixed_precision(setting: str, device: torch.device) -> str:
-    """``train.mixed_precision`` -> fp32, bf16 or fp16 (Accelerate calls fp32 "no").
-
-    auto takes the launcher's choice (``accelerate launch --mixed_precision``) if it made one,
-    else bf16 on a GPU that computes it natively, else fp32. CPUs stay fp32 unless asked:
-    bf16 there is fast only with AVX512-BF16/AMX, and see :func:`check_cpu_bf16`.
-    """
-    if setting == "auto":
-        launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-        setting = (launched if launched in ("bf16", "fp16")
-                   else "bf16" if device.type == "cuda" and bf16_is_native(device) else "fp32")
-    if setting == "fp16" and device.type != "cuda":
-        raise ConfigError(f"train.mixed_precision=fp16 needs a CUDA GPU, but this run is on "
-                          f"{device.type}; use bf16 or fp32.")
-    return setting
-
-
-def make_accelerator(mixed_precision: str, accumulate: int = 1) -> tuple[Accelerator, str]:
-    """The Accelerator for ``train.mixed_precision`` (resolved: fp32, bf16 or fp16) and
-    ``train.accumulate`` gradient-accumulation slices, with this process's share of the CPU
-    cores; training and ``finetune evaluate`` both start here, so an evaluation runs in the
-    precision its run trained in.
+def start_processes() -> PartialState:
+    """This run's processes, joined, each with its share of the CPU cores.
 
     Without CUDA the processes are CPU processes: under torchrun or a multi-process
     ``accelerate launch`` they join one gloo group (Accelerate takes a CUDA-less launch for
     one process unless told ``cpu``). A run with fewer processes than its launcher asked for
     is refused.
     """
-    cpu = not torch.cuda.is_available()
-    precision = resolve_mixed_precision(mixed_precision, PartialState(cpu=cpu).device)
+    state = PartialState(cpu=not torch.cuda.is_available())
+    check_world_size(state)
+    process_log.info(describe_process(state))
+    use_cpu_cores(state)
+    return state
+
+
+def make_accelerator(precision: str, accumulate: int = 1) -> Accelerator:
+    """The Accelerator, after :func:`start_processes`, for ``precision`` (fp32, bf16 or fp16:
+    resolved by ``finetune.precision``) and ``train.accumulate`` gradient-accumulation slices;
+    training and ``finetune evaluate`` both start here, so an evaluation runs in the precision
+    its run trained in."""
     # Training batches do not come from a prepared DataLoader: accumulation counts slices only
     # (sync_with_dataloader would also sync at the end of every evaluation loader).
     plugin = GradientAccumulationPlugin(num_steps=accumulate, sync_with_dataloader=False)
-    accelerator = Accelerator(cpu=cpu, mixed_precision="no" if precision == "fp32" else precision,
-                              gradient_accumulation_plugin=plugin)
-    check_world_size(accelerator)
-    process_log.info(describe_process(accelerator))
-    use_cpu_cores(accelerator)
-    return accelerator, precision
+    return Accelerator(cpu=not torch.cuda.is_available(),
+                       mixed_precision="no" if precision == "fp32" else precision,
+                       gradient_accumulation_plugin=plugin)
 
 
-def use_cpu_cores(accelerator: Accelerator) -> None:
+def use_cpu_cores(state: PartialState) -> None:
     """On CPU, give each local process its share of the cores.
 
     ``accelerate launch`` without a config sets OMP_NUM_THREADS=1, which halves CPU speed on a
     2-core machine; a process that got one thread takes its share instead.
     """
-    if accelerator.device.type != "cpu" or torch.get_num_threads() > 1:
+    if state.device.type != "cpu" or torch.get_num_threads() > 1:
         return
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))
     share = max(1, len(os.sched_getaffinity(0)) // max(1, local))
     if share > 1:
         torch.set_num_threads(share)
         log.info("using %d CPU threads per process (OMP_NUM_THREADS was 1)", share)
-
-
-def bf16_is_native(device: torch.device) -> bool:
-    """bfloat16 arithmetic in hardware: Ampere or newer GPUs; CPUs with AVX512-BF16 or AMX
-    (elsewhere bf16 autocast on the CPU is emulated and slower than fp32)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    if device.type == "cpu":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            return False
-    return False
-
-
-def check_cpu_bf16(model: nn.Module, in_chans: int, image_size: int) -> None:
-    """Refuse bf16 on the CPU for a model with a strided convolution that sees a 1x1 input:
-    there oneDNN's bf16 weight gradient (torch 2.14) comes back as uninitialised memory
-    (values like 1e36 in the taps that only see padding), silently wrecking the weights."""
-    strided = {m: n for n, m in model.named_modules()
-               if isinstance(m, nn.Conv2d) and m.stride != (1, 1)}
-    bad: list[str] = []
-
-    def hook(module: nn.Module, args: tuple) -> None:
-        if tuple(args[0].shape[-2:]) == (1, 1):
-            bad.append(strided[module])
-
-    handles = [m.register_forward_pre_hook(hook) for m in strided]
-    was_training = model.training
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, in_chans, image_size, image_size))
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    if bad:
-        raise ConfigError(
-            f"train.mixed_precision=bf16 on the CPU: {', '.join(bad)} (strided) sees a 1x1 "
-            f"input at data.image_size={image_size}, where oneDNN's bf16 weight gradient is "
-            f"wrong. Raise data.image_size (32 is enough for the ResNets) or use "
-            f"train.mixed_precision=fp32.")
 
 
 def copy_to_host(t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:

@@ -18,10 +18,9 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from finetune.assemble import Parts, Training, assemble, check_model, prepare_training
+from finetune.assemble import Parts, Training, check_model, prepare_training, set_up
 from finetune.checkpoint import LoopState, list_checkpoints, restore, save_checkpoint
 from finetune.config import Config
 from finetune.errors import TrainingError
@@ -37,7 +36,7 @@ from finetune.runs import (
     start_run,
     write_metrics,
 )
-from finetune.speed import compile_model, copy_to_host, make_accelerator, tune_backends
+from finetune.speed import compile_model, copy_to_host, start_processes
 from finetune.step import train_step
 from finetune.tracking import check_trackers, log_epoch, log_run_figures, start_trackers
 
@@ -50,23 +49,22 @@ def main(cfg: Config) -> dict:
     """Train, evaluate after every epoch, export; return the exported model's metrics."""
     check_model(cfg)  # before anything loads: a model that cannot run fails in a second
     check_trackers(cfg)
-    accelerator, precision = make_accelerator(cfg.train.mixed_precision, cfg.train.accumulate)
+    state = start_processes()
     folder = output_dir(cfg)  # computed once: a new run's name is a timestamp
-    try:
-        with run_folder(cfg, accelerator, folder) as out:  # locked; a replaced run stays
-            final = train(cfg, accelerator, precision, out)  # till export
-    finally:
-        accelerator.end_training()  # trackers closed, also when the run fails
-    accelerator.print(f"{accuracy_line(final)}; run saved to {folder}")
+    with run_folder(cfg, state, folder) as out:  # locked; a replaced run stays till export
+        parts, accelerator, precision = set_up(cfg, state)
+        try:
+            final = train(cfg, parts, accelerator, precision, out)
+        finally:
+            accelerator.end_training()  # trackers closed, also when the run fails
+    state.print(f"{accuracy_line(final)}; run saved to {folder}")
     return final
 
 
-def train(cfg: Config, accelerator: Accelerator, precision: str, out: Path) -> dict:
-    """The run in ``out``: set up, train and evaluate epoch by epoch, export."""
+def train(cfg: Config, parts: Parts, accelerator: Accelerator, precision: str,
+          out: Path) -> dict:
+    """The run of ``parts`` in ``out``: train and evaluate epoch by epoch, export."""
     tcfg = cfg.train
-    set_seed(tcfg.seed)
-    tune_backends(accelerator.device)
-    parts = assemble(cfg, accelerator, precision)
     t = prepare_training(cfg, parts, accelerator)
     compile_time = warm_up(cfg, parts, t, accelerator) if tcfg.compile else None
     start_epoch, partial = starting_point(cfg, out, t, accelerator)

@@ -142,6 +142,22 @@ def tiny_args(fmnist_dir: Path, tmp_path: Path) -> list[str]:
             "train.checkpoint=false"]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _fixed_cpu_precision(tmp_path_factory):
+    """train.mixed_precision=auto on a CPU times fp32 against bf16: the tests' numbers must
+    not depend on what this machine chooses (tests/test_precision.py unsets this), and no test
+    writes the user's cache. Environment variables: the launched processes inherit them."""
+    saved = {k: os.environ.get(k) for k in ("FINETUNE_CPU_PRECISION", "FINETUNE_CACHE_DIR")}
+    os.environ["FINETUNE_CPU_PRECISION"] = "fp32"
+    os.environ["FINETUNE_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture(autouse=True)
 def _guard_state():
     """Keep RNG state and Accelerate's process-wide singletons from leaking between tests."""

@@ -15,8 +15,9 @@ from finetune.data.loader import BatchTransform, place, random_erasing
 from finetune.data.sources import ImageData
 from finetune.models import create_model
 from finetune.optim import make_optimizer
+from finetune.precision import check_cpu_bf16, cpu_description, resolve_mixed_precision
 from finetune.runs import read_metrics, time_to_accuracy
-from finetune.speed import check_cpu_bf16, copy_to_host, resolve_mixed_precision
+from finetune.speed import copy_to_host
 from finetune.train import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,9 +86,9 @@ def test_mixed_precision_resolution(monkeypatch):
 def test_cpu_bf16_refused_where_onednn_is_wrong():
     model = create_model("resnet18", num_classes=10, in_chans=1, image_size=16)
     with pytest.raises(ConfigError, match=r"layer4.0.conv1, layer4.0.downsample.0 .*1x1"):
-        check_cpu_bf16(model, 1, 16)
+        check_cpu_bf16(model, (2, 1, 16, 16))
     assert model.training  # mode restored
-    check_cpu_bf16(model, 1, 32)
+    check_cpu_bf16(model, (2, 1, 32, 32))
 
 
 class _Declared(torch.nn.Sequential):
@@ -178,15 +179,18 @@ def test_compiled_run_matches_eager(tiny_args, tmp_path):
 
 @pytest.mark.slow
 def test_benchmark_scripts_run(fmnist_dir, tmp_path):
-    env = {"PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", "PATH": "/usr/bin:/bin"}
+    env = {"PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", "PATH": "/usr/bin:/bin",
+           "FINETUNE_CPU_PRECISION": "fp32", "FINETUNE_CACHE_DIR": str(tmp_path / "cache")}
     loop = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "loop_speed.py"), "--model", "resnet18",
          "--image-size", "32", "--batch-size", "8", "--steps", "2", "--warmup", "1",
-         "--workers", "1", "--variants", "fp32", "--data-root", str(fmnist_dir),
+         "--workers", "1", "--variants", "auto,fp32+nchw", "--data-root", str(fmnist_dir),
          "--json", str(tmp_path / "speed.jsonl")], capture_output=True, text=True, env=env)
     assert loop.returncode == 0, loop.stderr
     speed = json.loads((tmp_path / "speed.jsonl").read_text())
-    assert speed["lecture"] > 0 and speed["fp32"] > 0 and "x the lecture loop" in loop.stdout
+    assert speed["lecture"] > 0 and speed["auto"] > 0 and speed["fp32+nchw"] > 0
+    assert speed["auto_precision"] in ("fp32", "bf16") and "x the lecture loop" in loop.stdout
+    assert speed["cpu"] == cpu_description() and cpu_description() in loop.stdout
     tta = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "time_to_accuracy.py"),
          "recipe=resnet18_scratch_fmnist", f"data.root={fmnist_dir}", "data.image_size=16",

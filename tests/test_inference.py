@@ -1,3 +1,4 @@
+import functools
 import json
 
 import numpy as np
@@ -108,9 +109,13 @@ def test_timm_and_torchvision_rebuild_the_export(trained):
     ours = finetune.load(run).model
     x = torch.randn(4, 1, 28, 28)
     expected = ours(x)
+    # Equal up to rounding: at 28 px finetune multiplies layer3's and layer4's small maps
+    # as matrices where timm and torchvision convolve them (finetune.models.resnet.Conv2d).
+    same = functools.partial(torch.testing.assert_close, expected=expected, rtol=1e-5,
+                             atol=1e-5)
     # timm, from the run folder alone: architecture, channels, head, preprocessing.
     model = timm.create_model(f"local-dir:{run}", pretrained=True).eval()
-    assert torch.equal(model(x), expected)
+    same(model(x))
     cfg = timm.data.resolve_data_config({}, model=model)
     meta = json.loads((run / "model.json").read_text())
     assert cfg["input_size"] == (1, 28, 28) and list(cfg["mean"]) == meta["mean"]
@@ -118,7 +123,7 @@ def test_timm_and_torchvision_rebuild_the_export(trained):
     tv = torchvision.models.resnet18(num_classes=10)
     tv.conv1 = torch.nn.Conv2d(1, 64, 7, 2, 3, bias=False)
     tv.load_state_dict(load_file(run / "model.safetensors"))
-    assert torch.equal(tv.eval()(x), expected)
+    same(tv.eval()(x))
 
 
 @pytest.mark.slow

@@ -1,0 +1,188 @@
+"""train.mixed_precision=auto on a CPU: timed, the faster chosen, cached; and the convolution
+that leaves out the taps which only see padding."""
+
+import json
+import logging
+
+import pytest
+import torch
+import torchvision
+from accelerate import PartialState
+from accelerate.state import AcceleratorState
+from torch import nn
+
+from finetune import precision
+from finetune.config import load_config
+from finetune.errors import ConfigError
+from finetune.evaluation import evaluate_run
+from finetune.models import create_model
+from finetune.models.resnet import Conv2d
+from finetune.runs import read_metrics
+from finetune.train import main
+
+SHAPE = (8, 1, 28, 28)
+
+
+@pytest.fixture
+def auto_cpu(monkeypatch, tmp_path):
+    """auto as on a CPU with bf16 arithmetic, measuring (conftest fixes it to fp32 for the
+    other tests), with its own cache."""
+    monkeypatch.delenv(precision.FORCE_ENV, raising=False)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    monkeypatch.setenv(precision.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(precision, "bf16_is_native", lambda device: True)
+    return PartialState(cpu=True)
+
+
+def stub_timings(monkeypatch, fp32: float, bf16: float) -> list:
+    calls = []
+
+    def measure(model, shape, memory_format):
+        calls.append(shape)
+        return {"fp32": fp32, "bf16": bf16}
+
+    monkeypatch.setattr(precision, "measure", measure)
+    return calls
+
+
+def choose(state, model, shape=SHAPE) -> str:
+    return precision.choose_precision("auto", state, model, shape, torch.contiguous_format,
+                                      "resnet18")
+
+
+def test_auto_picks_the_faster_and_caches_it(auto_cpu, monkeypatch, caplog):
+    model = create_model("resnet18", num_classes=10, in_chans=1, image_size=28)
+    calls = stub_timings(monkeypatch, fp32=0.4, bf16=0.1)
+    with caplog.at_level(logging.INFO, logger="finetune.precision"):
+        assert choose(auto_cpu, model) == "bf16"
+    assert calls == [SHAPE]
+    # The log names the choice and both timings (8 images / 0.4 s and / 0.1 s).
+    assert "mixed precision auto: bf16" in caplog.text
+    assert "fp32 20 img/s, bf16 80 img/s" in caplog.text and "timed now" in caplog.text
+    cache = json.loads(precision.cache_file().read_text())
+    (key, entry), = cache.items()
+    assert "8x1x28x28" in key and "resnet18" in key and precision.cpu_description() in key
+    assert entry["precision"] == "bf16" and entry["fp32_images_per_sec"] == 20.0
+
+    # Cached: the same machine, model and batch shape is not timed again, even if it would
+    # now come out the other way.
+    calls = stub_timings(monkeypatch, fp32=0.1, bf16=0.4)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="finetune.precision"):
+        assert choose(auto_cpu, model) == "bf16"
+    assert calls == [] and "cached in" in caplog.text
+    # Another batch shape is timed, and here fp32 is faster.
+    assert choose(auto_cpu, model, (16, 1, 28, 28)) == "fp32"
+    assert calls == [(16, 1, 28, 28)]
+    assert len(json.loads(precision.cache_file().read_text())) == 2
+
+
+def test_auto_without_measuring(auto_cpu, monkeypatch, caplog):
+    model = create_model("resnet18", num_classes=10, in_chans=1, image_size=28)
+    calls = stub_timings(monkeypatch, fp32=0.4, bf16=0.1)
+    # A forced precision is obeyed, and so is the launcher's.
+    assert precision.choose_precision("fp32", auto_cpu, model, SHAPE, torch.contiguous_format,
+                                      "resnet18") == "fp32"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # accelerate launch --mixed_...
+    monkeypatch.setattr(precision, "bf16_is_native", lambda device: False)
+    assert choose(auto_cpu, model) == "bf16"  # even where it is slow: the user asked
+    assert calls == []
+    monkeypatch.setattr(precision, "bf16_is_native", lambda device: True)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # the launcher's default
+    assert choose(auto_cpu, model) == "bf16"  # timed
+    calls.clear()
+    precision.cache_file().unlink()
+    monkeypatch.setenv(precision.FORCE_ENV, "fp32")
+    assert choose(auto_cpu, model) == "fp32"
+    monkeypatch.setenv(precision.FORCE_ENV, "fp16")
+    with pytest.raises(ConfigError, match="FINETUNE_CPU_PRECISION=fp16: use one of fp32, bf16"):
+        choose(auto_cpu, model)
+    monkeypatch.delenv(precision.FORCE_ENV)
+    # No bf16 arithmetic: fp32 untimed. A model where oneDNN's bf16 gradient is wrong: too.
+    monkeypatch.setattr(precision, "bf16_is_native", lambda device: False)
+    assert choose(auto_cpu, model) == "fp32"
+    monkeypatch.setattr(precision, "bf16_is_native", lambda device: True)
+    with caplog.at_level(logging.INFO, logger="finetune.precision"):
+        assert choose(auto_cpu, model, (8, 1, 16, 16)) == "fp32"
+    assert "layer4.0.conv1" in caplog.text
+    assert calls == [] and not precision.cache_file().exists()
+
+
+def test_measure_leaves_the_model_and_random_state_alone():
+    model = create_model("resnet18", num_classes=10, in_chans=1, image_size=28)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    timings = precision.measure(model, (4, 1, 28, 28), torch.channels_last, rounds=1)
+    assert set(timings) == {"fp32", "bf16"} and all(t > 0 for t in timings.values())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_a_run_trains_and_evaluates_in_the_precision_auto_chose(auto_cpu, tiny_args, tmp_path,
+                                                                 monkeypatch):
+    stub_timings(monkeypatch, fp32=0.4, bf16=0.1)
+    # 32 px: at 16 the ResNet's strided convolutions see 1x1 maps, where bf16 is refused.
+    args = tiny_args + ["data.image_size=32", "train.epochs=1"]
+    result = main(load_config(args))
+    records = read_metrics(tmp_path / "run")
+    assert [r["mixed_precision"] for r in records] == ["bf16"]
+    # finetune evaluate runs in the precision the run trained in: the same accuracy exactly.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    stub_timings(monkeypatch, fp32=0.1, bf16=0.4)  # would choose fp32 now: not asked
+    assert evaluate_run(tmp_path / "run", [])["test_acc"] == result["test_acc"]
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 7])
+@pytest.mark.parametrize("kernel, stride, padding, dilation",
+                         [(3, 1, 1, 1), (3, 2, 1, 1), (7, 2, 3, 1), (5, 1, 2, 1), (3, 1, 2, 2)])
+def test_small_maps_as_matrix_products_compute_the_convolution(size, kernel, stride, padding,
+                                                               dilation):
+    torch.manual_seed(0)
+    ours = Conv2d(3, 5, kernel, stride=stride, padding=padding, dilation=dilation,
+                  bias=True).double()
+    plain = nn.Conv2d(3, 5, kernel, stride=stride, padding=padding, dilation=dilation,
+                      bias=True).double()
+    plain.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3, size, size + 1, dtype=torch.double)
+    y, expected = ours(x), plain(x)
+    assert y.shape == expected.shape
+    torch.testing.assert_close(y, expected, rtol=0, atol=1e-12)
+    (y * torch.arange(y.numel()).view_as(y)).sum().backward()
+    (expected * torch.arange(y.numel()).view_as(y)).sum().backward()
+    torch.testing.assert_close(ours.weight.grad, plain.weight.grad, rtol=0, atol=1e-10)
+    torch.testing.assert_close(ours.bias.grad, plain.bias.grad, rtol=0, atol=1e-10)
+
+
+def test_resnet18_at_28px_is_torchvisions_resnet18():
+    """At 28 px layer4 sees 1x1 maps, where the convolutions leave out their padding taps:
+    the logits and every gradient are still torchvision's."""
+    torch.manual_seed(0)
+    ours = create_model("resnet18", num_classes=10, in_chans=1, image_size=28).double()
+    theirs = torchvision.models.resnet18(num_classes=10).double()
+    theirs.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False).double()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(4, 1, 28, 28, dtype=torch.double)
+    y, expected = ours(x), theirs(x)
+    torch.testing.assert_close(y, expected, rtol=0, atol=1e-10)
+    y.square().sum().backward()
+    expected.square().sum().backward()
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-9, msg=name)
+
+
+def test_resnet18_at_28px_multiplies_its_small_maps(monkeypatch):
+    """At 28 px the 3x3 convolutions of layer3 (2x2 maps) and layer4 (1x1, and the strided
+    one over 2x2) run as matrix products; the other 13 of ResNet-18's 20 as convolutions."""
+    convolved = []
+    plain = nn.Conv2d._conv_forward
+
+    def conv_forward(self, x, weight, bias):
+        convolved.append(tuple(x.shape[-2:]))
+        return plain(self, x, weight, bias)
+
+    monkeypatch.setattr(nn.Conv2d, "_conv_forward", conv_forward)
+    model = create_model("resnet18", num_classes=10, in_chans=1, image_size=28)
+    model(torch.randn(2, 1, 28, 28))
+    assert len(convolved) == 13
+    assert all(size[0] * size[1] > 9 or size == (2, 2) for size in convolved)  # + 1x1 downsample
