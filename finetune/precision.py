@@ -25,6 +25,7 @@ from torch import nn
 
 from finetune.errors import ConfigError
 from finetune.files import atomic_write_text
+from finetune.version import __version__
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "bf16")  # what auto chooses between on a CPU
@@ -126,8 +127,9 @@ def cpu_auto(device: torch.device, model: nn.Module, shape: tuple[int, ...],
         log.info("mixed precision auto: fp32 (%s)", str(e).split(":", 1)[1].split(", where")[0])
         return "fp32"
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    key = (f"{cpu_description()} | torch {torch.__version__} | {torch.get_num_threads()} "
-           f"threads | {name}, {trainable} trainable | batch {'x'.join(map(str, shape))} "
+    key = (f"{cpu_description()} | torch {torch.__version__}, finetune {__version__} | "
+           f"{torch.get_num_threads()} threads | {name}, {trainable} trainable | batch "
+           f"{'x'.join(map(str, shape))} "
            f"{'channels_last' if memory_format == torch.channels_last else 'NCHW'}")
     cache = _read_cache()
     entry, source = cache.get(key), "cached in " + str(cache_file())
