@@ -125,6 +125,18 @@ def accuracy_line(result: dict) -> str:
             f"({result['test_correct']}/{result['test_total']})")
 
 
+def _run_precision(run_dir: Path, setting: str, overrides: list[str],
+                   device: torch.device) -> str:
+    """The precision to evaluate a run in: ``train.mixed_precision`` if given on the command
+    line, else the one the run trained in (its metrics record it; on a CPU auto was timed) where
+    this device has it (fp16 is CUDA's), else the run's setting."""
+    recorded = read_metrics(run_dir)[-1] if (run_dir / METRICS).is_file() else {}
+    if any(o.startswith("train.mixed_precision=") for o in overrides):
+        return setting
+    precision = recorded.get("mixed_precision", setting)
+    return precision if precision != "fp16" or device.type == "cuda" else setting
+
+
 def evaluate_run(run_dir: str | Path, overrides: list[str], tta: bool = False) -> dict:
     """Evaluate the model exported in ``run_dir`` on its recipe's test data (``overrides`` may
     point ``data.*`` elsewhere); write ``evaluation.json``, ``confusion.png`` and
@@ -140,9 +152,9 @@ def evaluate_run(run_dir: str | Path, overrides: list[str], tta: bool = False) -
     # (bf16 against fp32 can flip a borderline prediction). On a CPU auto was a measurement:
     # what it chose is in the run's metrics.
     state = start_processes()
-    recorded = read_metrics(run_dir)[-1] if (run_dir / METRICS).is_file() else {}
     accelerator = make_accelerator(resolve_mixed_precision(
-        recorded.get("mixed_precision", cfg.train.mixed_precision), state.device))
+        _run_precision(run_dir, cfg.train.mixed_precision, overrides, state.device),
+        state.device))
     # The model and preprocessing as `finetune predict` rebuilds them.
     predictor = load(run_dir, device=accelerator.device)
     if cfg.train.channels_last:

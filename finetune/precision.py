@@ -99,6 +99,7 @@ def choose_precision(setting: str, state: PartialState, model: nn.Module,
                 log.warning("this CPU has no bf16 arithmetic (AVX512-BF16/AMX): bf16 is "
                             "emulated and slower than fp32 here; set train.mixed_precision=fp32")
         return precision
+    _forced()  # checked by every process: a bad value must not leave the others waiting
     choice = [cpu_auto(device, model, shape, memory_format, name) if state.is_main_process
               else None]
     if state.num_processes > 1:
@@ -110,11 +111,8 @@ def cpu_auto(device: torch.device, model: nn.Module, shape: tuple[int, ...],
              memory_format: torch.memory_format, name: str) -> str:
     """``auto`` on this CPU: forced by $FINETUNE_CPU_PRECISION, fp32 where bf16 cannot win or
     is unsafe, else the faster of the two, measured once per machine, model and batch shape."""
-    forced = os.environ.get(FORCE_ENV)
+    forced = _forced()
     if forced:
-        if forced not in PRECISIONS:
-            raise ConfigError(f"{FORCE_ENV}={forced}: use one of {', '.join(PRECISIONS)}, or "
-                              f"unset it to let train.mixed_precision=auto measure.")
         log.info("mixed precision auto: %s (%s=%s)", forced, FORCE_ENV, forced)
         return forced
     if not bf16_is_native(device):
@@ -124,17 +122,23 @@ def cpu_auto(device: torch.device, model: nn.Module, shape: tuple[int, ...],
     try:
         check_cpu_bf16(model, shape)
     except ConfigError as e:
-        log.info("mixed precision auto: fp32 (%s)", str(e).split(":", 1)[1].split(", where")[0])
+        log.info("mixed precision auto: fp32 (%s)",
+                 str(e).split(":", 1)[1].split(", where")[0].strip())
         return "fp32"
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     key = (f"{cpu_description()} | torch {torch.__version__}, finetune {__version__} | "
            f"{torch.get_num_threads()} threads | {name}, {trainable} trainable | batch "
            f"{'x'.join(map(str, shape))} "
            f"{'channels_last' if memory_format == torch.channels_last else 'NCHW'}")
-    cache = _read_cache()
-    entry, source = cache.get(key), "cached in " + str(cache_file())
-    if entry is None:
-        timings = measure(model, shape, memory_format)
+    entry, source = _read_cache().get(key), "cached in " + str(cache_file())
+    if not (isinstance(entry, dict) and entry.get("precision") in PRECISIONS
+            and {"fp32_images_per_sec", "bf16_images_per_sec"} <= entry.keys()):
+        try:
+            timings = measure(model, shape, memory_format)
+        except Exception as e:  # noqa: BLE001 - whatever failed, fp32 is the safe answer
+            log.warning("mixed precision auto: fp32 (timing a training step failed: %s: %s)",
+                        type(e).__name__, str(e).strip().split("\n")[0][:200])
+            return "fp32"
         entry = {"precision": min(timings, key=timings.__getitem__)}
         entry.update({f"{p}_images_per_sec": round(shape[0] / s, 1) for p, s in timings.items()})
         entry["measured"] = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -145,6 +149,15 @@ def cpu_auto(device: torch.device, model: nn.Module, shape: tuple[int, ...],
              "x".join(map(str, shape)), source, entry["fp32_images_per_sec"],
              entry["bf16_images_per_sec"], cpu_description())
     return entry["precision"]
+
+
+def _forced() -> str | None:
+    """$FINETUNE_CPU_PRECISION, checked."""
+    forced = os.environ.get(FORCE_ENV) or None
+    if forced is not None and forced not in PRECISIONS:
+        raise ConfigError(f"{FORCE_ENV}={forced}: use one of {', '.join(PRECISIONS)}, or unset "
+                          f"it to let train.mixed_precision=auto measure.")
+    return forced
 
 
 def measure(model: nn.Module, shape: tuple[int, ...], memory_format: torch.memory_format,

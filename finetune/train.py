@@ -51,12 +51,16 @@ def main(cfg: Config) -> dict:
     check_trackers(cfg)
     state = start_processes()
     folder = output_dir(cfg)  # computed once: a new run's name is a timestamp
-    with run_folder(cfg, state, folder) as out:  # locked; a replaced run stays till export
-        parts, accelerator, precision = set_up(cfg, state)
-        try:
+    accelerator = None
+    try:
+        with run_folder(cfg, state, folder) as out:  # locked; a replaced run stays till export
+            parts, accelerator, precision = set_up(cfg, state)
             final = train(cfg, parts, accelerator, precision, out)
-        finally:
-            accelerator.end_training()  # trackers closed, also when the run fails
+    finally:  # trackers closed and the process group left, also when the run fails
+        if accelerator is not None:
+            accelerator.end_training()
+        else:
+            state.destroy_process_group()
     state.print(f"{accuracy_line(final)}; run saved to {folder}")
     return final
 

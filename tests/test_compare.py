@@ -297,9 +297,9 @@ def test_failed_run_stops_the_comparison_with_its_log(tmp_path, capsys):
 
 
 def test_labels_name_only_what_sets_a_group_apart(tmp_path, fmnist_dir):
-    settings = {"plain": [], "fast": ["train.lr=0.5"], "flipless": ["data.hflip=false"]}
+    settings = {"plain": [], "fast": ["train.lr=0.5"], "mirrored": ["data.hflip=true"]}
     for name, extra in settings.items():
         write_run(tmp_path / name, ["recipe=resnet18_cpu_fmnist", *extra], [0.5], fmnist_dir)
     runs = [read_run(tmp_path / name) for name in settings]
     assert label_runs(runs) == ["resnet18_cpu_fmnist", "resnet18_cpu_fmnist (train.lr=0.5)",
-                                "resnet18_cpu_fmnist (data.hflip=False)"]
+                                "resnet18_cpu_fmnist (data.hflip=True)"]

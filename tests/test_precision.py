@@ -11,7 +11,7 @@ from accelerate import PartialState
 from accelerate.state import AcceleratorState
 from torch import nn
 
-from finetune import precision
+from finetune import evaluation, precision
 from finetune.config import load_config
 from finetune.errors import ConfigError
 from finetune.evaluation import evaluate_run
@@ -130,7 +130,14 @@ def test_a_run_trains_and_evaluates_in_the_precision_auto_chose(auto_cpu, tiny_a
     # finetune evaluate runs in the precision the run trained in: the same accuracy exactly.
     AcceleratorState._reset_state(reset_partial_state=True)
     stub_timings(monkeypatch, fp32=0.1, bf16=0.4)  # would choose fp32 now: not asked
+    made = []
+    real = evaluation.make_accelerator
+    monkeypatch.setattr(evaluation, "make_accelerator", lambda p: made.append(p) or real(p))
     assert evaluate_run(tmp_path / "run", [])["test_acc"] == result["test_acc"]
+    # A precision given on the command line wins over the recorded one.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    evaluate_run(tmp_path / "run", ["train.mixed_precision=fp32"])
+    assert made == ["bf16", "fp32"]
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4, 7])
@@ -186,3 +193,34 @@ def test_resnet18_at_28px_multiplies_its_small_maps(monkeypatch):
     model(torch.randn(2, 1, 28, 28))
     assert len(convolved) == 13
     assert all(size[0] * size[1] > 9 or size == (2, 2) for size in convolved)  # + 1x1 downsample
+
+
+def test_small_maps_keep_the_convolutions_dtype_and_errors():
+    conv = Conv2d(3, 4, 3, padding=1, bias=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv(torch.randn(2, 3, 2, 2)).dtype == torch.bfloat16
+    # A map too small for the kernel: the convolution's own error, not a reshape's.
+    with pytest.raises(RuntimeError, match="Kernel size can't be greater than actual input"):
+        Conv2d(3, 4, 3)(torch.randn(2, 3, 1, 1))
+
+
+def test_auto_falls_back_to_fp32_when_timing_fails(auto_cpu, monkeypatch, caplog):
+    model = create_model("resnet18", num_classes=10, in_chans=1, image_size=28)
+
+    def fails(model, shape, memory_format):
+        raise ValueError("Expected more than 1 value per channel when training")
+
+    monkeypatch.setattr(precision, "measure", fails)
+    with caplog.at_level(logging.WARNING, logger="finetune.precision"):
+        assert choose(auto_cpu, model) == "fp32"
+    assert "timing a training step failed: ValueError" in caplog.text
+    assert not precision.cache_file().exists()  # tried again next time
+    # A damaged cache entry is measured again, not trusted.
+    stub_timings(monkeypatch, fp32=0.4, bf16=0.1)
+    precision.cache_file().parent.mkdir(parents=True)
+    precision.cache_file().write_text(json.dumps({"x": 1}))
+    assert choose(auto_cpu, model) == "bf16"
+    key = next(k for k in json.loads(precision.cache_file().read_text()) if k != "x")
+    precision.cache_file().write_text(json.dumps({key: {"precision": "fp16"}}))
+    stub_timings(monkeypatch, fp32=0.1, bf16=0.4)
+    assert choose(auto_cpu, model) == "fp32"

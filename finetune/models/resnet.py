@@ -19,11 +19,14 @@ def _taps(size: tuple[int, ...], kernel: tuple[int, ...], stride: tuple[int, ...
           ) -> tuple[Tensor, tuple[int, int]]:
     """For a convolution over a ``size`` map: which kernel tap joins each (output pixel,
     input pixel) pair, ``kh * kw`` for none; and the output size."""
-    taps, valid, out = [], [], []
-    for n, k, s, p, d in zip(size, kernel, stride, padding, dilation, strict=True):
-        out.append((n + 2 * p - d * (k - 1) - 1) // s + 1)
+    out = [(n + 2 * p - d * (k - 1) - 1) // s + 1
+           for n, k, s, p, d in zip(size, kernel, stride, padding, dilation, strict=True)]
+    if min(out) < 1:  # no output: the convolution itself says why
+        return torch.empty(0, 0, dtype=torch.long), (out[0], out[1])
+    taps, valid = [], []
+    for n, k, s, p, d, o in zip(size, kernel, stride, padding, dilation, out, strict=True):
         # Output o reads input i through tap (i - o * s + p) / d, where that is a whole tap.
-        offset = torch.arange(n)[None, :] - torch.arange(out[-1])[:, None] * s + p
+        offset = torch.arange(n)[None, :] - torch.arange(o)[:, None] * s + p
         taps.append(offset.div(d, rounding_mode="floor"))
         valid.append((offset % d == 0) & (offset >= 0) & (offset < k * d))
     (ty, tx), (vy, vx) = taps, valid  # (out, in) along each axis
@@ -54,6 +57,8 @@ class Conv2d(nn.Conv2d):
             return super().forward(x)
         index, (oh, ow) = _taps(tuple(x.shape[-2:]), self.kernel_size, self.stride,
                                 self.padding, self.dilation)
+        if oh < 1 or ow < 1:
+            return super().forward(x)  # and its error message
         # The matrix as a product with a 0/1 selection of taps (its gradient is one more
         # product, where gathering the taps would scatter-add them back one by one), laid
         # out (output channel, output pixel) x (input pixel, input channel): channels_last
@@ -63,7 +68,7 @@ class Conv2d(nn.Conv2d):
         matrix = torch.matmul(select.to(x.device), taps).view(self.out_channels * oh * ow, -1)
         y = F.linear(x.permute(0, 2, 3, 1).flatten(1), matrix)
         y = y.unflatten(1, (self.out_channels, oh, ow))
-        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+        return y if self.bias is None else y + self.bias.to(y.dtype).view(1, -1, 1, 1)
 
 
 def conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
