@@ -39,7 +39,7 @@ from finetune.data.samples import preload
 from finetune.data.sources import stratified_mask
 from finetune.data.stream import StreamedBatches, TrainBatches, balanced_weights
 from finetune.ema import EMA
-from finetune.errors import ConfigError
+from finetune.errors import ConfigError, first_line
 from finetune.export import meta_beside, model_meta
 from finetune.models import (
     Fetched,
@@ -122,8 +122,7 @@ def _meta_model(cfg: Config, size: int, in_chans: int) -> nn.Module:
 
 
 def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
+    return first_line(e) or type(e).__name__
 
 
 def _device_of(model: nn.Module) -> torch.device:

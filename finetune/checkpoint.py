@@ -30,7 +30,7 @@ from accelerate.utils.other import load as accelerate_load
 from safetensors.torch import load_file, save_file
 
 from finetune.ema import EMA
-from finetune.errors import CheckpointError, ConfigError
+from finetune.errors import CheckpointError, ConfigError, first_line
 from finetune.files import output_error
 
 CHECKPOINTS = "checkpoints"
@@ -194,7 +194,7 @@ def load_checkpoint(accelerator: Accelerator, path: Path,
                               ) from None
     except Exception as e:  # whatever a loader raises on bytes it cannot read
         raise CheckpointError(f"checkpoint {path} cannot be restored "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+                              f"({type(e).__name__}: {first_line(e)[:200]})") from None
     return LoopState(saved["epoch"], saved["step"], saved["gen_state"],
                      saved["losses"].to(accelerator.device),
                      saved["correct"].to(accelerator.device))

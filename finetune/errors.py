@@ -33,6 +33,18 @@ class TrainingError(FinetuneError, RuntimeError):
     """Training cannot go on (e.g. the loss is no longer finite)."""
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of ``e``'s message, ``""`` if it has none: what a one-line error quotes
+    of a library's exception (the traceback-like rest stays out)."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def one_line(e: BaseException) -> str:
+    """``TypeName: first line of the message``."""
+    return f"{type(e).__name__}: {first_line(e)}"
+
+
 def did_you_mean(word: str, choices: list[str] | tuple[str, ...], cutoff: float = 0.6) -> str:
     """`` Did you mean 'X'?`` for the closest of ``choices``, or an empty string."""
     import difflib

@@ -130,9 +130,9 @@ def _run_precision(run_dir: Path, setting: str, overrides: list[str],
     """The precision to evaluate a run in: ``train.mixed_precision`` if given on the command
     line, else the one the run trained in (its metrics record it; on a CPU auto was timed) where
     this device has it (fp16 is CUDA's), else the run's setting."""
-    recorded = read_metrics(run_dir)[-1] if (run_dir / METRICS).is_file() else {}
     if any(o.startswith("train.mixed_precision=") for o in overrides):
         return setting
+    recorded = read_metrics(run_dir)[-1] if (run_dir / METRICS).is_file() else {}
     precision = recorded.get("mixed_precision", setting)
     return precision if precision != "fp16" or device.type == "cuda" else setting
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from finetune.errors import ExportError
+from finetune.errors import ExportError, first_line
 from finetune.files import atomic_write, atomic_write_text
 from finetune.models import create_model, unwrap
 from finetune.models.backbones import TIMM, source_of
@@ -166,7 +166,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
         model.load_state_dict(load_file(weights))  # on the CPU: safetensors reads no "cpu:0"
     except RuntimeError as e:
         raise ExportError(f"{weights} does not match {META} "
-                          f"({meta['architecture']}): {str(e).splitlines()[0]}") from None
+                          f"({meta['architecture']}): {first_line(e)}") from None
     return model.to(device).eval(), meta
 
 

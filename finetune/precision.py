@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from accelerate import PartialState
 from torch import nn
 
-from finetune.errors import ConfigError
+from finetune.errors import ConfigError, first_line
 from finetune.files import atomic_write_text
 from finetune.version import __version__
 
@@ -72,13 +72,19 @@ def resolve_mixed_precision(setting: str, device: torch.device) -> str:
     fp32 "no"): auto takes the launcher's choice (``accelerate launch --mixed_precision``) if it
     made one, else bf16 on a GPU that computes it natively, else fp32."""
     if setting == "auto":
-        launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-        setting = (launched if launched in ("bf16", "fp16")
-                   else "bf16" if device.type == "cuda" and bf16_is_native(device) else "fp32")
+        setting = _launched() or ("bf16" if device.type == "cuda" and bf16_is_native(device)
+                                  else "fp32")
     if setting == "fp16" and device.type != "cuda":
         raise ConfigError(f"train.mixed_precision=fp16 needs a CUDA GPU, but this run is on "
                           f"{device.type}; use bf16 or fp32.")
     return setting
+
+
+def _launched() -> str | None:
+    """The launcher's choice (``accelerate launch --mixed_precision bf16``); its default,
+    "no", is none."""
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    return launched if launched in ("bf16", "fp16") else None
 
 
 def choose_precision(setting: str, state: PartialState, model: nn.Module,
@@ -89,9 +95,7 @@ def choose_precision(setting: str, state: PartialState, model: nn.Module,
     :func:`resolve_mixed_precision` — on a CPU, auto is timed (:func:`measure`) or read from
     the cache. Every process gets the main process's choice."""
     device = state.device
-    measured = (setting == "auto" and device.type == "cpu"
-                and os.environ.get("ACCELERATE_MIXED_PRECISION", "no") not in ("bf16", "fp16"))
-    if not measured:
+    if setting != "auto" or device.type != "cpu" or _launched():
         precision = resolve_mixed_precision(setting, device)
         if precision == "bf16" and device.type == "cpu":
             check_cpu_bf16(model, shape)
@@ -119,14 +123,14 @@ def cpu_auto(device: torch.device, model: nn.Module, shape: tuple[int, ...],
         log.info("mixed precision auto: fp32 (this CPU has no bf16 arithmetic, AVX512-BF16 "
                  "or AMX)")
         return "fp32"
-    try:
-        check_cpu_bf16(model, shape)
-    except ConfigError as e:
-        log.info("mixed precision auto: fp32 (%s)",
-                 str(e).split(":", 1)[1].split(", where")[0].strip())
+    unsafe = bf16_unsafe_convs(model, shape)
+    if unsafe:
+        log.info("mixed precision auto: fp32 (%s (strided) sees a 1x1 input, where oneDNN's "
+                 "bf16 weight gradient is wrong)", ", ".join(unsafe))
         return "fp32"
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    key = (f"{cpu_description()} | torch {torch.__version__}, finetune {__version__} | "
+    cpu = cpu_description()
+    key = (f"{cpu} | torch {torch.__version__}, finetune {__version__} | "
            f"{torch.get_num_threads()} threads | {name}, {trainable} trainable | batch "
            f"{'x'.join(map(str, shape))} "
            f"{'channels_last' if memory_format == torch.channels_last else 'NCHW'}")
@@ -137,17 +141,17 @@ def cpu_auto(device: torch.device, model: nn.Module, shape: tuple[int, ...],
             timings = measure(model, shape, memory_format)
         except Exception as e:  # noqa: BLE001 - whatever failed, fp32 is the safe answer
             log.warning("mixed precision auto: fp32 (timing a training step failed: %s: %s)",
-                        type(e).__name__, str(e).strip().split("\n")[0][:200])
+                        type(e).__name__, first_line(e)[:200])
             return "fp32"
         entry = {"precision": min(timings, key=timings.__getitem__)}
         entry.update({f"{p}_images_per_sec": round(shape[0] / s, 1) for p, s in timings.items()})
         entry["measured"] = time.strftime("%Y-%m-%d %H:%M:%S")
-        _write_cache({**_read_cache(), key: entry})
+        _write_cache({**_read_cache(), key: entry})  # read again: another run may have written
         source = "timed now"
     log.info("mixed precision auto: %s (a training step of %s on a %s batch, %s: fp32 %.0f "
              "img/s, bf16 %.0f img/s; CPU %s)", entry["precision"], name,
              "x".join(map(str, shape)), source, entry["fp32_images_per_sec"],
-             entry["bf16_images_per_sec"], cpu_description())
+             entry["bf16_images_per_sec"], cpu)
     return entry["precision"]
 
 
@@ -193,7 +197,19 @@ def measure(model: nn.Module, shape: tuple[int, ...], memory_format: torch.memor
 
 
 def check_cpu_bf16(model: nn.Module, shape: tuple[int, ...]) -> None:
-    """Refuse bf16 on the CPU for a model with a strided convolution that sees a 1x1 input:
+    """Refuse bf16 on the CPU for a model with a strided convolution that sees a 1x1 input
+    (:func:`bf16_unsafe_convs`)."""
+    bad = bf16_unsafe_convs(model, shape)
+    if bad:
+        raise ConfigError(
+            f"train.mixed_precision=bf16 on the CPU: {', '.join(bad)} (strided) sees a 1x1 "
+            f"input at data.image_size={shape[-1]}, where oneDNN's bf16 weight gradient is "
+            f"wrong. Raise data.image_size (32 is enough for the ResNets) or use "
+            f"train.mixed_precision=fp32.")
+
+
+def bf16_unsafe_convs(model: nn.Module, shape: tuple[int, ...]) -> list[str]:
+    """The strided convolutions of ``model`` that see a 1x1 input on batches of ``shape``:
     there oneDNN's bf16 weight gradient (torch 2.14) comes back as uninitialised memory
     (values like 1e36 in the taps that only see padding), silently wrecking the weights."""
     strided = {m: n for n, m in model.named_modules()
@@ -213,12 +229,7 @@ def check_cpu_bf16(model: nn.Module, shape: tuple[int, ...]) -> None:
         model.train(was_training)
         for h in handles:
             h.remove()
-    if bad:
-        raise ConfigError(
-            f"train.mixed_precision=bf16 on the CPU: {', '.join(bad)} (strided) sees a 1x1 "
-            f"input at data.image_size={shape[-1]}, where oneDNN's bf16 weight gradient is "
-            f"wrong. Raise data.image_size (32 is enough for the ResNets) or use "
-            f"train.mixed_precision=fp32.")
+    return bad
 
 
 def cache_file() -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from finetune.card import CARD, PUBLISHED, write_model_card
 from finetune.config import load_config
-from finetune.errors import ExportError
+from finetune.errors import ExportError, one_line
 from finetune.export import read_meta
 from finetune.runs import EMA, config_file, read_metrics
 
@@ -51,9 +51,7 @@ def push(run_dir: str | Path, repo_id: str, private: bool = False,
                                  commit_message=f"finetune: {meta['architecture']} "
                                                 f"({meta.get('recipe') or 'run'})")
     except Exception as e:  # network, permissions, a bad repo id: one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ExportError(f"could not publish {run_dir} to {repo_id}: "
-                          f"{type(e).__name__}: {first}") from None
+        raise ExportError(f"could not publish {run_dir} to {repo_id}: {one_line(e)}") from None
     return str(getattr(info, "commit_url", info))
 
 

@@ -71,7 +71,7 @@ def held_run(out: Path) -> list[str]:
 
 
 @contextlib.contextmanager
-def run_folder(cfg: Config, accelerator: PartialState, final: Path) -> Iterator[Path]:
+def run_folder(cfg: Config, state: PartialState, final: Path) -> Iterator[Path]:
     """The folder a run writes into while it runs (``final``, from :func:`output_dir`): created
     and locked before anything else (a second run into a busy folder is refused with the
     holder's PID; a folder that cannot be written stops the run before its data loads). A
@@ -80,7 +80,7 @@ def run_folder(cfg: Config, accelerator: PartialState, final: Path) -> Iterator[
     replaces it, with everything derived from it, only once it has exported: a new run that
     fails leaves the old one as it was."""
     work, lock, created = final, None, not final.exists()
-    if accelerator.is_main_process:
+    if state.is_main_process:
         _make(final)
         lock = _lock(final)
     try:
@@ -93,26 +93,26 @@ def run_folder(cfg: Config, accelerator: PartialState, final: Path) -> Iterator[
                                   f"resume=auto, pass another output_dir=PATH, or "
                                   f"overwrite=true to replace it.")
             work = final.with_name(f".{final.name}.new")
-            if accelerator.is_main_process:
+            if state.is_main_process:
                 shutil.rmtree(work, ignore_errors=True)  # left by a replacing run that died
                 _make(work)
-        accelerator.wait_for_everyone()
+        state.wait_for_everyone()
         try:
             yield work
         except BaseException:
-            if accelerator.is_main_process:
+            if state.is_main_process:
                 if work != final:
                     shutil.rmtree(work, ignore_errors=True)
                 elif created and not held_run(final):  # nothing worth keeping was written
                     shutil.rmtree(final, ignore_errors=True)
             raise
-        if work != final and accelerator.is_main_process:
+        if work != final and state.is_main_process:
             old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
             os.replace(work, final)
             shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
+        state.wait_for_everyone()
     finally:
         if lock is not None:  # unlinked while still held: a run that opened it is refused
             (final / LOCK).unlink(missing_ok=True)

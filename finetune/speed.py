@@ -15,7 +15,7 @@ from accelerate.utils import GradientAccumulationPlugin
 from torch import nn
 
 from finetune.data.loader import BatchTransform
-from finetune.errors import ConfigError
+from finetune.errors import ConfigError, first_line
 from finetune.processes import check_world_size, describe_process
 from finetune.processes import log as process_log
 from finetune.step import StepOptions, train_step
@@ -99,9 +99,9 @@ def compile_model(model: nn.Module, optimizer: torch.optim.Optimizer, images: to
         except torch.OutOfMemoryError:
             raise  # not compilation's fault: the batch does not fit
         except Exception as e:  # Inductor fails in many types; to the user they mean one thing
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise ConfigError(
-                f"train.compile=true: torch.compile failed ({type(e).__name__}: {first[:300]}). "
+                f"train.compile=true: torch.compile failed ({type(e).__name__}: "
+                f"{first_line(e)[:300]}). "
                 f"On a CPU it needs a C++ compiler (g++); install one, or set "
                 f"train.compile=false.") from e
     float(loss)  # waits for the device

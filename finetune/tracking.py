@@ -22,7 +22,7 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from finetune.config import Config, flat_config
-from finetune.errors import ConfigError
+from finetune.errors import ConfigError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +79,8 @@ def start_trackers(cfg: Config, accelerator: Accelerator, out: Path) -> None:
         accelerator.init_trackers(project, config=_scalars(flat_config(cfg)))
     except Exception as e:  # no API key, a bad project name, no server: one line
         accelerator.trackers = []  # nothing half-started for end_training to close
-        lines = str(e).strip().splitlines()
         raise ConfigError(f"train.log_with={','.join(cfg.train.log_with)}: the tracker did not "
-                          f"start: {type(e).__name__}: {lines[0] if lines else ''}") from None
+                          f"start: {one_line(e)}") from None
     log.info("tracking with %s (project %s)", ", ".join(cfg.train.log_with), project)
 
 

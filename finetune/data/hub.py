@@ -22,13 +22,10 @@ from finetune.data.images import open_image
 from finetune.data.samples import GREY_MODES, Samples, encoded, header, probe
 from finetune.data.sources import holdout_mask
 from finetune.data.workers import or_skip
+from finetune.errors import one_line
 
 log = logging.getLogger(__name__)
 TEST_SPLITS = ("test", "validation", "val", "valid")
-
-
-def _first_line(e: Exception) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def _saved(root: Path | None) -> bool:
@@ -71,7 +68,7 @@ def open_dataset(cfg: DataConfig) -> tuple[Any, str]:
         what = f"data.root={cfg.root}" if root is not None else f"'{cfg.hf_name}'"
         raise DataError(f"could not load Hugging Face dataset {what} (not cached, and the hub "
                         f"is unreachable or refused, or not a dataset: "
-                        f"{_first_line(e)}).") from None
+                        f"{one_line(e)}).") from None
     if isinstance(ds, datasets.Dataset):  # one split saved on its own
         ds = datasets.DatasetDict({"train": ds})
     return ds, where
@@ -86,7 +83,7 @@ def _split(ds: Any, spec: str, where: str) -> Any:
         parts = instruction.to_absolute({name: len(split) for name, split in ds.items()})
     except (ValueError, KeyError, AssertionError) as e:
         raise DataError(f"{where}: split '{spec}' is not one of {list(ds)} (or a slice of one, "
-                        f"e.g. train[:10%]): {_first_line(e)}") from None
+                        f"e.g. train[:10%]): {one_line(e)}") from None
     if len(parts) != 1:
         raise DataError(f"{where}: split '{spec}' names {len(parts)} splits; name one.")
     part = parts[0]
@@ -239,7 +236,7 @@ def _streamed(cfg: DataConfig, spec: str, where: str, limit: int | None
     except DataError:
         raise
     except Exception as e:
-        raise DataError(f"could not stream split '{spec}' of {where}: {_first_line(e)}") from None
+        raise DataError(f"could not stream split '{spec}' of {where}: {one_line(e)}") from None
     info = rows.info.splits.get(spec.split("[")[0]) if rows.info.splits else None
     known = info.num_examples if info is not None and "[" not in spec else None
     if limit is not None and (not known or limit < known):

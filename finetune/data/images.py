@@ -20,6 +20,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
 from finetune.data.idx import DataError
+from finetune.errors import one_line
 
 INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
                   "nearest": InterpolationMode.NEAREST, "lanczos": InterpolationMode.LANCZOS}
@@ -52,8 +53,7 @@ def open_image(source: str | Path | bytes, channels: int, need: int = 0,
     except Image.DecompressionBombError as e:
         raise DataError(f"{name}: {e} Downscale the image first.") from None
     except (OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"{name}: cannot decode image ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}); the file is corrupt or "
+        raise DataError(f"{name}: cannot decode image ({one_line(e)}); the file is corrupt or "
                         f"not an image PIL reads. Remove or replace it, or set "
                         f"data.skip_bad_images=true.") from None
 

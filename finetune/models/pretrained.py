@@ -25,7 +25,7 @@ from typing import NoReturn
 import torch
 from torch import nn
 
-from finetune.errors import WeightsError
+from finetune.errors import WeightsError, first_line, one_line
 from finetune.models.backbones import (
     TIMM,
     TV,
@@ -188,7 +188,7 @@ def _fetch_timm(hub_name: str) -> Fetched:
         except Exception as e:
             raise WeightsError(
                 f"could not load timm weights '{repo}': not in the Hugging Face cache and the "
-                f"hub download failed ({type(e).__name__}: {str(e).splitlines()[0]}). {_FIX}"
+                f"hub download failed ({one_line(e)}). {_FIX}"
             ) from None
     return Fetched(read_state_dict(path), f"timm:{repo}", _weights_cfg(cfg))
 
@@ -399,8 +399,7 @@ def load_timm(name: str, fetched: Fetched, *, num_classes: int, in_chans: int, i
                             weights_cfg={"num_classes": src_classes,
                                          "input_size": (src_chans, *size)})
     except (RuntimeError, KeyError, ValueError, AssertionError) as e:
-        _misfit(fetched.source, name, f"{type(e).__name__}: "
-                f"{(str(e).strip().splitlines() or [''])[0][:300]}")
+        _misfit(fetched.source, name, f"{type(e).__name__}: {first_line(e)[:300]}")
     finally:
         timm_log.removeHandler(reported)
         timm_log.setLevel(level)
