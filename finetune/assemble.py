@@ -139,10 +139,11 @@ def default_image_size(cfg: Config) -> int:
 
 
 def normalization(mode: str, loaded: LoadedWeights | None, train: Data, in_chans: int,
-                  image_size: int, workers: int = 0
+                  image_size: int, workers: int = 0, skip_bad: bool = False
                   ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Mean/std the model sees: the pretrained weights', the training images' (up to 10,000
-    resident ones, or 256 streamed ones drawn across classes), or none."""
+    resident ones, or 256 streamed ones drawn across classes), or none. A bad image among
+    those read stops the run unless ``skip_bad`` (data.skip_bad_images), as in training."""
     if mode == "none":
         return (0.0,) * in_chans, (1.0,) * in_chans
     elif mode in ("auto", "imagenet") and loaded is not None:
@@ -151,11 +152,11 @@ def normalization(mode: str, loaded: LoadedWeights | None, train: Data, in_chans
         return channel_stats(IMAGENET_MEAN, in_chans), channel_stats(IMAGENET_STD, in_chans)
     elif mode in ("auto", "dataset"):
         if isinstance(train, StreamedSplit):  # the first rows, decoded whole
-            images = streamed_head(train, 256, image_size)
+            images = streamed_head(train, 256, image_size, skip_bad)
         elif isinstance(train, Samples):
             few = train.subset(stratified_mask(train.labels, len(train.classes),
                                                min(256, len(train)), 0))
-            images = preload(few, image_size, workers=workers, skip_bad=True)[0]
+            images = preload(few, image_size, workers=workers, skip_bad=skip_bad)[0]
         else:
             images = train.images[:10_000]
         sample = match_channels(images.float().div(255), in_chans)
@@ -188,15 +189,16 @@ class Parts:
     # "image": each image resized and cropped on its own (decoded files and rows)
     resample: str
 
-    def meta(self, cfg: Config) -> dict:
-        """The exported model's ``model.json``."""
+    def meta(self, cfg: Config, unreadable: int = 0) -> dict:
+        """The exported model's ``model.json`` (``unreadable``: training images skipped as bad
+        while streaming, not counted as trained on)."""
         return model_meta(architecture=cfg.model.name, class_names=self.train_data.classes,
                           in_chans=self.in_chans, image_size=cfg.data.image_size,
                           norm=cfg.model.norm, mean=self.mean, std=self.std,
                           crop_pct=self.crop_pct, interpolation=self.interpolation,
                           resample=self.resample, recipe=cfg.recipe,
                           pretrained=self.loaded.source if self.loaded else None,
-                          data=self.source, train_images=len(self.train_data),
+                          data=self.source, train_images=len(self.train_data) - unreadable,
                           test_images=len(self.test_data),
                           pretrained_cfg=getattr(unwrap(self.model), "pretrained_cfg", {}),
                           augment={"hflip": cfg.data.hflip,
@@ -215,7 +217,8 @@ def _load(cfg: Config, state: PartialState
     val_data = None
     if cfg.data.val_split:  # carved from the training images: early stopping never sees test
         train_data, val_data = validation_split(train_data, cfg.data.val_split,
-                                                cfg.data.split_seed)
+                                                cfg.data.split_seed,
+                                                allow_empty=cfg.data.allow_empty_classes)
     if len(train_data) < cfg.train.batch_size:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} exceeds the "
                           f"{len(train_data)} training images; lower train.batch_size or raise "
@@ -312,7 +315,7 @@ def assemble(cfg: Config, state: PartialState) -> Parts:
     train_data, test_data, val_data = _placed(cfg, (train_data, test_data, val_data),
                                               placement, why, interpolation, device)
     mean, std = normalization(dcfg.normalize, loaded, train_data, in_chans, dcfg.image_size,
-                              dcfg.workers)
+                              dcfg.workers, dcfg.skip_bad_images)
     resident = placement != "stream"  # streamed batches are cropped and flipped in workers
     transform = BatchTransform(dcfg.image_size, in_chans, mean, std,
                                hflip=dcfg.hflip and resident,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import pickle
 import re
@@ -30,7 +31,7 @@ from accelerate.utils.other import load as accelerate_load
 from safetensors.torch import load_file, save_file
 
 from finetune.ema import EMA
-from finetune.errors import CheckpointError, ConfigError, first_line
+from finetune.errors import CheckpointError, ConfigError, TrainingError, first_line
 from finetune.files import output_error
 
 CHECKPOINTS = "checkpoints"
@@ -200,6 +201,15 @@ def load_checkpoint(accelerator: Accelerator, path: Path,
                      saved["correct"].to(accelerator.device))
 
 
+def starting_point(state: LoopState | None, steps_per_epoch: int
+                   ) -> tuple[int, LoopState | None]:
+    """The epoch to start at and the loop state inside it (None: from its first step):
+    epoch 1, or where the restored ``state`` left off."""
+    if state is None:
+        return 1, None
+    return (state.epoch + 1, None) if state.step >= steps_per_epoch else (state.epoch, state)
+
+
 def restore(resume: str | None, out: Path, accelerator: Accelerator, gen: torch.Generator,
             steps_per_epoch: int, scheduler: torch.optim.lr_scheduler.LRScheduler,
             ema: EMA | None) -> LoopState | None:
@@ -236,3 +246,19 @@ def restore(resume: str | None, out: Path, accelerator: Accelerator, gen: torch.
                               f"overwrite=true.")
     accelerator.print(f"resume=auto: no checkpoint in {out}; starting from scratch")
     return None
+
+
+def check_finite(batch_loss: list[float], epoch: int, steps_per_epoch: int,
+                 out: Path | None = None) -> None:
+    """Stop at the end of an epoch (or before a checkpoint) whose loss stopped being finite:
+    checked then, not every step, so that no step waits for the device."""
+    bad = next((i for i, v in enumerate(batch_loss) if not math.isfinite(v)), None)
+    if bad is not None:
+        step = (epoch - 1) * steps_per_epoch + bad + 1
+        kept = list_checkpoints(out) if out else []
+        note = f" The last good checkpoint is {kept[-1]}." if kept else ""
+        raise TrainingError(
+            f"the training loss became {batch_loss[bad]} at step {step} (epoch {epoch}, batch "
+            f"{bad + 1}); stopped before evaluating or exporting (metrics.jsonl keeps the "
+            f"earlier epochs).{note} Lower train.lr, add warmup (train.warmup_epochs), or check "
+            f"the data.")

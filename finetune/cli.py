@@ -15,6 +15,7 @@ from pathlib import Path
 from finetune.config import SCHEMA_KEYS, describe_keys, list_recipes, load_config, split_options
 from finetune.errors import ConfigError, FinetuneError
 from finetune.files import output_error
+from finetune.stopping import Interrupted, Terminated, terminate_as_interrupt
 
 OVERRIDES = "key=value"  # how config overrides appear in usage lines
 
@@ -58,7 +59,8 @@ def _evaluate(ns: argparse.Namespace) -> None:
     from finetune.evaluation import evaluate_run
 
     if "=" in ns.run_dir:
-        raise ConfigError("usage: finetune evaluate RUN_DIR [data.key=value ...]")
+        raise ConfigError("usage: finetune evaluate RUN_DIR [--tta] [output_dir=PATH] "
+                          "[data.key=value ...]")
     evaluate_run(ns.run_dir, ns.args, tta=ns.tta)
 
 
@@ -236,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run folder (or its ema/ folder)")
     p.add_argument("--tta", action="store_true",
                    help="also with test-time augmentation (mirror images), beside the plain")
-    _overrides(p, "data.* overrides: evaluate on other data than the run's")
+    _overrides(p, "output_dir=PATH (default RUN_DIR), data.* overrides (other test data)")
     p = _add(sub, "predict", _predict, "top-k classes of images")
     p.add_argument("model", help="run folder or model.safetensors")
     p.add_argument("images", nargs="+", help="image files or folders")
@@ -284,15 +286,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``, taking a command's key=value overrides before or after its flags
+    (``evaluate RUN --tta data.root=X`` as ``evaluate RUN data.root=X --tta``): argparse ends
+    the positionals at the first flag, and parse_intermixed_args refuses sub-commands."""
+    ns, extra = parser.parse_known_args(argv)
+    if extra and (not hasattr(ns, "args") or any(a.startswith("-") for a in extra)):
+        parser.parse_args(argv)  # argparse's own usage error: unrecognized arguments
+    if extra:
+        ns.args = [*ns.args, *extra]
+    return ns
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        ns = build_parser().parse_args(argv)
+        ns = parse(build_parser(), argv)
     except SystemExit as e:  # --help (0) or a usage error (2), already printed
         return e.code if isinstance(e.code, int) else 2
     _setup_logging()
+    terminate_as_interrupt()
     try:
         ns.run(ns)
+    except Interrupted as e:  # stopped by a signal after saving where it was
+        print(str(e), file=sys.stderr)
+        return e.status
+    except KeyboardInterrupt as e:  # outside a training loop, or a third signal inside one
+        name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
+        print(f"interrupted ({name}) before the next step could be saved; a run's folder "
+              f"keeps its last complete checkpoint (resume=auto).", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     except (FinetuneError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -122,6 +122,11 @@ class DataConfig:
     # draws, with replacement, each class equally likely (seeded by train.seed and the epoch:
     # the same on every process and after a resume). Not with data.streaming.
     sampler: str = "shuffle"
+    # A class left without training images (a class of one image that the test split takes,
+    # or one that data.train_limit or data.val_split empties) stops the run naming it; true:
+    # a warning, and the model never sees that class (nor does data.sampler=balanced or
+    # train.class_weights=balanced: its test scores then measure an untrained class).
+    allow_empty_classes: bool = False
 
 
 @dataclass
@@ -153,6 +158,12 @@ class TrainConfig:
     # Exponential moving average of the weights, updated every step (0: off; e.g. 0.999). The
     # average is evaluated every epoch (ema_test_acc) and exported to <output_dir>/ema/.
     ema_decay: float = 0.0
+    # Recompute the batch norms' running statistics over training images (no gradients) after
+    # every epoch, before evaluating and exporting (finetune.precise_bn): with few steps per
+    # epoch the running averages lag the weights. false: the averages kept while training.
+    precise_bn: bool = True
+    # How many training images (all processes together) the recomputation reads.
+    precise_bn_images: int = 4096
     # Stop when the validation accuracy (data.val_split) has not improved for this many epochs,
     # and export the best epoch's weights (0: off).
     early_stopping: int = 0
@@ -235,7 +246,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 POSITIVE = ("data.image_size", "data.train_limit", "data.eval_limit", "model.in_chans",
             "data.shuffle_buffer",
             "train.epochs", "train.batch_size", "train.eval_batch_size", "train.log_every",
-            "train.keep_checkpoints", "train.accumulate", "finetune.head_lr_mult",
+            "train.keep_checkpoints", "train.accumulate", "train.precise_bn_images",
+            "finetune.head_lr_mult",
             "finetune.layer_decay")
 NON_NEGATIVE = ("data.crop_pad", "data.workers", "data.split_seed", "train.checkpoint_every",
                 "train.seed", "train.lr",

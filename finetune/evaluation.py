@@ -4,24 +4,35 @@ measures it and writes the report files."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from torch import nn
 
-from finetune.config import load_config
+from finetune.config import load_config, split_options
 from finetune.data import DataError, ImageData, load_data
 from finetune.data.hub import StreamedSplit
 from finetune.data.loader import BatchTransform, Data, eval_batches, prepared_eval_loader
-from finetune.errors import TrainingError
-from finetune.files import atomic_write_text
+from finetune.errors import ConfigError, OutputError, TrainingError
+from finetune.files import atomic_write_text, write_failure
 from finetune.inference import load, predict_log_probs
 from finetune.metrics import CALIBRATION_BINS, calibration_counts, per_class, summary
 from finetune.precision import resolve_mixed_precision
-from finetune.runs import CONFUSION, EVALUATION, METRICS, RELIABILITY, config_file, read_metrics
+from finetune.runs import (
+    CONFUSION,
+    EVALUATION,
+    METRICS,
+    RELIABILITY,
+    config_file,
+    lock_run,
+    read_metrics,
+)
 from finetune.speed import make_accelerator, start_processes
 
 
@@ -139,23 +150,51 @@ def _run_precision(run_dir: Path, setting: str, overrides: list[str],
 
 def evaluate_run(run_dir: str | Path, overrides: list[str], tta: bool = False) -> dict:
     """Evaluate the model exported in ``run_dir`` on its recipe's test data (``overrides`` may
-    point ``data.*`` elsewhere); write ``evaluation.json``, ``confusion.png`` and
-    ``reliability.png`` there. ``tta``: also with test-time augmentation (the mirror images
-    and shifts the model was trained with), beside the plain numbers (``tta`` in
-    evaluation.json)."""
-    from finetune.plots import plot_confusion, plot_reliability  # matplotlib: only for figures
-
+    point ``data.*`` elsewhere), print the metrics and write ``evaluation.json``,
+    ``confusion.png`` and ``reliability.png`` into the run folder, or ``output_dir=PATH``.
+    The run folder's lock is held throughout: never beside a training that replaces the run.
+    ``tta``: also with test-time augmentation (the mirror images and shifts the model was
+    trained with), beside the plain numbers (``tta`` in evaluation.json)."""
     run_dir = Path(run_dir)
+    options, overrides = split_options(overrides, ("output_dir",))
+    out = Path(options["output_dir"]) if options.get("output_dir") else run_dir
     saved = config_file(run_dir)
     cfg = load_config(([f"recipe={saved}"] if saved else []) + overrides)
+    state = start_processes()
+    with contextlib.ExitStack() as held:
+        _hold_lock(held, saved.parent if saved else run_dir, state.is_main_process)
+        result, meta, accelerator = _measure(run_dir, cfg, overrides, state, tta)
+        if accelerator.is_main_process:
+            _print_evaluation(result, meta["class_names"], accelerator.print)
+            _write_evaluation(result, meta, out, run_dir)
+            accelerator.print(f"wrote {out / EVALUATION}, {out / CONFUSION} and "
+                              f"{out / RELIABILITY}")
+    return result
+
+
+def _hold_lock(held: contextlib.ExitStack, folder: Path, main: bool) -> None:
+    """Take the run folder's lock (the main process), or stop every process with one line when
+    a training holds it."""
+    error = None
+    if main and folder.is_dir():
+        try:
+            held.enter_context(lock_run(folder))
+        except ConfigError as e:
+            error = str(e)
+    error = broadcast_object_list([error])[0]  # the others stop too, not wait for the main one
+    if error:
+        raise ConfigError(error)
+
+
+def _measure(run_dir: Path, cfg, overrides: list[str], state, tta: bool) -> tuple:
+    """``(result, model.json, accelerator)``: the exported model rebuilt as `finetune predict`
+    rebuilds it, measured on the test data in the run's own precision."""
     # The run's own precision and memory layout: its test accuracy is then reproduced exactly
     # (bf16 against fp32 can flip a borderline prediction). On a CPU auto was a measurement:
     # what it chose is in the run's metrics.
-    state = start_processes()
     accelerator = make_accelerator(resolve_mixed_precision(
         _run_precision(run_dir, cfg.train.mixed_precision, overrides, state.device),
         state.device))
-    # The model and preprocessing as `finetune predict` rebuilds them.
     predictor = load(run_dir, device=accelerator.device)
     if cfg.train.channels_last:
         predictor.model.to(memory_format=torch.channels_last)
@@ -176,16 +215,35 @@ def evaluate_run(run_dir: str | Path, overrides: list[str], tta: bool = False) -
                              if k not in ("confusion", "calibration")}
     result["per_class"] = per_class(result["confusion"], meta["class_names"])
     result["data"] = source
-    if accelerator.is_main_process:
-        atomic_write_text(run_dir / EVALUATION, json.dumps(result, indent=2) + "\n")
-        plot_confusion(result["confusion"], meta["class_names"], run_dir / CONFUSION,
-                       f"{meta['architecture']}: accuracy {result['test_acc']:.4f}")
-        plot_reliability(result["calibration"], run_dir / RELIABILITY,
-                         f"{meta['architecture']}: ECE {result['test_ece']:.4f}")
-        _print_evaluation(result, meta["class_names"], accelerator.print)
-        accelerator.print(f"wrote {run_dir / EVALUATION}, {run_dir / CONFUSION} and "
-                          f"{run_dir / RELIABILITY}")
-    return result
+    return result, meta, accelerator
+
+
+def _write_evaluation(result: dict, meta: dict, out: Path, run_dir: Path) -> None:
+    """evaluation.json, confusion.png and reliability.png into ``out``; a folder that cannot
+    take them is one line saying where else to write them (the metrics are printed)."""
+    from finetune.plots import plot_confusion, plot_reliability  # matplotlib: only for figures
+
+    reason = _unwritable(out)
+    if reason:
+        raise OutputError(f"could not write the evaluation into {out}: {reason}; the metrics "
+                          f"are printed above. Write them elsewhere with `finetune evaluate "
+                          f"{run_dir} output_dir=PATH`.")
+    atomic_write_text(out / EVALUATION, json.dumps(result, indent=2) + "\n")
+    plot_confusion(result["confusion"], meta["class_names"], out / CONFUSION,
+                   f"{meta['architecture']}: accuracy {result['test_acc']:.4f}")
+    plot_reliability(result["calibration"], out / RELIABILITY,
+                     f"{meta['architecture']}: ECE {result['test_ece']:.4f}")
+
+
+def _unwritable(out: Path) -> str | None:
+    """Why files cannot be created in ``out`` (made if missing), or None when they can."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        return write_failure(e) or e.strerror or type(e).__name__
+    return None
 
 
 def metrics_table(result: dict) -> list[tuple[str, str]]:

@@ -109,14 +109,15 @@ def plot_accuracy_vs_time(groups: Groups, path: Path) -> Path:
 
 def plot_per_class(best: dict[str, tuple[list[str], list[list[int]]]], path: Path) -> Path:
     """Per-class test accuracy (recall) of each label's best run, as grouped bars."""
-    names = next(iter(best.values()))[0]
+    # Every class of every label, in order of first appearance (runs on other data: their own).
+    names = list(dict.fromkeys(n for classes, _ in best.values() for n in classes))
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(names) * max(1, len(best)) / 1.5), 4.2))
     width = 0.8 / len(best)
-    for i, (label, (_, confusion)) in enumerate(best.items()):
+    for i, (label, (classes, confusion)) in enumerate(best.items()):
         m = np.array(confusion, dtype=float)
         recall = np.diag(m) / np.maximum(m.sum(axis=1), 1)
-        ax.bar(np.arange(len(names)) + (i - (len(best) - 1) / 2) * width, recall, width,
-               color=colour(i), label=label)
+        ax.bar(np.array([names.index(c) for c in classes]) + (i - (len(best) - 1) / 2) * width,
+               recall, width, color=colour(i), label=label)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax.set_ylim(0, 1)
     ax.set_ylabel("test accuracy of the class (recall)")

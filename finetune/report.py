@@ -76,28 +76,57 @@ def reach_table(rows: list, targets: list[float]) -> Block:
     return ("table", header, body)
 
 
+def _names(names: list[str], most: int = 20) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f", … ({len(names)} in all)" if len(names) > most else "")
+
+
+def classes_block(runs: list[Run]) -> Block:
+    """The classes the runs were measured on (each list once, with the labels that used it)."""
+    lists: dict[tuple, list[str]] = {}
+    for r in runs:
+        lists.setdefault(tuple(r.meta["class_names"]), []).append(r.label)
+    if len(lists) == 1:
+        names = list(next(iter(lists)))
+        return ("p", f"Classes ({len(names)}): {_names(names)}.")
+    return ("p", "The runs were measured on different classes: " + "; ".join(
+        f"Classes ({len(names)}) of {', '.join(dict.fromkeys(labels))}: {_names(list(names))}"
+        for names, labels in lists.items()) + ".")
+
+
+def budget_block(runs: list[Run]) -> Block:
+    """The budget every run shares, and the budget settings some runs do not share."""
+    flats = [flat_config(r.config) for r in runs]
+    keys = [k for k in BUDGET_KEYS if k != "data.train_limit"]  # the sizes say it
+    shared = [k for k in keys if len({f[k] for f in flats}) == 1]
+    differ = [k for k in keys if k not in shared]
+    sizes = sorted({r.size for r in runs})
+    text = ("Budget: training images " + ", ".join(f"{s:,d}" for s in sizes) + "; shared by "
+            "every run: " + (", ".join(f"`{k}={show_value(flats[0][k])}`" for k in shared)
+                             or "none"))
+    if differ:
+        text += ("; not shared: " + ", ".join(f"`{k}`" for k in differ)
+                 + " (see what differs, below)")
+    return ("p", text + ".")
+
+
 def settings_blocks(runs: list[Run], labels: list[str]) -> list[Block]:
-    """The budget, the other settings all runs share where they are not finetune's defaults,
-    and a table of the settings that tell the recipes apart."""
+    """The budget, the classes, the other settings all runs share where they are not
+    finetune's defaults, and a table of the settings that tell the recipes apart (budget
+    settings too, when the runs do not share them)."""
     flat = {label: flat_config(next(r.config for r in runs if r.label == label))
             for label in labels}
     defaults = flat_config(Config())
     skip = {"train.seed", "output_dir", "resume", "overwrite", "description", "recipe",
-            *BUDGET_KEYS}
+            "data.train_limit"}
     keys = [k for k in defaults if k not in skip]
     first = flat[labels[0]]
-    same = [k for k in keys if len({f[k] for f in flat.values()}) == 1 and first[k] != defaults[k]]
+    same = [k for k in keys if len({f[k] for f in flat.values()}) == 1 and first[k] != defaults[k]
+            and k not in BUDGET_KEYS]
     differ = [k for k in keys if len({f[k] for f in flat.values()}) > 1]
-    budget = [k for k in BUDGET_KEYS if k != "data.train_limit"]
-    sizes = sorted({r.size for r in runs})
-
-    def show(keys: list[str]) -> str:
-        return ", ".join(f"`{k}={show_value(first[k])}`" for k in keys)
-
-    blocks = [("p", "Budget: training images " + ", ".join(f"{s:,d}" for s in sizes) + "; "
-               + show(budget) + "."),
+    blocks = [budget_block(runs), classes_block(runs),
               ("p", "Other shared settings (where not finetune's defaults): "
-               + (show(same) or "none") + ".")]
+               + (", ".join(f"`{k}={show_value(first[k])}`" for k in same) or "none") + ".")]
     if differ:
         blocks += [("p", "What differs between the recipes:"),
                    ("table", ["setting", *labels],
@@ -105,25 +134,45 @@ def settings_blocks(runs: list[Run], labels: list[str]) -> list[Block]:
     return blocks
 
 
-def predictions(run: Run, shown: int = 24, errors: int = 16) -> tuple | None:
+def test_head(test, n: int, predictor) -> tuple[list | torch.Tensor, torch.Tensor]:
+    """The first ``n`` test images, as the model reads them, and their labels, from any split:
+    resident (uint8 N, C, H, W), files or rows (decoded one at a time), or a stream."""
+    from finetune.data import ImageData
+    from finetune.data.hub import StreamedSplit
+
+    if isinstance(test, ImageData):
+        return test.images[:n], test.labels[:n]
+    if isinstance(test, StreamedSplit):
+        rows = list(test.rows.take(n))
+        return ([test.open(row, predictor.need, f"test row {i + 1}")
+                 for i, row in enumerate(rows)],
+                torch.tensor([test.label_of(row) for row in rows]))
+    n = min(n, len(test))
+    return [test.open(i, predictor.need) for i in range(n)], test.labels[:n]
+
+
+def predictions(run: Run, shown: int = 24, errors: int = 16, scanned: int = 1024
+                ) -> tuple | None:
     """(images, true names, predicted names, indices) for the first ``shown`` test images and
-    the first ``errors`` misclassified ones after them; None if the test data cannot be read."""
+    the first ``errors`` misclassified ones among the first ``scanned`` after them; None if the
+    test data cannot be read."""
     from finetune.data import load_data
     from finetune.inference import load
 
     try:
         _, test, _ = load_data(run.config.data)
         predictor = load(run.path, precision=run.records[-1].get("mixed_precision", "fp32"))
+        images, labels = test_head(test, scanned, predictor)
     except FinetuneError as e:
         log.warning("no image grid: %s", e)
         return None
-    n = min(len(test), 4096)
-    preds = predictor.logits(test.images[:n], batch_size=512).argmax(1)
-    labels = test.labels[:n]
+    preds = predictor.logits(images, batch_size=256).argmax(1)
     wrong = [i for i in torch.nonzero(preds != labels).flatten().tolist() if i >= shown]
-    idx = list(range(min(shown, n))) + wrong[:errors]
+    idx = list(range(min(shown, len(labels)))) + wrong[:errors]
+    # What the model saw: each image resized and center-cropped to the model's size.
+    shown_images = torch.stack([predictor.image_transform(images[i]) for i in idx])
     names = predictor.class_names
-    return (test.images[idx].numpy(), [names[int(labels[i])] for i in idx],
+    return (shown_images.numpy(), [names[int(labels[i])] for i in idx],
             [names[int(preds[i])] for i in idx], idx)
 
 
@@ -150,7 +199,8 @@ def figure_blocks(runs: list[Run], summary: Summary, labels: list[str], out: Pat
         "accuracy_vs_time.png": (plots.plot_accuracy_vs_time, (groups,),
                                  "Test accuracy against training time."),
         "per_class.png": (plots.plot_per_class,
-                          ({k: (classes, r.final["confusion"]) for k, r in best_of.items()},),
+                          ({k: (r.meta["class_names"], r.final["confusion"])
+                            for k, r in best_of.items()},),
                           "Per-class test accuracy of each recipe's best run."),
     })
     blocks.append(("h", 2, f"Figures ({size:,d} training images)"))

@@ -14,6 +14,7 @@ finished run exports (the last epoch's or early stopping's best; the weight aver
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -147,6 +148,33 @@ def _lock(folder: Path) -> int:
     os.write(fd, str(os.getpid()).encode())
     _HELD_LOCK[0] = fd
     return fd
+
+
+@contextlib.contextmanager
+def lock_run(folder: Path) -> Iterator[bool]:
+    """Hold ``folder``'s lock, as a training does, while reading or writing beside its run
+    (``finetune evaluate``): refused while a training holds it, and a training is refused
+    meanwhile. Yields False, holding nothing, where the folder cannot be written (no training
+    can take it either)."""
+    try:
+        fd = _lock(folder)
+    except ConfigError:
+        holder = "unknown"
+        with contextlib.suppress(OSError):  # (gone if its holder has just ended)
+            holder = (folder / LOCK).read_text(errors="replace").strip() or holder
+        raise ConfigError(f"{folder} is in use by a finetune run (pid {holder}); try again once "
+                          f"it has ended.") from None
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        fd = None
+    try:
+        yield fd is not None
+    finally:
+        if fd is not None:  # as run_folder lets go: unlinked while held, then closed
+            (folder / LOCK).unlink(missing_ok=True)
+            _HELD_LOCK[0] = None
+            os.close(fd)
 
 
 # The run folder's lock descriptor this process holds. A forked child (a DataLoader worker)

@@ -1,31 +1,29 @@
 """The training loop on Accelerate: ``main(cfg)`` trains, evaluates every epoch and exports.
 
-Device, process count and mixed precision come from ``accelerate launch`` (or its config);
-nothing here picks a device. Read top to bottom: ``main`` sets the run up (``warm_up``,
-``starting_point``), loops over epochs (``train_one_epoch``, then ``end_epoch``'s evaluations;
-metrics and checkpoints in ``main``) and exports (``finish``). The step itself is
-``finetune.step.train_step``; what a run is made of is ``finetune.assemble``; the run folder's
-files are ``finetune.runs``'.
+Device, process count and precision come from ``accelerate launch``; nothing here picks a
+device. Top to bottom: ``main`` and ``train`` set the run up and loop over the epochs
+(``train_one_epoch``, then ``after_epoch``: batch-norm statistics, evaluations), stopping
+after a checkpoint on a signal (``finetune.stopping``), and ``finish`` exports.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from finetune.assemble import Parts, Training, check_model, prepare_training, set_up
-from finetune.checkpoint import LoopState, list_checkpoints, restore, save_checkpoint
+from finetune.checkpoint import LoopState, check_finite, restore, save_checkpoint, starting_point
 from finetune.config import Config
-from finetune.errors import TrainingError
 from finetune.evaluation import accuracy_line, evaluate, prefixed
 from finetune.optim import enter_epoch
+from finetune.precise_bn import refresh_bn, warn_few_steps
 from finetune.runs import (
     early_stopping,
     export_run,
@@ -38,6 +36,7 @@ from finetune.runs import (
 )
 from finetune.speed import compile_model, copy_to_host, start_processes
 from finetune.step import train_step
+from finetune.stopping import Stop, interrupted
 from finetune.tracking import check_trackers, log_epoch, log_run_figures, start_trackers
 
 log = logging.getLogger(__name__)
@@ -55,7 +54,7 @@ def main(cfg: Config) -> dict:
     try:
         with run_folder(cfg, state, folder) as out:  # locked; a replaced run stays till export
             parts, accelerator, precision = set_up(cfg, state)
-            final = train(cfg, parts, accelerator, precision, out)
+            final = train(cfg, parts, accelerator, precision, out, resumable=out == folder)
     finally:  # trackers closed and the process group left, also when the run fails
         if accelerator is not None:
             accelerator.end_training()
@@ -66,12 +65,17 @@ def main(cfg: Config) -> dict:
 
 
 def train(cfg: Config, parts: Parts, accelerator: Accelerator, precision: str,
-          out: Path) -> dict:
-    """The run of ``parts`` in ``out``: train and evaluate epoch by epoch, export."""
+          out: Path, resumable: bool = True) -> dict:
+    """The run of ``parts`` in ``out``: train and evaluate epoch by epoch, export. SIGINT or
+    SIGTERM stops it after a checkpoint at the next step (:class:`Interrupted`; ``resumable``:
+    ``out`` is kept, not a replacement that is discarded)."""
     tcfg = cfg.train
     t = prepare_training(cfg, parts, accelerator)
+    warn_few_steps(tcfg, t.steps_per_epoch, len(parts.train_data), accelerator.num_processes)
     compile_time = warm_up(cfg, parts, t, accelerator) if tcfg.compile else None
-    start_epoch, partial = starting_point(cfg, out, t, accelerator)
+    start_epoch, partial = starting_point(restore(cfg.resume, out, accelerator, t.gen,
+                                                  t.steps_per_epoch, t.scheduler, t.ema),
+                                          t.steps_per_epoch)
     records = metrics_before(out, start_epoch)
     start_run(out, cfg, accelerator)
     start_trackers(cfg, accelerator, out)
@@ -87,39 +91,58 @@ def train(cfg: Config, parts: Parts, accelerator: Accelerator, precision: str,
                      t.steps_per_epoch, out)
         save(epoch, step, losses[:step], correct)
 
-    for epoch in range(start_epoch, tcfg.epochs + 1):
-        resume = partial if epoch == start_epoch else None
-        start = time.perf_counter()
-        record = train_one_epoch(cfg, parts, t, accelerator, epoch, resume,
-                                 (lambda *a, e=epoch: checkpoint(e, *a))
-                                 if tcfg.checkpoint else None)
-        train_time = time.perf_counter() - start  # its .tolist() waited for the device
-        check_finite(record["batch_loss"], epoch, t.steps_per_epoch, out)
-        record.update(end_epoch(parts, t, accelerator, compile_time if epoch == 1 else None))
-        images = (t.steps_per_epoch - (resume.step if resume else 0)) * tcfg.batch_size
-        record.update(mixed_precision=precision, placement=parts.placement,
-                      lr=tcfg.lr * t.factor(t.scheduler.last_epoch),
-                      epoch_time=round(train_time, 3),
-                      eval_time=round(time.perf_counter() - start - train_time, 3),
-                      train_images_per_sec=round(images / train_time, 1))
-        records.append(record)
-        accelerator.print(
-            f"epoch {epoch}/{tcfg.epochs}: train loss {record['train_loss']:.4f}, train acc "
-            f"{record['train_acc']:.4f}, test acc {record['test_acc']:.4f}, "
-            f"{train_time:.1f} s ({record['train_images_per_sec']:.0f} img/s)")
-        best, stop = early_stopping(records, tcfg.early_stopping)
-        if accelerator.is_main_process:
-            if tcfg.early_stopping and best == epoch:  # the weights to export if it stops
-                keep_best(t.raw, out)
-            write_metrics(out, records)
-        log_epoch(accelerator, record, t.steps_per_epoch, lambda s: tcfg.lr * t.factor(s))
-        if tcfg.checkpoint:  # the epoch is complete (and checked): the next starts at step 0
-            save(epoch, t.steps_per_epoch, torch.zeros(0), torch.zeros((), dtype=torch.long))
-        if stop:
-            accelerator.print(f"early stopping: validation accuracy has not improved for "
-                              f"{tcfg.early_stopping} epochs since epoch {best}")
-            break
+    with Stop(accelerator) as stop:
+        for epoch in range(start_epoch, tcfg.epochs + 1):
+            resume = partial if epoch == start_epoch else None
+            start = time.perf_counter()
+            record = train_one_epoch(cfg, parts, t, accelerator, epoch, resume,
+                                     (lambda *a, e=epoch: checkpoint(e, *a))
+                                     if tcfg.checkpoint else None, stop)
+            if "stopped_at" in record:
+                raise interrupted(stop, out, epoch, record["stopped_at"], t.steps_per_epoch,
+                                  resumable)
+            check_finite(record["batch_loss"], epoch, t.steps_per_epoch, out)
+            record.update(after_epoch(cfg, parts, t, accelerator, record, start, resume,
+                                      compile_time if epoch == 1 else None, precision))
+            records.append(record)
+            best, early = early_stopping(records, tcfg.early_stopping)
+            if accelerator.is_main_process:
+                if tcfg.early_stopping and best == epoch:  # the weights to export if it stops
+                    keep_best(t.raw, out)
+                write_metrics(out, records)
+            log_epoch(accelerator, record, t.steps_per_epoch, lambda s: tcfg.lr * t.factor(s))
+            if tcfg.checkpoint:  # the epoch is complete (and checked): the next is at step 0
+                save(epoch, t.steps_per_epoch, torch.zeros(0), torch.zeros((), dtype=torch.long))
+            if epoch < tcfg.epochs and not early and stop.at_boundary():
+                raise interrupted(stop, out, epoch, t.steps_per_epoch, t.steps_per_epoch,
+                                  resumable)
+            if early:
+                accelerator.print(f"early stopping: validation accuracy has not improved for "
+                                  f"{tcfg.early_stopping} epochs since epoch {best}")
+                break
     return finish(cfg, out, parts, t, accelerator, records)
+
+
+def after_epoch(cfg: Config, parts: Parts, t: Training, accelerator: Accelerator,
+                record: dict, start: float, resume: LoopState | None,
+                compile_time: float | None, precision: str) -> dict:
+    """A trained epoch's batch-norm statistics, evaluations and timings (printed)."""
+    tcfg, epoch = cfg.train, record["epoch"]
+    train_time = time.perf_counter() - start  # its .tolist() waited for the device
+    done = refresh_bn(cfg.train, [t.raw] + ([t.ema.module] if t.ema else []), t.loader,
+                      parts.transform, epoch, accelerator) if tcfg.precise_bn else {}
+    done.update(end_epoch(parts, t, accelerator, compile_time))
+    images = (t.steps_per_epoch - (resume.step if resume else 0)) * tcfg.batch_size
+    done.update(mixed_precision=precision, placement=parts.placement,
+                lr=tcfg.lr * t.factor(t.scheduler.last_epoch),
+                epoch_time=round(train_time, 3),
+                eval_time=round(time.perf_counter() - start - train_time, 3),
+                train_images_per_sec=round(images / train_time, 1))
+    accelerator.print(
+        f"epoch {epoch}/{tcfg.epochs}: train loss {record['train_loss']:.4f}, train acc "
+        f"{record['train_acc']:.4f}, test acc {done['test_acc']:.4f}, "
+        f"{train_time:.1f} s ({done['train_images_per_sec']:.0f} img/s)")
+    return done
 
 
 def warm_up(cfg: Config, parts: Parts, t: Training, accelerator: Accelerator) -> float:
@@ -131,22 +154,13 @@ def warm_up(cfg: Config, parts: Parts, t: Training, accelerator: Accelerator) ->
     return seconds
 
 
-def starting_point(cfg: Config, out: Path, t: Training, accelerator: Accelerator
-                   ) -> tuple[int, LoopState | None]:
-    """The epoch to start at and the loop state inside it (None: from its first step):
-    epoch 1, or where the checkpoint ``resume=`` names left off (restored here)."""
-    state = restore(cfg.resume, out, accelerator, t.gen, t.steps_per_epoch, t.scheduler, t.ema)
-    if state is None:
-        return 1, None
-    return (state.epoch + 1, None) if state.step >= t.steps_per_epoch else (state.epoch, state)
-
-
 def finish(cfg: Config, out: Path, parts: Parts, t: Training, accelerator: Accelerator,
            records: list[dict]) -> dict:
     """Export (the best epoch's weights with early stopping) and return its metrics."""
     best, _ = early_stopping(records, cfg.train.early_stopping)  # None without early stopping
+    unreadable = len(set(gather_object(sorted(t.loader.bad_items))))  # streamed, skipped
     if accelerator.is_main_process:
-        export_run(out, t.raw, parts.meta(cfg), records, best, cfg,
+        export_run(out, t.raw, parts.meta(cfg, unreadable), records, best, cfg,
                    t.ema.module if t.ema else None, cfg.train.ema_decay)
     log_run_figures(accelerator, out, records, parts.train_data.classes,
                     records[-1]["epoch"] * t.steps_per_epoch)
@@ -156,12 +170,13 @@ def finish(cfg: Config, out: Path, parts: Parts, t: Training, accelerator: Accel
 
 def train_one_epoch(cfg: Config, parts: Parts, t: Training, accelerator: Accelerator,
                     epoch: int, resume: LoopState | None = None,
-                    checkpoint: Checkpointer | None = None) -> dict:
+                    checkpoint: Checkpointer | None = None, stop: Stop | None = None) -> dict:
     """One pass over the training data; metrics are accumulated on the device and read once.
 
     ``resume`` continues the epoch where a checkpoint left it (its first ``resume.step``
     batches skipped, its accumulators restored); ``checkpoint`` is called every
-    ``train.checkpoint_every`` steps.
+    ``train.checkpoint_every`` steps. When ``stop`` says so after a step, the epoch ends
+    there, checkpointed (``stopped_at``: the steps done) unless it was the last step.
     """
     tcfg, device = cfg.train, accelerator.device
     t.model.train()
@@ -175,7 +190,7 @@ def train_one_epoch(cfg: Config, parts: Parts, t: Training, accelerator: Acceler
         first = resume.step
         losses[:first] = resume.losses
         correct += resume.correct
-    bad_before = t.loader.bad
+    bad_before, read_before = t.loader.bad, t.loader.read
     bar = tqdm(t.loader.epoch(epoch, first), total=steps, initial=first,
                desc=f"epoch {epoch}/{tcfg.epochs}", leave=False,
                # None: shown on a terminal only (not in logs), by the main process alone.
@@ -192,13 +207,19 @@ def train_one_epoch(cfg: Config, parts: Parts, t: Training, accelerator: Acceler
                 bar.set_postfix(loss=f"{float(shown[0]):.4f}")
             shown = copy_to_host(loss)
         every = tcfg.checkpoint_every
+        if step + 1 < steps and stop is not None and stop.after_step():
+            if checkpoint is not None:
+                checkpoint(step + 1, losses, correct)
+            return {"stopped_at": step + 1}
         if checkpoint is not None and every and (step + 1) % every == 0 and step + 1 < steps:
             checkpoint(step + 1, losses, correct)
     # Each process saw its slice of every global batch: average / sum across processes.
     batch_loss = accelerator.reduce(losses, "mean")
     correct = accelerator.reduce(correct, "sum")
+    read = accelerator.reduce(torch.tensor(t.loader.read - read_before, device=device), "sum")
     record = {"epoch": epoch, "train_loss": float(batch_loss.mean()),
-              "train_acc": int(correct) / (steps * tcfg.batch_size),
+              # over the images read: bad ones skipped (data.skip_bad_images) are not counted
+              "train_acc": int(correct) / (first * tcfg.batch_size + int(read)),
               "batch_loss": [round(v, 5) for v in batch_loss.tolist()]}
     if cfg.data.skip_bad_images:  # bad training images skipped this epoch, all processes
         bad = torch.tensor(t.loader.bad - bad_before, device=device)
@@ -222,19 +243,3 @@ def end_epoch(parts: Parts, t: Training, accelerator: Accelerator,
     if compile_time is not None:
         record["compile_time"] = round(compile_time, 3)
     return record
-
-
-def check_finite(batch_loss: list[float], epoch: int, steps_per_epoch: int,
-                 out: Path | None = None) -> None:
-    """Stop at the end of an epoch (or before a checkpoint) whose loss stopped being finite:
-    checked then, not every step, so that no step waits for the device."""
-    bad = next((i for i, v in enumerate(batch_loss) if not math.isfinite(v)), None)
-    if bad is not None:
-        step = (epoch - 1) * steps_per_epoch + bad + 1
-        kept = list_checkpoints(out) if out else []
-        note = f" The last good checkpoint is {kept[-1]}." if kept else ""
-        raise TrainingError(
-            f"the training loss became {batch_loss[bad]} at step {step} (epoch {epoch}, batch "
-            f"{bad + 1}); stopped before evaluating or exporting (metrics.jsonl keeps the "
-            f"earlier epochs).{note} Lower train.lr, add warmup (train.warmup_epochs), or check "
-            f"the data.")

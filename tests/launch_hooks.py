@@ -4,7 +4,9 @@
   to ``DIR/rank<R>.pt`` (resident data; streamed data with ``data.workers=0``, whose batches are
   then read in the process itself);
 - ``FT_KILL_RANK=R`` and ``FT_KILL_AT_STEP=K``: process R kills itself with SIGKILL at its K-th
-  training step (counted over the whole run).
+  training step (counted over the whole run);
+- ``FT_SIGNAL=INT|TERM``, ``FT_SIGNAL_RANK=R`` and ``FT_SIGNAL_AT_STEP=K``: process R sends
+  itself SIGINT or SIGTERM during its K-th training step (counted from its start).
 
 Run as ``torchrun ... tests/launch_hooks.py train recipe=...`` (not collected by pytest).
 """
@@ -55,5 +57,16 @@ if os.environ.get("FT_KILL_RANK") == str(rank):
         return real_step(*args, **kwargs)
 
     train.train_step = train_step
+
+if os.environ.get("FT_SIGNAL_RANK") == str(rank):
+    signalled_step, signal_calls = train.train_step, [0]
+
+    def signalled(*args, **kwargs):
+        signal_calls[0] += 1
+        if signal_calls[0] == int(os.environ["FT_SIGNAL_AT_STEP"]):
+            os.kill(os.getpid(), getattr(signal, "SIG" + os.environ["FT_SIGNAL"]))
+        return signalled_step(*args, **kwargs)
+
+    train.train_step = signalled
 
 sys.exit(main(sys.argv[1:]))

@@ -82,7 +82,7 @@ def test_streamed_batches_do_not_depend_on_workers(photos):
     x1, y1, bad = a[(2, 5)]
     a[(1, 0)]  # another epoch in between
     x2, y2, _ = b[(2, 5)]
-    assert bad == 0 and x1.shape == (8, 3, 16, 16) and x1.dtype == torch.uint8
+    assert bad == () and x1.shape == (8, 3, 16, 16) and x1.dtype == torch.uint8
     assert torch.equal(x1, x2) and torch.equal(y1, y2)
     assert not torch.equal(x1, a[(2, 6)][0])
     state = torch.get_rng_state()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
+
 from finetune.config import DataConfig
 from finetune.data.idx import DataError
 from finetune.data.samples import Samples
@@ -106,11 +108,21 @@ def load_data(cfg: DataConfig) -> tuple[Split, Split, str]:
     if len(train.classes) < 2 or len(set(train.classes)) != len(train.classes):
         raise DataError(f"{source}: classes {train.classes}: a classifier needs at least two "
                         f"classes with distinct names.")
-    train, test = limit(train, cfg.train_limit, cfg.split_seed), limit(test, cfg.eval_limit,
-                                                                        cfg.split_seed)
+    return (*_limited(train, test, source, cfg), source)
+
+
+def _limited(train: Split, test: Split, source: str, cfg: DataConfig) -> tuple[Split, Split]:
+    """The splits cut to ``data.train_limit``/``eval_limit``; every class keeps training
+    images (checked before and after the limit), else an error or a warning."""
+    allow = cfg.allow_empty_classes
+    empty = empty_classes(train, allow, f"{source}: ", test=test)
+    limited = limit(train, cfg.train_limit, cfg.split_seed)
+    if not empty and len(limited) < len(train):
+        empty_classes(limited, allow, f"{source}: ", f" after data.train_limit={cfg.train_limit}")
+    train, test = limited, limit(test, cfg.eval_limit, cfg.split_seed)
     if len(train) == 0 or len(test) == 0:
         raise DataError(f"{source}: empty split ({len(train)} train, {len(test)} test images).")
-    return train, test, source
+    return train, test
 
 
 def _load_streaming(cfg: DataConfig):
@@ -135,12 +147,42 @@ def limit(data: Split, n: int | None, seed: int) -> Split:
     return data.subset(stratified_mask(data.labels, len(data.classes), n, seed))
 
 
-def validation_split(data: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+def validation_split(data: Split, fraction: float, seed: int, allow_empty: bool = False
+                     ) -> tuple[Split, Split]:
     """``(train, val)``: ``fraction`` of each class's images, drawn with ``seed``, held out.
-    Both keep the original order of their images."""
+    Both keep the original order of their images. ``allow_empty``: a class left without
+    training images is a warning, not an error (``data.allow_empty_classes``)."""
     held = holdout_mask(data.labels, len(data.classes), fraction, seed)
     if not held.any() or held.all():
         raise DataError(f"data.val_split={fraction} of {len(data)} training images leaves "
                         f"{int(held.sum())} for validation and {int((~held).sum())} for "
                         f"training; both need some.")
-    return data.subset(~held), data.subset(held)
+    train = data.subset(~held)
+    empty_classes(train, allow_empty, "", f" after data.val_split={fraction}")
+    return train, data.subset(held)
+
+
+def empty_classes(train: Split, allow: bool, prefix: str, after: str = "",
+                  test: Split | None = None) -> int:
+    """How many classes have no training images: an error, or with ``allow`` a warning (the
+    model would never see them, balanced sampling never draw them, balanced class weights
+    give them 0). ``after`` says what emptied them; ``test``: the test split, whose share of
+    them the message gives."""
+    counts = torch.bincount(train.labels.cpu(), minlength=len(train.classes)).tolist()
+    empty = [k for k, n in enumerate(counts) if n == 0]
+    if not empty:
+        return 0
+    if test is not None:
+        held = torch.bincount(test.labels.cpu(), minlength=len(train.classes)).tolist()
+        after = " (" + ", ".join(f"{held[k]} in the test split" for k in empty[:5]) + ")"
+    many = len(empty) > 1
+    what = (f"{prefix}class{'es' if many else ''} "
+            f"{', '.join(repr(train.classes[k]) for k in empty[:5])}"
+            f"{f' and {len(empty) - 5} more' if len(empty) > 5 else ''} "
+            f"{'have' if many else 'has'} no training images{after}")
+    if allow:
+        log.warning("%s; training without %s (data.allow_empty_classes=true)", what,
+                    "them" if many else "it")
+        return len(empty)
+    raise DataError(f"{what}; add training images, or set data.allow_empty_classes=true to "
+                    f"train without {'them' if many else 'it'}.")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from finetune.config import DataConfig
@@ -26,6 +27,8 @@ from finetune.errors import one_line
 
 log = logging.getLogger(__name__)
 TEST_SPLITS = ("test", "validation", "val", "valid")
+# A streamed local split carries each row's number in this column, so that errors name it.
+ROW = "__finetune_row__"
 
 
 def _saved(root: Path | None) -> bool:
@@ -113,7 +116,26 @@ def columns(features: dict, cfg: DataConfig, where: str) -> tuple[str, str]:
     return image, label
 
 
-def _labels(split: Any, label: str, classes: list[str] | None, where: str
+def same_classes(names: list[str], classes: list[str], where: str, spec: str) -> None:
+    """A test split must name the training split's classes in the same order: its labels are
+    scored as indices into the training split's names."""
+    if names != classes:
+        raise DataError(f"{where}: the test split '{spec}' has classes {names[:10]}, which "
+                        f"differ from the training split's {classes[:10]} (or their order); "
+                        f"choose splits whose ClassLabel names match.")
+
+
+def _no_missing(values: list, where: str, spec: str) -> None:
+    """Refuse empty label cells: they would otherwise become a class named "None"."""
+    missing = [i for i, v in enumerate(values) if v is None]
+    if missing:
+        more = f" (and {len(missing) - 1} more rows)" if len(missing) > 1 else ""
+        raise DataError(f"{where}: split '{spec}' row {missing[0]}{more} has no label (None); "
+                        f"drop the unlabelled rows, or choose labelled splits with "
+                        f"data.train_split / data.test_split.")
+
+
+def _labels(split: Any, label: str, classes: list[str] | None, where: str, spec: str
             ) -> tuple[torch.Tensor, list[str]]:
     """Integer labels and class names: a ClassLabel's own names, else the sorted distinct
     values (strings or integers) of the training split."""
@@ -121,17 +143,19 @@ def _labels(split: Any, label: str, classes: list[str] | None, where: str
 
     feature = split.features[label]
     values = split[label]
+    _no_missing(values, where, spec)
     if isinstance(feature, datasets.ClassLabel):
         names = list(feature.names)
-        if classes is not None and names != classes:
-            raise DataError(f"{where}: the test split's classes {names[:10]} differ from the "
-                            f"training split's {classes[:10]}.")
+        if classes is not None:
+            same_classes(names, classes, where, spec)
         labels = torch.tensor(values, dtype=torch.int64)
-        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= len(names)):
+        outside = torch.nonzero((labels < 0) | (labels >= len(names))).flatten()
+        if len(outside):
             # Hugging Face marks unlabelled rows -1 (e.g. a competition's test split).
-            raise DataError(f"{where}: a split has rows without a label ({int(labels.min())}) "
-                            f"or outside the {len(names)} classes; choose labelled splits "
-                            f"with data.train_split / data.test_split (e.g. validation).")
+            raise DataError(f"{where}: split '{spec}' has rows without a label "
+                            f"({int(labels[outside[0]])}) or outside the {len(names)} classes, "
+                            f"the first row {int(outside[0])}; choose labelled splits with "
+                            f"data.train_split / data.test_split (e.g. validation).")
         return labels, names
     if classes is None:
         # Integers in numeric order, then names in alphabetical order.
@@ -156,14 +180,14 @@ def load_hub(cfg: DataConfig, seed: int = 0) -> tuple[Samples, Samples, str]:
     test_spec = cfg.test_split or next((s for s in TEST_SPLITS if s in ds), None)
     image, label = columns(train.features, cfg, where)
     train = train.cast_column(image, datasets.Image(decode=False))
-    train_labels, classes = _labels(train, label, None, where)
+    train_labels, classes = _labels(train, label, None, where, cfg.train_split)
     train = train.select_columns([image])  # a row read is then its image alone
     if test_spec is None:
         held = holdout_mask(train_labels, len(classes), 0.1, seed, at_least_one=True)
         log.info("%s has no test split (splits: %s): holding out %d of %d training rows, a "
                  "seeded tenth of each class", where, list(ds), int(held.sum()), len(train))
         rows = list(range(len(train)))
-        train_s = Samples(rows, train_labels, classes, 3, train, image)
+        train_s = Samples(rows, train_labels, classes, 3, train, image, split=cfg.train_split)
         tr, te = train_s.subset(~held), train_s.subset(held)
         test_spec = "held-out"
     else:
@@ -173,10 +197,12 @@ def load_hub(cfg: DataConfig, seed: int = 0) -> tuple[Samples, Samples, str]:
                             f"{columns(test.features, cfg, where)}, the training split "
                             f"{(image, label)}; set data.image_column / data.label_column.")
         test = test.cast_column(image, datasets.Image(decode=False))
-        test_labels, _ = _labels(test, label, classes, where)
+        test_labels, _ = _labels(test, label, classes, where, test_spec)
         test = test.select_columns([image])
-        tr = Samples(list(range(len(train))), train_labels, classes, 3, train, image)
-        te = Samples(list(range(len(test))), test_labels, classes, 3, test, image)
+        tr = Samples(list(range(len(train))), train_labels, classes, 3, train, image,
+                     split=cfg.train_split)
+        te = Samples(list(range(len(test))), test_labels, classes, 3, test, image,
+                     split=test_spec)
     tr.channels, tr.pixels = probe(tr, seed)
     te.channels, te.pixels = tr.channels, tr.pixels
     splits = (cfg.train_split, test_spec)
@@ -198,17 +224,39 @@ class StreamedSplit:
     # Cut to a limit by IterableDataset.take: DataLoader workers would each take a share of
     # their own shards, so such a split is evaluated in the process itself.
     taken: bool = False
+    spec: str = ""  # the split's name or slice, as errors name it
 
     def __len__(self) -> int:
         return self.length
+
+    def name(self, row: dict, where: str) -> str:
+        """A row as errors name it: its number in the split where known (a local dataset's
+        rows carry it), else its place ``where`` (e.g. a batch's third row)."""
+        if ROW in row:
+            return f"split '{self.spec}' row {row[ROW]}"
+        return f"split '{self.spec}', {where}"
+
+    def number(self, row: dict) -> int:
+        """The row's number in the split, -1 where it is not known (a hub stream)."""
+        return row.get(ROW, -1)
 
     def open(self, row: dict, need: int, name: str):
         """The row's image decoded in this split's channel mode; errors say ``name``."""
         return open_image(encoded(row[self.column], name), self.channels, need, name)
 
-    def label_of(self, row: dict) -> int:
-        value = row[self.label]
-        return value if isinstance(value, int) else self.classes.index(str(value))
+    def label_of(self, row: dict, name: str = "") -> int:
+        """The row's class index, checked as the held path checks its labels."""
+        value, n = row[self.label], len(self.classes)
+        name = name or self.name(row, "a row read")
+        if value is None:
+            raise DataError(f"{name} has no label (None); drop the unlabelled rows, or choose "
+                            f"labelled splits with data.train_split / data.test_split.")
+        if not isinstance(value, int) or not 0 <= value < n:
+            unlabelled = " (a row without a label)" if value == -1 else ""
+            raise DataError(f"{name}: label {value}{unlabelled} is not one of the {n} classes "
+                            f"0..{n - 1}; fix the row, or choose labelled splits with "
+                            f"data.train_split / data.test_split.")
+        return value
 
     def node(self, rank: int, world_size: int) -> Any:
         """This process's rows: every ``world_size``-th example (equal shares, +-1)."""
@@ -230,6 +278,7 @@ def _streamed(cfg: DataConfig, spec: str, where: str, limit: int | None
             ds, _ = open_dataset(cfg)
             split = _split(ds, spec, where)
             split = split.select(range(min(limit or len(split), len(split))))
+            split = split.add_column(ROW, np.arange(len(split)))  # errors name the row
             return split.to_iterable_dataset(num_shards=min(len(split), 64)), len(split), False
         path, config, files = _builder(cfg, root)
         rows = datasets.load_dataset(path, config, split=spec, streaming=True, **files)
@@ -270,21 +319,25 @@ def load_hub_streaming(cfg: DataConfig) -> tuple[StreamedSplit, StreamedSplit, s
                             f"{type(features[label]).__name__}.")
         rows = rows.cast_column(image, datasets.Image(decode=False))
         out.append(StreamedSplit(rows, image, label, list(features[label].names), 3, length,
-                                 taken))
+                                 taken, spec))
     train, test = out
+    same_classes(test.classes, train.classes, where, test.spec)
     # The channel mode from the first rows' headers: grey when every one is.
-    grey = all(header(encoded(row[train.column], f"row {i}"))[0] in GREY_MODES
-               for i, row in enumerate(train.rows.take(64)))
+    grey = all(header(lambda row=row: encoded(row[train.column], ""))[0] in GREY_MODES
+               for row in train.rows.take(64))
     train.channels = test.channels = 1 if grey else 3
     return train, test, where
 
 
-def streamed_head(split: StreamedSplit, n: int, image_size: int) -> torch.Tensor:
+def streamed_head(split: StreamedSplit, n: int, image_size: int, skip_bad: bool = False
+                  ) -> torch.Tensor:
     """The first ``n`` rows' images (shorter side resized, center square), uint8, bad ones
-    left out: what the data's mean/std are measured on."""
+    left out with ``skip_bad`` (else the first stops the run): what the data's mean/std are
+    measured on."""
     from finetune.data.images import eval_transform
 
     transform = eval_transform(image_size, 1.0, "bilinear")
-    images = [or_skip(lambda row=row, i=i: split.open(row, image_size, f"training row {i + 1}"),
-                      True) for i, row in enumerate(split.rows.take(n))]
+    images = [or_skip(lambda row=row, i=i: split.open(
+        row, image_size, split.name(row, f"its row {i + 1}")), skip_bad)
+              for i, row in enumerate(split.rows.take(n))]
     return torch.stack([transform(image) for image in images if image is not None])

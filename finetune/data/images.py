@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode, v2
 
 from finetune.data.idx import DataError
@@ -53,8 +53,11 @@ def open_image(source: str | Path | bytes, channels: int, need: int = 0,
     except Image.DecompressionBombError as e:
         raise DataError(f"{name}: {e} Downscale the image first.") from None
     except (OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"{name}: cannot decode image ({one_line(e)}); the file is corrupt or "
-                        f"not an image PIL reads. Remove or replace it, or set "
+        # PIL's "cannot identify" names the source: for bytes, an object's address
+        why = ("no image format PIL reads" if isinstance(e, UnidentifiedImageError)
+               else one_line(e))
+        raise DataError(f"{name}: cannot decode image ({why}); the file is corrupt or not an "
+                        f"image PIL reads. Remove or replace it, or set "
                         f"data.skip_bad_images=true.") from None
 
 

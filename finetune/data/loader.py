@@ -254,7 +254,9 @@ def batches_on(data: ImageData, index_batches: Iterable[torch.Tensor], device: t
 class TrainLoader:
     """This process's training batches, epoch by epoch: ``(uint8 images, labels)`` on the
     device, from resident data (``device``/``host``) or streamed from files (``stream``, whose
-    workers persist across epochs). ``bad`` counts the bad images skipped so far."""
+    workers persist across epochs). So far, this process has read ``read`` images and skipped
+    ``bad`` bad ones (``data.skip_bad_images``): ``bad_items`` the distinct ones by index or
+    row number (a hub stream's rows, whose numbers are not known, are not in it)."""
 
     def __init__(self, data: Data, placement: str, batch_size: int, seed: int, rank: int,
                  world_size: int, device: torch.device, workers: int,
@@ -264,7 +266,7 @@ class TrainLoader:
         self.weights = weights  # per sample: balanced sampling of resident data
         self.rank, self.world, self.device, self.workers = rank, world_size, device, workers
         self.steps = len(data) // batch_size  # the last partial batch drops
-        self.bad = 0
+        self.read, self.bad, self.bad_items = 0, 0, set()
         self._sampler: EpochSteps | None = None
         self._loader: DataLoader | None = None
         if placement == "stream" and stream is None:
@@ -295,8 +297,9 @@ class TrainLoader:
             # the sampler's keys, or the stream itself
             keys = self._sampler if self._sampler is not None else self._loader.dataset
             keys.epoch, keys.first = epoch, first
-            for images, labels, bad in from_workers(self._loader):
-                self.bad += bad
+            for images, labels, skipped in from_workers(self._loader):
+                self.read, self.bad = self.read + len(labels), self.bad + len(skipped)
+                self.bad_items.update(i for i in skipped if i >= 0)
                 yield (images.to(self.device, non_blocking=True),
                        labels.to(self.device, non_blocking=True))
             return
@@ -304,7 +307,10 @@ class TrainLoader:
                                                  self.seed, self.rank, self.world,
                                                  self.data.images.device, self.weights),
                                    first, None)
-        yield from batches_on(self.data, indices, self.device, self.placement, self.workers)
+        for images, labels in batches_on(self.data, indices, self.device, self.placement,
+                                         self.workers):
+            self.read += len(labels)
+            yield images, labels
 
 
 def eval_loader(data: Data, batch_size: int, workers: int = 0,

@@ -10,6 +10,7 @@ at a time resized and center-cropped, into the :class:`ImageData` of the device-
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ class Samples:
     rows: Any = None
     column: str = ""
     pixels: float = 0.0  # mean pixels per image, from the headers :func:`probe` read (0: not yet)
+    split: str = ""  # the Hugging Face split ``rows`` is, as errors name a row
 
     def __post_init__(self) -> None:
         if len(self.items) != len(self.labels):
@@ -50,7 +52,7 @@ class Samples:
         """The samples where ``mask`` is true, in their order."""
         keep = torch.nonzero(mask).flatten().tolist()
         return Samples([self.items[i] for i in keep], self.labels[mask], self.classes,
-                       self.channels, self.rows, self.column, self.pixels)
+                       self.channels, self.rows, self.column, self.pixels, self.split)
 
     def select(self, keep: list[int]) -> Samples:
         """Only classes ``keep``, relabelled ``0..len(keep)-1`` in that order."""
@@ -62,7 +64,9 @@ class Samples:
     def name(self, i: int) -> str:
         """Sample ``i`` as errors and logs name it."""
         item = self.items[i]
-        return str(item) if isinstance(item, Path) else f"row {item}"
+        if isinstance(item, Path):
+            return str(item)
+        return f"split '{self.split}' row {item}" if self.split else f"row {item}"
 
     def raw(self, i: int) -> Path | bytes | Image.Image:
         """What :func:`open_image` reads for sample ``i`` (a path, encoded bytes, or a PIL
@@ -73,7 +77,7 @@ class Samples:
         if isinstance(self.rows, torch.Tensor):
             array = self.rows[item].permute(1, 2, 0).squeeze(-1).numpy()
             return Image.fromarray(array)
-        return encoded(self.rows[int(item)][self.column], f"row {item}")
+        return encoded(self.rows[int(item)][self.column], self.name(i))
 
     def open(self, i: int, need: int = 0) -> Image.Image:
         """Sample ``i`` decoded in this split's channel mode (see :func:`open_image`)."""
@@ -92,20 +96,26 @@ def relabel(labels: torch.Tensor, num_classes: int, keep: list[int]
     return new >= 0, new[new >= 0]
 
 
-def encoded(cell: dict, name: str) -> Path | bytes:
+def encoded(cell: dict | None, name: str) -> Path | bytes:
     """What :func:`open_image` reads from a Hugging Face ``Image(decode=False)`` cell."""
+    if cell is None:
+        raise DataError(f"{name}: the image is missing (None); remove the row, or set "
+                        f"data.skip_bad_images=true.")
     if cell.get("bytes"):
         return cell["bytes"]
     if cell.get("path"):
         return Path(cell["path"])
-    raise DataError(f"{name}: the image column holds neither bytes nor a path.")
+    raise DataError(f"{name}: the image cell holds neither bytes nor a path; remove the row, "
+                    f"or set data.skip_bad_images=true.")
 
 
-def header(raw: Path | bytes | Image.Image) -> tuple[str, int]:
-    """(mode, pixels) from an image's header, without decoding it."""
-    if isinstance(raw, Image.Image):
-        return raw.mode, raw.width * raw.height
+def header(read: Callable[[], Path | bytes | Image.Image]) -> tuple[str, int]:
+    """(mode, pixels) from the header of the image ``read()`` returns, without decoding it;
+    ("RGB", 0) for a missing or unreadable one (decoding reports it, or skips it)."""
     try:
+        raw = read()
+        if isinstance(raw, Image.Image):
+            return raw.mode, raw.width * raw.height
         with Image.open(io.BytesIO(raw) if isinstance(raw, bytes) else raw) as image:
             mode = image.mode
             if mode == "P":  # a palette of greys (a GIF, say) is grey
@@ -123,7 +133,7 @@ def probe(items: Samples, seed: int = 0) -> tuple[int, float]:
     one channel when every probed image is grey, else three."""
     n = len(items)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:PROBE].tolist()
-    headers = [header(items.raw(i)) for i in order]
+    headers = [header(lambda i=i: items.raw(i)) for i in order]
     grey = all(mode in GREY_MODES for mode, _ in headers)
     pixels = sum(p for _, p in headers) / max(1, len(headers))
     return (1 if grey else 3), pixels

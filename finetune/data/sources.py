@@ -7,6 +7,7 @@ time (:class:`~finetune.data.samples.Samples`). Hugging Face datasets: :mod:`fin
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,8 +114,22 @@ def load_idx(folder: Path) -> tuple[ImageData, ImageData]:
 
 # --- ImageFolder -----------------------------------------------------------------------------
 
+def _utf8(root: Path, name: str) -> str:
+    """A class folder's name, which model.json and the card write: refused unless UTF-8."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(name).decode("utf-8", "backslashreplace")
+        raise DataError(f"{os.fsencode(root).decode('utf-8', 'backslashreplace')}/{shown}: "
+                        f"the class folder's name is not valid UTF-8, and class names are "
+                        f"written to model.json; rename it (convmv -f latin1 -t utf8 --notest "
+                        f"renames Latin-1 names).") from None
+    return name
+
+
 def _scan_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = sorted(_utf8(root, p.name) for p in root.iterdir()
+                     if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(f"{root}: no class folders; an ImageFolder tree has one subfolder of "
                         f"images per class (root/cat/1.png, root/dog/2.png, ...).")

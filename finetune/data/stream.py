@@ -42,7 +42,7 @@ def balanced_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 class TrainBatches(Dataset):
     """Item ``(epoch, step)``: this process's slice of global batch ``step`` of ``epoch``,
-    decoded and augmented: ``(uint8 images, labels, bad images skipped)``."""
+    decoded and augmented: ``(uint8 images, labels, indices of the bad images skipped)``."""
 
     def __init__(self, samples: Samples, transform: Transform, image_size: int, need: int,
                  batch_size: int, seed: int, rank: int, world_size: int, skip_bad: bool,
@@ -61,7 +61,8 @@ class TrainBatches(Dataset):
         start = step * self.batch_size + self.rank * local
         return self._perm[1][start:start + local].tolist()
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def __getitem__(self, key: tuple[int, int]
+                    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
         epoch, step = key
         idx = self.indices(epoch, step)
         # The batch's own random stream (the CPU generator, which the v2 transforms draw from);
@@ -72,18 +73,20 @@ class TrainBatches(Dataset):
             images = [or_skip(lambda i=i: self.samples.open(i, self.need), self.skip_bad)
                       for i in idx]
             images = [None if im is None else self.transform(im) for im in images]
-        return stacked(images, [int(self.samples.labels[i]) for i in idx], epoch, step)
+        return stacked(images, [int(self.samples.labels[i]) for i in idx], idx, epoch, step)
 
 
-def stacked(images: list[torch.Tensor | None], labels: list[int], epoch: int, step: int
-            ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """A training batch without its skipped bad images (None): ``(images, labels, skipped)``."""
+def stacked(images: list[torch.Tensor | None], labels: list[int], ids: list[int], epoch: int,
+            step: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """A training batch without its skipped bad images (None): ``(images, labels, the ids of
+    the skipped ones)``; ``ids`` name the batch's samples (-1: not known), so that what was
+    read can be counted."""
     kept = [i for i, image in enumerate(images) if image is not None]
     if not kept:
         raise DataError(f"every image of training batch {step + 1} (epoch {epoch}) is bad; "
                         f"check the data (data.skip_bad_images skips single images).")
     return (torch.stack([images[i] for i in kept]), torch.tensor([labels[i] for i in kept]),
-            len(images) - len(kept))
+            tuple(ids[i] for i, image in enumerate(images) if image is None))
 
 
 class EpochSteps(Sampler):
@@ -122,11 +125,13 @@ class EvalSamples(Dataset):
 def _decode_rows(split, rows: list[dict], transform: Transform, need: int, skip_bad: bool,
                  where: str) -> tuple[list[torch.Tensor | None], list[int]]:
     """Decode and transform Hugging Face rows: ``(images, labels)``; a skipped bad image is
-    None when ``skip_bad``. ``where`` names the batch in errors."""
-    images = [or_skip(lambda row=row, i=i: split.open(row, need, f"{where}, row {i + 1}"),
-                      skip_bad) for i, row in enumerate(rows)]
-    return ([None if im is None else transform(im) for im in images],
-            [split.label_of(row) for row in rows])
+    None when ``skip_bad``. Errors name the row by its number in the split, or by its place
+    in the batch ``where`` names. Labels are checked first: a bad one is never skipped."""
+    names = [split.name(row, f"{where}, row {i + 1}") for i, row in enumerate(rows)]
+    labels = [split.label_of(row, name) for row, name in zip(rows, names, strict=True)]
+    images = [or_skip(lambda row=row, name=name: split.open(row, need, name), skip_bad)
+              for row, name in zip(rows, names, strict=True)]
+    return [None if im is None else transform(im) for im in images], labels
 
 
 class StreamedBatches(torch.utils.data.IterableDataset):
@@ -161,7 +166,7 @@ class StreamedBatches(torch.utils.data.IterableDataset):
                 raise DataError("a data worker was given no rows; lower data.workers to at "
                                 "most the dataset's number of shards.")
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         rows = self._rows()
@@ -175,7 +180,8 @@ class StreamedBatches(torch.utils.data.IterableDataset):
                 images, labels = _decode_rows(
                     self.split, batch, self.transform, self.need, self.skip_bad,
                     f"training batch {step + 1} of epoch {self.epoch} (process {self.rank})")
-            yield stacked(images, labels, self.epoch, step)
+            yield stacked(images, labels, [self.split.number(row) for row in batch],
+                          self.epoch, step)
 
 
 class StreamedEval(torch.utils.data.IterableDataset):
