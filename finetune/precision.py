@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import platform
 import time
@@ -135,8 +136,7 @@ def cpu_auto(device: torch.device, model: nn.Module, shape: tuple[int, ...],
            f"{'x'.join(map(str, shape))} "
            f"{'channels_last' if memory_format == torch.channels_last else 'NCHW'}")
     entry, source = _read_cache().get(key), "cached in " + str(cache_file())
-    if not (isinstance(entry, dict) and entry.get("precision") in PRECISIONS
-            and {"fp32_images_per_sec", "bf16_images_per_sec"} <= entry.keys()):
+    if not _sound(entry):  # none, or damaged: measured again
         try:
             timings = measure(model, shape, memory_format)
         except Exception as e:  # noqa: BLE001 - whatever failed, fp32 is the safe answer
@@ -153,6 +153,15 @@ def cpu_auto(device: torch.device, model: nn.Module, shape: tuple[int, ...],
              "x".join(map(str, shape)), source, entry["fp32_images_per_sec"],
              entry["bf16_images_per_sec"], cpu)
     return entry["precision"]
+
+
+def _sound(entry: object) -> bool:
+    """A cache entry that names a precision and two positive finite speeds."""
+    speeds = [entry.get(f"{p}_images_per_sec") for p in PRECISIONS] \
+        if isinstance(entry, dict) else []
+    return (isinstance(entry, dict) and entry.get("precision") in PRECISIONS
+            and all(isinstance(v, int | float) and not isinstance(v, bool)
+                    and math.isfinite(v) and v > 0 for v in speeds))
 
 
 def _forced() -> str | None:

@@ -122,6 +122,7 @@ def run_folder(cfg: Config, state: PartialState, final: Path) -> Iterator[Path]:
 
 
 def _make(folder: Path) -> None:
+    _check_name_lengths(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
@@ -130,6 +131,22 @@ def _make(folder: Path) -> None:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ConfigError(f"output_dir {folder} is not writable; pass another "
                           f"output_dir=PATH.")
+
+
+def _check_name_lengths(folder: Path) -> None:
+    """Every name in ``folder`` short enough for its file system, with room for the hidden
+    ``.NAME.new``/``.NAME.old`` folders a replacing run makes beside it."""
+    existing = next(p for p in [folder.absolute(), *folder.absolute().parents] if p.exists())
+    try:
+        limit = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    for part in folder.parts:
+        if len(os.fsencode(part)) + len("..new") > limit:
+            raise ConfigError(f"output_dir: the name '{part[:40]}...' is {len(os.fsencode(part))} "
+                              f"bytes; this file system allows {limit} (finetune needs "
+                              f"{len('..new')} more for a replacing run's folder). Pass a "
+                              f"shorter output_dir=PATH.")
 
 
 def _lock(folder: Path) -> int:

@@ -47,6 +47,15 @@ def check_trackers(cfg: Config) -> None:
                               f"{MODULES[name]}).")
 
 
+def check_tracker_folder(cfg: Config, out: Path) -> None:
+    """``<run>/trackers`` must be a folder (or absent) when a tracker writes there."""
+    folder = out / TRACKERS_DIR
+    if cfg.train.log_with and (folder.is_symlink() or folder.exists()) and not folder.is_dir():
+        raise ConfigError(f"{folder} is a file, but train.log_with={','.join(cfg.train.log_with)}"
+                          f" writes its tracker files into a folder of that name; move the file "
+                          f"away, or pass another output_dir=PATH.")
+
+
 def start_trackers(cfg: Config, accelerator: Accelerator, out: Path) -> None:
     """Start the trackers of ``train.log_with`` for the run in ``out``, with its config."""
     if not cfg.train.log_with or not accelerator.is_main_process:
@@ -55,6 +64,7 @@ def start_trackers(cfg: Config, accelerator: Accelerator, out: Path) -> None:
 
     project = cfg.train.project or cfg.recipe or "finetune"
     folder = out / TRACKERS_DIR
+    check_tracker_folder(cfg, out)
     folder.mkdir(exist_ok=True)
     # Per tracker: the run's name, and local files inside the run folder.
     options = {"wandb": {"name": out.name, "dir": str(folder)},

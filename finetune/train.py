@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
+from finetune import tracking
 from finetune.assemble import Parts, Training, check_model, prepare_training, set_up
 from finetune.checkpoint import LoopState, check_finite, restore, save_checkpoint, starting_point
 from finetune.config import Config
@@ -37,7 +38,6 @@ from finetune.runs import (
 from finetune.speed import compile_model, copy_to_host, start_processes
 from finetune.step import train_step
 from finetune.stopping import Stop, interrupted
-from finetune.tracking import check_trackers, log_epoch, log_run_figures, start_trackers
 
 log = logging.getLogger(__name__)
 # checkpoint(steps_done, per-step losses so far, correct so far): called inside an epoch
@@ -47,12 +47,13 @@ Checkpointer = Callable[[int, torch.Tensor, torch.Tensor], None]
 def main(cfg: Config) -> dict:
     """Train, evaluate after every epoch, export; return the exported model's metrics."""
     check_model(cfg)  # before anything loads: a model that cannot run fails in a second
-    check_trackers(cfg)
+    tracking.check_trackers(cfg)
     state = start_processes()
     folder = output_dir(cfg)  # computed once: a new run's name is a timestamp
     accelerator = None
     try:
         with run_folder(cfg, state, folder) as out:  # locked; a replaced run stays till export
+            tracking.check_tracker_folder(cfg, out)  # before the data loads
             parts, accelerator, precision = set_up(cfg, state)
             final = train(cfg, parts, accelerator, precision, out, resumable=out == folder)
     finally:  # trackers closed and the process group left, also when the run fails
@@ -78,7 +79,7 @@ def train(cfg: Config, parts: Parts, accelerator: Accelerator, precision: str,
                                           t.steps_per_epoch)
     records = metrics_before(out, start_epoch)
     start_run(out, cfg, accelerator)
-    start_trackers(cfg, accelerator, out)
+    tracking.start_trackers(cfg, accelerator, out)
 
     def save(epoch: int, step: int, losses: torch.Tensor, correct: torch.Tensor) -> None:
         save_checkpoint(accelerator, out, LoopState(epoch, step, t.gen.get_state(), losses,
@@ -110,7 +111,8 @@ def train(cfg: Config, parts: Parts, accelerator: Accelerator, precision: str,
                 if tcfg.early_stopping and best == epoch:  # the weights to export if it stops
                     keep_best(t.raw, out)
                 write_metrics(out, records)
-            log_epoch(accelerator, record, t.steps_per_epoch, lambda s: tcfg.lr * t.factor(s))
+            tracking.log_epoch(accelerator, record, t.steps_per_epoch,
+                               lambda s: tcfg.lr * t.factor(s))
             if tcfg.checkpoint:  # the epoch is complete (and checked): the next is at step 0
                 save(epoch, t.steps_per_epoch, torch.zeros(0), torch.zeros((), dtype=torch.long))
             if epoch < tcfg.epochs and not early and stop.at_boundary():
@@ -162,7 +164,7 @@ def finish(cfg: Config, out: Path, parts: Parts, t: Training, accelerator: Accel
     if accelerator.is_main_process:
         export_run(out, t.raw, parts.meta(cfg, unreadable), records, best, cfg,
                    t.ema.module if t.ema else None, cfg.train.ema_decay)
-    log_run_figures(accelerator, out, records, parts.train_data.classes,
+    tracking.log_run_figures(accelerator, out, records, parts.train_data.classes,
                     records[-1]["epoch"] * t.steps_per_epoch)
     accelerator.wait_for_everyone()
     return records[-1] if best is None else records[best - 1]

@@ -224,3 +224,17 @@ def test_auto_falls_back_to_fp32_when_timing_fails(auto_cpu, monkeypatch, caplog
     precision.cache_file().write_text(json.dumps({key: {"precision": "fp16"}}))
     stub_timings(monkeypatch, fp32=0.1, bf16=0.4)
     assert choose(auto_cpu, model) == "fp32"
+
+
+@pytest.mark.parametrize("speeds", [("fast", "slow"), (None, 10.0), (float("nan"), 5.0),
+                                    (-1.0, 5.0), (True, 5.0)])
+def test_a_cache_entry_with_bad_speeds_is_measured_again(auto_cpu, monkeypatch, caplog, speeds):
+    model = create_model("resnet18", num_classes=10, in_chans=1, image_size=28)
+    stub_timings(monkeypatch, fp32=0.4, bf16=0.1)
+    assert choose(auto_cpu, model) == "bf16"
+    key = next(iter(json.loads(precision.cache_file().read_text())))
+    precision.cache_file().write_text(json.dumps({key: {
+        "precision": "fp32", "fp32_images_per_sec": speeds[0], "bf16_images_per_sec": speeds[1]}}))
+    with caplog.at_level(logging.INFO, logger="finetune.precision"):
+        assert choose(auto_cpu, model) == "bf16"  # measured again, not read
+    assert "timed now" in caplog.text
