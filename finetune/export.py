@@ -10,14 +10,30 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from finetune.config import MAX_IMAGE_SIZE, NORMS
+from finetune.data.images import INTERPOLATIONS
 from finetune.errors import ExportError, first_line
+from finetune.fields import (
+    MAX_CHANS,
+    MEAN_RANGE,
+    STD_RANGE,
+    boolean,
+    check_fields,
+    integer,
+    mapping,
+    number,
+    numbers,
+    one_of,
+    text,
+)
 from finetune.files import atomic_write, atomic_write_text
 from finetune.models import create_model, unwrap
 from finetune.models.backbones import TIMM, source_of
 from finetune.models.interface import classifier_name
+from finetune.models.pretrained import load_safetensors
 from finetune.version import __version__
 
 WEIGHTS = "model.safetensors"
@@ -25,6 +41,7 @@ META = "model.json"
 TIMM_CONFIG = "config.json"
 REQUIRED_META = ("architecture", "num_classes", "in_chans", "image_size", "mean", "std",
                  "class_names")
+DAMAGED = "the export is damaged: export the run again, or restore the file."
 
 
 def model_meta(*, architecture: str, class_names: list[str], in_chans: int, image_size: int,
@@ -129,18 +146,63 @@ def _read_json(meta_file: Path) -> dict:
     try:
         meta = json.loads(meta_file.read_text())
     except (ValueError, UnicodeDecodeError) as e:
-        raise ExportError(f"{meta_file} is not JSON ({e}); the export is damaged: export the "
-                          f"run again, or restore the file.") from None
+        raise ExportError(f"{meta_file} is not JSON ({e}); {DAMAGED}") from None
     if not isinstance(meta, dict):
-        raise ExportError(f"{meta_file} holds no JSON object; the export is damaged.")
+        raise ExportError(f"{meta_file} holds no JSON object; {DAMAGED}")
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
-        raise ExportError(f"{meta_file}: missing fields {missing}.")
-    if not isinstance(meta["class_names"], list) or \
-            len(meta["class_names"]) != meta["num_classes"]:
-        raise ExportError(f"{meta_file}: {len(meta['class_names'])} class_names for "
-                          f"num_classes={meta['num_classes']}; the export is damaged.")
+        raise ExportError(f"{meta_file}: missing fields {missing}; {DAMAGED}")
+    check_fields(meta_file, meta, META_CHECKS, ExportError, DAMAGED)
     return meta
+
+
+# --- what each field of model.json must be (checked in this order: mean and std against
+# in_chans, class_names against num_classes, crop_pct against image_size) ----------------------
+
+def _class_names(v: object, meta: dict) -> str | None:
+    n = meta["num_classes"]
+    ok = (isinstance(v, list) and len(v) == n and all(isinstance(c, str) for c in v)
+          and len(set(v)) == n)
+    return None if ok else f"a list of {n} distinct names, one per class (num_classes={n})"
+
+
+def _crop_pct(v: object, meta: dict) -> str | None:
+    """In (0, 1], and no evaluation resize (image_size / crop_pct) past twice the largest
+    image size."""
+    limit = 2 * MAX_IMAGE_SIZE
+    if number(0, 1, lo_open=True)(v, meta) is None and meta["image_size"] / v <= limit:
+        return None
+    return f"a number in (0, 1] with image_size / crop_pct at most {limit}"
+
+
+def _in_chans(meta: dict) -> int:
+    return meta["in_chans"]
+
+
+META_CHECKS = {
+    "architecture": text("a model name"),
+    "in_chans": integer(1, MAX_CHANS),
+    "num_classes": integer(1),
+    "image_size": integer(1, MAX_IMAGE_SIZE),
+    "mean": numbers(*MEAN_RANGE, _in_chans, "input channel: in_chans"),
+    "std": numbers(*STD_RANGE, _in_chans, "input channel: in_chans"),
+    "class_names": _class_names,
+    "norm": one_of(NORMS),
+    "crop_pct": _crop_pct,
+    "interpolation": one_of(tuple(INTERPOLATIONS)),
+    "resize": integer(1),
+    "resample": one_of(("image", "batch", "squash")),
+    "augment": {"hflip": boolean, "crop_pad": integer(0, MAX_IMAGE_SIZE)},
+    "recipe": text("a recipe", optional=True),
+    "pretrained": text("the weights' source", optional=True),
+    "pretrained_cfg": mapping,
+    "data": text("the data's source"),
+    "train_images": integer(0),
+    "test_images": integer(0),
+    "early_stopping": mapping,
+    "ema_decay": number(0, 1),
+    "finetune_version": text("a version"),
+}
 
 
 def meta_beside(weights: str | Path | None) -> dict:
@@ -162,12 +224,40 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     except (ValueError, TypeError) as e:
         raise ExportError(f"{weights.with_name(META)} describes a model this finetune cannot "
                           f"build: {e}") from None
+    state = load_safetensors(weights, ExportError, DAMAGED)  # on the CPU: no "cpu:0" there
+    misfit = _misfit(model, state, meta)
+    if misfit:
+        raise ExportError(f"{weights} does not match {META} ({meta['architecture']}): {misfit}; "
+                          f"{DAMAGED}")
     try:
-        model.load_state_dict(load_file(weights))  # on the CPU: safetensors reads no "cpu:0"
-    except RuntimeError as e:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # e.g. a dtype the parameter cannot take
         raise ExportError(f"{weights} does not match {META} "
                           f"({meta['architecture']}): {first_line(e)}") from None
     return model.to(device).eval(), meta
+
+
+def _misfit(model: nn.Module, state: dict[str, torch.Tensor], meta: dict) -> str | None:
+    """How the weights differ from the model model.json describes, naming the field: the
+    tensors (its architecture), the first conv's input channels (in_chans), the classifier's
+    outputs (num_classes), or another shape; None when they fit."""
+    target = model.state_dict()
+    missing = [k for k in target if k not in state]
+    unexpected = [k for k in state if k not in target]
+    if missing or unexpected:
+        parts = [f"{len(missing)} of its tensors are not in the weights (e.g. {missing[0]})"
+                 ] if missing else []
+        parts += [f"{len(unexpected)} in the weights are not among its tensors (e.g. "
+                  f"{unexpected[0]})"] if unexpected else []
+        return f"'architecture' does not fit the weights: {', '.join(parts)}"
+    wrong = [k for k in target if state[k].shape != target[k].shape]
+    if not wrong:
+        return None
+    key = wrong[0]
+    field = ("in_chans" if key.startswith(f"{model.pretrained_cfg.get('first_conv')}.") else
+             "num_classes" if key.startswith(f"{classifier_name(model)}.") else "architecture")
+    return (f"'{field}'={meta[field]} gives {key} the shape {tuple(target[key].shape)}, the "
+            f"weights hold {tuple(state[key].shape)}")
 
 
 def export_onnx(path: str | Path, out: str | Path | None = None, opset: int = 18) -> Path:

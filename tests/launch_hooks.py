@@ -29,6 +29,9 @@ if os.environ.get("FT_RECORD_BATCHES"):
     path = os.path.join(os.environ["FT_RECORD_BATCHES"], f"rank{rank}.pt")
 
     def train_batches(*args, **kwargs):
+        if len(recorded) >= args[2]:  # the epoch read again (train.precise_bn): recorded
+            yield from real_batches(*args, **kwargs)
+            return
         epoch = []
         recorded.append(epoch)
         for batch in real_batches(*args, **kwargs):
@@ -40,6 +43,8 @@ if os.environ.get("FT_RECORD_BATCHES"):
         while len(recorded) < epoch:
             recorded.append([])
         batch = real_indices(self, epoch, step)
+        if len(recorded[epoch - 1]) > step:  # read again (train.precise_bn): recorded
+            return batch
         recorded[epoch - 1].append(torch.tensor(batch))
         torch.save(recorded, path)
         return batch

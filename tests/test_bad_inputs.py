@@ -121,7 +121,7 @@ def test_values_checked_before_any_work(tmp_path, capsys, arg, needle):
     (lambda m: json.dumps([1, 2]), "holds no JSON object"),
     (lambda m: json.dumps({**m, "architecture": "resnet999"}), "cannot build: unknown model"),
     (lambda m: json.dumps({**m, "class_names": m["class_names"][:3]}),
-     "3 class_names for num_classes=10"),
+     "'class_names' must be a list of 10 distinct names"),
 ])
 def test_a_damaged_model_json(tmp_path, capsys, tiny_args, damage, needle):
     main(load_config(tiny_args + ["train.epochs=1"]))

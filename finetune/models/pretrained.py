@@ -18,14 +18,29 @@ import json
 import logging
 import pickle
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
-from finetune.errors import WeightsError, first_line, one_line
+from finetune.config import MAX_IMAGE_SIZE
+from finetune.data.images import INTERPOLATIONS
+from finetune.errors import ExportError, FinetuneError, WeightsError, first_line, one_line
+from finetune.fields import (
+    MAX_CHANS,
+    MEAN_RANGE,
+    STD_RANGE,
+    check_fields,
+    integer,
+    is_int,
+    number,
+    numbers,
+    one_of,
+)
 from finetune.models.backbones import (
     TIMM,
     TV,
@@ -107,23 +122,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise WeightsError(f"weights file '{path}' does not exist. {_FIX}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            state_dict = load_file(path)
-        except Exception as e:
-            raise WeightsError(f"cannot read safetensors file '{path}': {e}") from None
+        state_dict = load_safetensors(path)
     else:
-        try:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            raise WeightsError(
-                f"refused to load '{path}': it holds pickled Python objects, not only tensors "
-                f"(only weights_only=True loading is allowed). Save a plain state dict with "
-                f"torch.save(model.state_dict(), PATH) or use .safetensors."
-            ) from None
-        except Exception as e:
-            raise WeightsError(f"cannot read '{path}' as a torch checkpoint: {e}") from None
+        state_dict = _load_torch_file(path)
         # Training checkpoints often nest the weights.
         for key in ("state_dict", "model", "model_state_dict"):
             if isinstance(state_dict, dict) and isinstance(state_dict.get(key), dict):
@@ -133,6 +134,104 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     ):
         raise WeightsError(f"'{path}' does not hold a state dict (a mapping of names to tensors).")
     return _strip_prefixes(state_dict)
+
+
+# --- weights files, opened defensively: a damaged or mislabelled file says what it holds -------
+
+_ZIP, _PICKLE = b"PK\x03\x04", b"\x80"  # how torch.save's files start (zip, legacy pickle)
+_TORCH_KINDS = {"zip": "a zip archive", "pickle": "a pickle"}
+
+
+def _head(path: Path) -> bytes:
+    with path.open("rb") as f:
+        return f.read(9)
+
+
+def _kind(head: bytes) -> str:
+    """What a weights file holds, from its first bytes: "empty", "zip", "pickle",
+    "safetensors" (an 8-byte header length, then the JSON header) or "other"."""
+    if not head:
+        return "empty"
+    if head[8:9] == b"{":
+        return "safetensors"
+    if head.startswith(_ZIP):
+        return "zip"
+    if head.startswith(_PICKLE) and len(head) > 1 and 2 <= head[1] <= 5:  # pickle protocol
+        return "pickle"
+    return "other"
+
+
+def load_safetensors(path: Path, error: type[FinetuneError] = WeightsError,
+                     fix: str | None = None) -> dict[str, torch.Tensor]:
+    """safetensors' ``load_file``; a file it refuses is ``error``: one line saying what the
+    file holds, then ``fix`` (None: model.weights' advice, and to rename torch.save's files)."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except SafetensorError as e:
+        if fix is None:
+            rename = "; rename it to .pth" if _kind(_head(path)) in _TORCH_KINDS else ""
+            fix = f"{rename}. {_FIX}"
+        else:
+            fix = f"; {fix}"
+        raise error(f"{path}: not a readable safetensors file "
+                    f"({_safetensors_problem(path, e)}){fix}") from None
+
+
+def _safetensors_problem(path: Path, e: SafetensorError) -> str:
+    """Why safetensors refused ``path``: empty, torch.save's format, or cut short (its header
+    or its tensors need more bytes than the file has); else the library's own words."""
+    size, head = path.stat().st_size, _head(path)
+    kind = _kind(head)
+    if kind in _TORCH_KINDS:
+        return f"it is {_TORCH_KINDS[kind]} as torch.save writes"
+    if kind == "empty" or size < 8:
+        return "it is empty" if kind == "empty" else f"it is truncated: {size} bytes"
+    if kind == "other":
+        return f"no safetensors header: it starts with bytes {head[:8].hex(' ')}"
+    length = struct.unpack("<Q", head[:8])[0]
+    if length > size - 8:
+        return f"it is truncated: its header alone needs {length + 8} bytes, the file has {size}"
+    with path.open("rb") as f:
+        f.seek(8)
+        try:
+            header = json.loads(f.read(length))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"),
+                      default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return "its header is not JSON naming tensors"
+    if 8 + length + end > size:
+        return f"it is truncated: its tensors need {8 + length + end} bytes, the file has {size}"
+    return first_line(e)
+
+
+def _load_torch_file(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` of a file that holds what torch.save writes (a zip
+    archive or a pickle); anything else, or pickled code, is a one-line :class:`WeightsError`."""
+    head = _head(path)
+    kind = _kind(head)
+    if kind == "empty":
+        raise WeightsError(f"{path}: not a torch checkpoint (it is empty). {_FIX}")
+    if kind == "safetensors":
+        raise WeightsError(f"{path}: not a torch checkpoint (it is a safetensors file; rename it "
+                           f"to .safetensors).")
+    if kind == "other":
+        raise WeightsError(f"{path}: not a torch checkpoint (torch.save writes a zip archive or "
+                           f"a pickle; it starts with bytes {head[:8].hex(' ')}). {_FIX}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise WeightsError(
+            f"refused to load '{path}': it holds pickled Python objects, not only tensors "
+            f"(only weights_only=True loading is allowed). Save a plain state dict with "
+            f"torch.save(model.state_dict(), PATH) or use .safetensors."
+        ) from None
+    except Exception as e:  # torch's zip reader and unpickler raise many kinds
+        said = (first_line(e) or type(e).__name__).partition(". ")[0]
+        raise WeightsError(f"{path}: not a readable torch checkpoint (a damaged or truncated "
+                           f"{_TORCH_KINDS[kind].removeprefix('a ')}: torch.load says {said}). "
+                           f"{_FIX}") from None
 
 
 @dataclass
@@ -209,6 +308,50 @@ def _weights_cfg(cfg: dict) -> dict:
     return {k: cfg[k] for k in keys if cfg.get(k) is not None}
 
 
+def _input_chans(cfg: dict) -> int | None:
+    size = cfg.get("input_size")
+    return size[0] if isinstance(size, list) and size and is_int(size[0]) else None
+
+
+def _input_size(v: Any, _: dict) -> str | None:
+    ok = (isinstance(v, list) and len(v) == 3 and all(is_int(x) for x in v)
+          and 1 <= v[0] <= MAX_CHANS and all(1 <= x <= MAX_IMAGE_SIZE for x in v[1:]))
+    return None if ok else (f"[channels, height, width]: channels from 1 to {MAX_CHANS}, sides "
+                            f"from 1 to {MAX_IMAGE_SIZE}")
+
+
+# --- timm's config.json beside weights, checked field by field (finetune.fields) -------------
+
+# What finetune reads of timm's config.json (the weights' preprocessing), and what it must be.
+TIMM_CONFIG_CHECKS = {
+    "num_classes": integer(1),
+    "pretrained_cfg": {
+        "input_size": _input_size,
+        "mean": numbers(*MEAN_RANGE, _input_chans, "channel: input_size[0]"),
+        "std": numbers(*STD_RANGE, _input_chans, "channel: input_size[0]"),
+        "crop_pct": number(0, 1, lo_open=True),
+        "interpolation": one_of(tuple(INTERPOLATIONS)),
+        "num_classes": integer(1),
+    },
+}
+
+
+def read_timm_config(config: Path) -> dict:
+    """The weights' preprocessing from timm's ``config.json`` beside them (its
+    ``pretrained_cfg``, and ``num_classes``), every field read checked."""
+    fix = "fix or remove it."
+    try:
+        data = json.loads(config.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{config} is not JSON ({e}); {fix}") from None
+    if not isinstance(data, dict):
+        raise WeightsError(f"{config} holds no JSON object; {fix}")
+    check_fields(config, data, TIMM_CONFIG_CHECKS, WeightsError, fix)
+    return _weights_cfg({**data.get("pretrained_cfg", {}),
+                         **({"num_classes": data["num_classes"]} if "num_classes" in data
+                            else {})})
+
+
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
@@ -221,17 +364,8 @@ def _read_local(path: Path) -> Fetched:
             raise WeightsError(f"weights folder '{path}' holds none of {', '.join(WEIGHT_FILES)}."
                                f" {_FIX}")
         path = found[0]
-    cfg = {}
     config = path.with_name("config.json")
-    if config.is_file():
-        try:
-            timm_config = json.loads(config.read_text())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise WeightsError(f"{config} is not JSON ({e}); fix or remove it.") from None
-        if isinstance(timm_config, dict) and isinstance(timm_config.get("pretrained_cfg"), dict):
-            cfg = _weights_cfg({**timm_config["pretrained_cfg"],
-                                **({"num_classes": timm_config["num_classes"]}
-                                   if "num_classes" in timm_config else {})})
+    cfg = read_timm_config(config) if config.is_file() else {}
     return Fetched(read_state_dict(path), str(path.resolve()), cfg)
 
 
@@ -273,14 +407,7 @@ def weights_input_size(name: str, weights: str | None) -> int | None:
     kind, _, arg = source.partition(":")
     path = Path(source).expanduser()
     if path.exists():
-        folder = path if path.is_dir() else path.parent
-        for file, key in (("model.json", "image_size"), ("config.json", "pretrained_cfg")):
-            try:
-                value = json.loads((folder / file).read_text())[key]
-                return int(value) if key == "image_size" else int(value["input_size"][-1])
-            except (OSError, ValueError, KeyError, TypeError, IndexError):
-                continue
-        return None
+        return _local_input_size(path if path.is_dir() else path.parent)
     if kind == "timm":
         size = timm_cfg(arg.removeprefix("timm/") if arg else name.removeprefix(TIMM)).get(
             "input_size")
@@ -294,6 +421,25 @@ def weights_input_size(name: str, weights: str | None) -> int | None:
     else:
         size = get_pretrained_cfg(name).get("input_size")
     return int(size[-1]) if size else None
+
+
+def _local_input_size(folder: Path) -> int | None:
+    """The input size a finetune export (model.json's ``image_size``) or timm's config.json
+    in ``folder`` records, checked: it sizes the data before the weights load. (Of model.json
+    only this field is read here; finetune.export reads and checks the whole file when the
+    weights load, and models/ cannot import it.)"""
+    meta_file = folder / "model.json"
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError):
+        meta = None  # absent, or damaged: finetune.export says how when it reads the file
+    if isinstance(meta, dict) and "image_size" in meta:
+        check_fields(meta_file, meta, {"image_size": integer(1, MAX_IMAGE_SIZE)}, ExportError,
+                     "the export is damaged: export the run again, or restore the file.")
+        return meta["image_size"]
+    config = folder / "config.json"
+    size = read_timm_config(config).get("input_size") if config.is_file() else None
+    return size[-1] if size else None
 
 
 def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module, first_conv: str,
