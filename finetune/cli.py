@@ -305,16 +305,18 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help (0) or a usage error (2), already printed
         return e.code if isinstance(e.code, int) else 2
     _setup_logging()
-    terminate_as_interrupt()
     try:
-        ns.run(ns)
+        with terminate_as_interrupt():
+            ns.run(ns)
     except Interrupted as e:  # stopped by a signal after saving where it was
         print(str(e), file=sys.stderr)
         return e.status
     except KeyboardInterrupt as e:  # outside a training loop, or a third signal inside one
         name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
-        print(f"interrupted ({name}) before the next step could be saved; a run's folder "
-              f"keeps its last complete checkpoint (resume=auto).", file=sys.stderr)
+        kept = ("before the next step could be saved; a run's folder keeps its last complete "
+                "checkpoint (resume=auto)" if ns.command in ("train", "compare")
+                else "no file was left half-written")
+        print(f"interrupted ({name}) {kept}.", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     except (FinetuneError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

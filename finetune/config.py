@@ -387,6 +387,14 @@ def parse_overrides(args: list[str]) -> list[str]:
 
 def load_config(args: list[str]) -> Config:
     """Build a validated :class:`Config` from ``recipe=NAME`` and ``key=value`` arguments."""
+    for arg in args:  # a path from the shell that is not UTF-8 cannot be written to YAML/JSON
+        try:
+            arg.encode()
+        except UnicodeEncodeError:
+            shown = arg.encode(errors="surrogateescape").decode(errors="backslashreplace")
+            raise ConfigError(f"{shown}: not valid UTF-8 (the config and exports are written "
+                              f"as UTF-8); rename the file or folder, e.g. with convmv -f "
+                              f"latin1 -t utf8 --notest.") from None
     options, rest = split_options(list(args), ("recipe",))
     recipe = options.get("recipe")
 
@@ -504,9 +512,13 @@ def _check_balance(cfg: Config) -> None:
 
 def _check_transforms(d: DataConfig) -> None:
     """The streaming path's settings."""
-    if d.streaming and (d.val_split or d.placement not in ("auto", "stream")):
-        raise ConfigError("data.streaming=true streams batches (data.placement=stream) and "
-                          "cannot hold out data.val_split; drop those keys.")
+    if d.streaming and d.val_split:
+        raise ConfigError("data.streaming=true cannot hold out data.val_split (a stream is not "
+                          "held); drop data.val_split, or use data.streaming=false.")
+    if d.streaming and d.placement not in ("auto", "stream"):
+        raise ConfigError(f"data.streaming=true streams batches, so data.placement="
+                          f"{d.placement} cannot hold them; set data.placement=stream (or auto), "
+                          f"or use data.streaming=false.")
     if d.interpolation not in (None, "bilinear", "bicubic", "nearest", "lanczos"):
         raise ConfigError(f"invalid value {d.interpolation!r} for 'data.interpolation'. "
                           f"Valid values: bilinear, bicubic, nearest, lanczos.")

@@ -30,6 +30,7 @@ from finetune.runs import (
     METRICS,
     RELIABILITY,
     config_file,
+    held_run,
     lock_run,
     read_metrics,
 )
@@ -158,6 +159,10 @@ def evaluate_run(run_dir: str | Path, overrides: list[str], tta: bool = False) -
     run_dir = Path(run_dir)
     options, overrides = split_options(overrides, ("output_dir",))
     out = Path(options["output_dir"]) if options.get("output_dir") else run_dir
+    if out.resolve() != Path(run_dir).resolve() and held_run(out):
+        raise ConfigError(f"output_dir={out} holds another run ({', '.join(held_run(out))}): "
+                          f"its evaluation files would be replaced by this model's; pass a "
+                          f"folder of its own.")
     saved = config_file(run_dir)
     cfg = load_config(([f"recipe={saved}"] if saved else []) + overrides)
     state = start_processes()

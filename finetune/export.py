@@ -27,6 +27,7 @@ from finetune.fields import (
     number,
     numbers,
     one_of,
+    read_json_object,
     text,
 )
 from finetune.files import atomic_write, atomic_write_text
@@ -143,12 +144,7 @@ def exported_meta(folder: str | Path) -> dict:
 
 
 def _read_json(meta_file: Path) -> dict:
-    try:
-        meta = json.loads(meta_file.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ExportError(f"{meta_file} is not JSON ({e}); {DAMAGED}") from None
-    if not isinstance(meta, dict):
-        raise ExportError(f"{meta_file} holds no JSON object; {DAMAGED}")
+    meta = read_json_object(meta_file, ExportError, DAMAGED)
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise ExportError(f"{meta_file}: missing fields {missing}; {DAMAGED}")

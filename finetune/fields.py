@@ -84,3 +84,14 @@ def check_fields(file: Path, obj: dict, checks: dict, error: type[FinetuneError]
             raise error(f"{file}: '{name}' must be {want}, got {shown}; {fix}")
         if isinstance(check, dict):
             check_fields(file, value, check, error, fix, f"{name}.")
+
+
+def read_json_object(file: Path, error: type[FinetuneError], fix: str) -> dict:
+    """The JSON object in ``file``; ``error`` naming it when it is not JSON or no object."""
+    try:
+        data = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise error(f"{file} is not JSON ({e}); {fix}") from None
+    if not isinstance(data, dict):
+        raise error(f"{file} holds no JSON object; {fix}")
+    return data

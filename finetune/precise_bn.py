@@ -21,6 +21,7 @@ from torch import nn
 
 from finetune.config import TrainConfig
 from finetune.data.loader import BatchTransform, TrainLoader
+from finetune.errors import ConfigError
 from finetune.models import batchnorm
 
 log = logging.getLogger(__name__)
@@ -59,15 +60,27 @@ def refresh_bn(cfg: TrainConfig, models: list[nn.Module], loader: TrainLoader,
 
 
 FEW_STEPS = 20  # fewer steps per epoch than this: a warning with a smaller batch
+MIN_SUGGESTED = 16  # the smallest batch the warning suggests
 
 
-def warn_few_steps(cfg: TrainConfig, steps: int, images: int, processes: int) -> None:
-    """Warn when an epoch is too few steps for the schedule and the batch norms' running
-    averages to follow the weights, and suggest a batch size that gives ~20 steps."""
+def check_batches(cfg: TrainConfig, steps: int, images: int, processes: int,
+                  norms: list[str]) -> None:
+    """For a model whose batch norms train (``norms``): refuse slices of one image (a batch
+    norm's statistics of one value per channel are undefined), and warn when an epoch is too
+    few steps for the running averages to follow the weights, suggesting a batch size."""
+    if not norms:
+        return
+    per_slice = cfg.batch_size // processes // cfg.accumulate
+    if per_slice < 2:
+        raise ConfigError(
+            f"train.batch_size={cfg.batch_size} over {processes} process(es) and "
+            f"train.accumulate={cfg.accumulate} gives batch-norm slices of {per_slice} image; "
+            f"batch norm ({norms[0]}, ...) needs at least 2. Raise train.batch_size, or lower "
+            f"train.accumulate.")
     if steps >= FEW_STEPS:
         return
-    batch = max(processes, 2 ** max(0, (images // FEW_STEPS).bit_length() - 1))
-    batch -= batch % processes
+    batch = 2 ** max(0, (images // FEW_STEPS).bit_length() - 1)
+    batch = max(batch, MIN_SUGGESTED, 2 * processes * cfg.accumulate)
     hint = f" (e.g. train.batch_size={batch})" if batch < cfg.batch_size else ""
     log.warning("an epoch is only %d steps of train.batch_size=%d over %d training images: "
                 "the batch norms' running statistics lag the weights%s; consider a smaller "

@@ -58,6 +58,7 @@ def output_dir(cfg: Config) -> Path:
                               f"output_dir={cfg.output_dir}; drop output_dir or make them agree.")
         return out
     elif cfg.output_dir:
+        _check_name_lengths(Path(cfg.output_dir))  # before anything looks it up
         return Path(cfg.output_dir)
     elif cfg.resume == "auto":
         raise ConfigError("resume=auto needs output_dir=PATH: the folder of the run to continue.")
@@ -136,7 +137,14 @@ def _make(folder: Path) -> None:
 def _check_name_lengths(folder: Path) -> None:
     """Every name in ``folder`` short enough for its file system, with room for the hidden
     ``.NAME.new``/``.NAME.old`` folders a replacing run makes beside it."""
-    existing = next(p for p in [folder.absolute(), *folder.absolute().parents] if p.exists())
+    existing = Path(folder.absolute().anchor)
+    for p in reversed(folder.absolute().parents):  # from the root down, while they exist
+        try:
+            if not p.is_dir():
+                break
+        except OSError:  # a name too long to look up
+            break
+        existing = p
     try:
         limit = os.pathconf(existing, "PC_NAME_MAX")
     except (OSError, ValueError):

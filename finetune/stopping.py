@@ -13,8 +13,10 @@ loop has finished its step.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -44,10 +46,17 @@ def _terminated(signum: int, frame) -> None:
     raise Terminated
 
 
-def terminate_as_interrupt() -> None:
-    """SIGTERM unwinds the program like SIGINT does (main thread only)."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminated)
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """While inside, SIGTERM unwinds the program like SIGINT does (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, saved)
 
 
 class Stop:

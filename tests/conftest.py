@@ -127,6 +127,20 @@ def launch_two_cpu_processes(*args: str, launcher: str = "torchrun", env: dict |
     return out
 
 
+def refused(capsys, argv: list[str], *needles: str) -> str:
+    """Run ``finetune ARGV``: it must fail with exit status 2 and exactly one ``error:`` line,
+    which names every one of ``needles``, and no traceback. The line."""
+    from finetune.cli import main
+
+    code = main(argv)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
 @pytest.fixture
 def fmnist_dir(tmp_path: Path) -> Path:
     return write_fake_fmnist(tmp_path / "fmnist")

@@ -7,7 +7,7 @@ import struct
 import numpy as np
 import pytest
 import torch
-from conftest import write_fake_fmnist, write_idx
+from conftest import refused, write_fake_fmnist, write_idx
 from PIL import Image
 
 from finetune.cli import main as cli_main
@@ -15,16 +15,6 @@ from finetune.config import load_config
 from finetune.data.samples import preload
 from finetune.data.sources import load_imagefolder
 from finetune.train import main
-
-
-def _refused(capsys, argv: list[str], *needles: str) -> str:
-    code = cli_main(argv)
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    return errors[0]
 
 
 def _train(tmp_path, data, *extra) -> list[str]:
@@ -47,16 +37,16 @@ def test_idx_files_of_the_wrong_kind(tmp_path, capsys, split, what, array, code,
     data = write_fake_fmnist(tmp_path / "d", gz=False)
     stem = f"{split}-{what}-idx{3 if what == 'images' else 1}-ubyte"
     _write_raw_idx(data / stem, array, code)
-    _refused(capsys, _train(tmp_path, data), str(data), needle)
+    refused(capsys, _train(tmp_path, data), str(data), needle)
     assert not (tmp_path / "run").exists()
 
 
 def test_one_class_and_duplicate_class_names(tmp_path, capsys):
     data = write_fake_fmnist(tmp_path / "d")
     (data / "classes.txt").write_text("a\nb\nc\nd\ne\nf\ng\nh\ni\na\n")
-    _refused(capsys, _train(tmp_path, data), "at least two classes with distinct names")
+    refused(capsys, _train(tmp_path, data), "at least two classes with distinct names")
     (data / "classes.txt").unlink()
-    _refused(capsys, _train(tmp_path, data, "data.classes=[Trouser]"),
+    refused(capsys, _train(tmp_path, data, "data.classes=[Trouser]"),
              "at least two classes", "'Trouser'")
 
 
@@ -81,7 +71,7 @@ def test_predict_refuses_bombs_and_bad_top_k(tmp_path, capsys, tiny_args):
     run = tmp_path / "run"
     big = tmp_path / "big.png"
     Image.new("L", (14_000, 14_000)).save(big)  # over twice PIL's limit: an error
-    _refused(capsys, ["predict", str(run), str(big)], str(big), "Downscale")
+    refused(capsys, ["predict", str(run), str(big)], str(big), "Downscale")
     assert cli_main(["predict", str(run), str(big), "--top-k", "-1"]) == 2
     assert "--top-k: must be a positive integer, got -1" in capsys.readouterr().err
     grey16 = tmp_path / "g16.png"
@@ -102,7 +92,7 @@ def test_predict_refuses_bombs_and_bad_top_k(tmp_path, capsys, tiny_args):
 def test_recipe_files_that_are_not_a_mapping(tmp_path, capsys, text, needle):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text(text)
-    _refused(capsys, ["show", f"recipe={recipe}"], str(recipe), needle)
+    refused(capsys, ["show", f"recipe={recipe}"], str(recipe), needle)
 
 
 @pytest.mark.parametrize("arg, needle", [
@@ -112,7 +102,7 @@ def test_recipe_files_that_are_not_a_mapping(tmp_path, capsys, text, needle):
     ("data.image_size=20000", "'data.image_size' is at most 4096, got 20000"),
 ])
 def test_values_checked_before_any_work(tmp_path, capsys, arg, needle):
-    _refused(capsys, _train(tmp_path, tmp_path / "nowhere", arg), needle)
+    refused(capsys, _train(tmp_path, tmp_path / "nowhere", arg), needle)
     assert not (tmp_path / "run").exists()
 
 
@@ -127,10 +117,10 @@ def test_a_damaged_model_json(tmp_path, capsys, tiny_args, damage, needle):
     main(load_config(tiny_args + ["train.epochs=1"]))
     meta_file = tmp_path / "run" / "model.json"
     meta_file.write_text(damage(json.loads(meta_file.read_text())))
-    _refused(capsys, ["evaluate", str(tmp_path / "run")], "model.json", needle)
+    refused(capsys, ["evaluate", str(tmp_path / "run")], "model.json", needle)
     img = tmp_path / "x.png"
     Image.new("L", (28, 28)).save(img)
-    _refused(capsys, ["predict", str(tmp_path / "run"), str(img)], "model.json", needle)
+    refused(capsys, ["predict", str(tmp_path / "run"), str(img)], "model.json", needle)
 
 
 def test_write_idx_helper_is_what_the_reader_reads(tmp_path):

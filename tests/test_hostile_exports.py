@@ -10,9 +10,9 @@ import struct
 
 import pytest
 import torch
+from conftest import refused
 from PIL import Image
 
-from finetune.cli import main as cli_main
 from finetune.config import load_config
 from finetune.train import main as train_main
 
@@ -32,15 +32,6 @@ def run(tmp_path_factory):
     AcceleratorState._reset_state(reset_partial_state=True)
     return root / "run"
 
-
-def _refused(capsys, argv: list[str], *needles: str) -> str:
-    code = cli_main(argv)
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    return errors[0]
 
 
 def _copy(run, tmp_path, skip: tuple[str, ...] = ()):
@@ -108,13 +99,13 @@ def test_a_field_of_model_json(run, tmp_path, capsys, command, field, value, nee
     meta = json.loads((run / "model.json").read_text())
     out = _with_meta(run, tmp_path, json.dumps({**meta, field: value}))
     argv = [command, str(out)] + ([_image(tmp_path)] if command == "predict" else [])
-    _refused(capsys, argv, str(out / "model.json"), f"'{field}", needle)
+    refused(capsys, argv, str(out / "model.json"), f"'{field}", needle)
 
 
 def test_num_classes_against_class_names(run, tmp_path, capsys):
     meta = json.loads((run / "model.json").read_text())
     out = _with_meta(run, tmp_path, json.dumps({**meta, "num_classes": 12}))
-    _refused(capsys, ["predict", str(out), _image(tmp_path)], str(out / "model.json"),
+    refused(capsys, ["predict", str(out), _image(tmp_path)], str(out / "model.json"),
              "'class_names' must be a list of 12 distinct names", "(num_classes=12)")
 
 
@@ -129,7 +120,7 @@ def test_num_classes_against_class_names(run, tmp_path, capsys):
 def test_model_json_that_does_not_fit_the_weights(run, tmp_path, capsys, change, needle):
     meta = json.loads((run / "model.json").read_text())
     out = _with_meta(run, tmp_path, json.dumps({**meta, **change}))
-    _refused(capsys, ["predict", str(out), _image(tmp_path)], str(out / "model.safetensors"),
+    refused(capsys, ["predict", str(out), _image(tmp_path)], str(out / "model.safetensors"),
              "does not match model.json", needle)
 
 
@@ -141,13 +132,13 @@ def test_model_json_that_does_not_fit_the_weights(run, tmp_path, capsys, change,
 ])
 def test_model_json_that_is_no_object(run, tmp_path, capsys, text, needle):
     out = _with_meta(run, tmp_path, text)
-    _refused(capsys, ["predict", str(out), _image(tmp_path)], str(out / "model.json"), needle)
+    refused(capsys, ["predict", str(out), _image(tmp_path)], str(out / "model.json"), needle)
 
 
 def test_model_json_that_is_not_text(run, tmp_path, capsys):
     out = _copy(run, tmp_path, skip=("model.json",))
     (out / "model.json").write_bytes(b'{"architecture": "\xff\xfe"}')
-    _refused(capsys, ["evaluate", str(out)], str(out / "model.json"), "is not JSON")
+    refused(capsys, ["evaluate", str(out)], str(out / "model.json"), "is not JSON")
 
 
 # --- an export's model.safetensors, damaged ------------------------------------------------------
@@ -175,7 +166,7 @@ def test_a_damaged_export_weights_file(run, tmp_path, capsys, command, damage, n
     out = _copy(run, tmp_path, skip=("model.safetensors",))
     (out / "model.safetensors").write_bytes(data)
     argv = [command, str(out)] + ([_image(tmp_path)] if command == "predict" else [])
-    _refused(capsys, argv, str(out / "model.safetensors"), needle)
+    refused(capsys, argv, str(out / "model.safetensors"), needle)
 
 
 def _saved(obj, zip: bool = True) -> bytes:
@@ -214,7 +205,7 @@ def _train(tmp_path, run, *extra) -> list[str]:
 def test_a_weights_file_that_is_not_what_it_says(run, tmp_path, capsys, name, damage, needle):
     weights = tmp_path / name
     weights.write_bytes(damage(run))
-    _refused(capsys, _train(tmp_path, run, f"model.weights={weights}"), str(weights), needle)
+    refused(capsys, _train(tmp_path, run, f"model.weights={weights}"), str(weights), needle)
     assert not (tmp_path / "out").exists()
 
 
@@ -227,7 +218,7 @@ def test_a_pickle_payload_in_a_weights_file_never_runs(run, tmp_path, capsys):
 
     weights = tmp_path / "w.pth"
     weights.write_bytes(pickle.dumps({"fc.weight": Payload()}, protocol=2))
-    _refused(capsys, _train(tmp_path, run, f"model.weights={weights}"), str(weights))
+    refused(capsys, _train(tmp_path, run, f"model.weights={weights}"), str(weights))
     assert not marker.exists()
 
 
@@ -254,7 +245,7 @@ def test_a_field_of_timm_config_json(run, tmp_path, capsys, cfg, field, needle, 
     (folder / "config.json").write_text(json.dumps(good))
     argv = _train(tmp_path, run, f"model.weights={folder}")
     argv = [a for a in argv if not a.startswith("data.image_size=")] + ([size] if size else [])
-    _refused(capsys, argv, str(folder / "config.json"), f"'{field}'", needle)
+    refused(capsys, argv, str(folder / "config.json"), f"'{field}'", needle)
 
 
 @pytest.mark.parametrize("config, needle", [
@@ -265,7 +256,7 @@ def test_a_field_of_timm_config_json(run, tmp_path, capsys, cfg, field, needle, 
 def test_timm_config_json_that_is_no_config(run, tmp_path, capsys, config, needle):
     folder = _copy(run, tmp_path, skip=("model.json", "config.json"))
     (folder / "config.json").write_text(config)
-    _refused(capsys, _train(tmp_path, run, f"model.weights={folder}"),
+    refused(capsys, _train(tmp_path, run, f"model.weights={folder}"),
              str(folder / "config.json"), needle)
 
 
@@ -275,10 +266,37 @@ def test_model_json_beside_weights_is_checked_before_the_data(run, tmp_path, cap
     folder = _with_meta(run, tmp_path, json.dumps({**meta, "image_size": 10**9}))
     argv = _train(tmp_path, run, f"model.weights={folder}")
     argv = [a for a in argv if not a.startswith("data.image_size=")] + ([size] if size else [])
-    _refused(capsys, argv, str(folder / "model.json"), "'image_size'", "from 1 to 4096")
+    refused(capsys, argv, str(folder / "model.json"), "'image_size'", "from 1 to 4096")
 
 
 def test_header_of_the_fixture_is_what_the_checks_read(run):
     # the damage above cuts a real file: its header must be shorter than 300 bytes + 8
     head = (run / "model.safetensors").read_bytes()[:8]
     assert 300 < struct.unpack("<Q", head)[0] + 8
+
+
+@pytest.mark.parametrize("values, needle", [
+    (lambda w: w.to(torch.int64), "as int64, not floating-point weights"),
+    (lambda w: w.fill_(float("nan")), "non-finite values (NaN or inf) in conv1.weight"),
+])
+def test_weights_that_are_not_finite_floats(run, tmp_path, capsys, values, needle):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(run / "model.safetensors")
+    state["conv1.weight"] = values(state["conv1.weight"].clone())
+    weights = tmp_path / "w.safetensors"
+    save_file(state, weights)
+    refused(capsys, _train(tmp_path, run, f"model.weights={weights}"), str(weights), needle)
+    out = _copy(run, tmp_path, skip=("model.safetensors",))  # the same as a run's export
+    save_file(state, out / "model.safetensors")
+    refused(capsys, ["predict", str(out), _image(tmp_path)], str(out / "model.safetensors"),
+            needle, "the export is damaged")
+
+
+def test_evaluate_refuses_to_write_into_another_run(run, tmp_path, capsys):
+    other = _copy(run, tmp_path)
+    before = (other / "metrics.jsonl").read_text()
+    refused(capsys, ["evaluate", str(run), f"output_dir={other}"],
+            f"output_dir={other} holds another run")
+    assert not (other / "evaluation.json").exists()
+    assert (other / "metrics.jsonl").read_text() == before

@@ -40,6 +40,7 @@ from finetune.fields import (
     number,
     numbers,
     one_of,
+    read_json_object,
 )
 from finetune.models.backbones import (
     TIMM,
@@ -133,6 +134,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         isinstance(v, torch.Tensor) for v in state_dict.values()
     ):
         raise WeightsError(f"'{path}' does not hold a state dict (a mapping of names to tensors).")
+    check_values(path, state_dict)
     return _strip_prefixes(state_dict)
 
 
@@ -168,7 +170,7 @@ def load_safetensors(path: Path, error: type[FinetuneError] = WeightsError,
     from safetensors.torch import load_file
 
     try:
-        return load_file(path)
+        state = load_file(path)
     except SafetensorError as e:
         if fix is None:
             rename = "; rename it to .pth" if _kind(_head(path)) in _TORCH_KINDS else ""
@@ -177,6 +179,25 @@ def load_safetensors(path: Path, error: type[FinetuneError] = WeightsError,
             fix = f"; {fix}"
         raise error(f"{path}: not a readable safetensors file "
                     f"({_safetensors_problem(path, e)}){fix}") from None
+    check_values(path, state, error, fix)
+    return state
+
+
+def check_values(path: Path, state: dict, error: type[FinetuneError] = WeightsError,
+                 fix: str | None = None) -> None:
+    """Weights are finite floating-point numbers (a step counter may be an integer): an
+    integer or non-finite tensor is ``error`` naming the file and the tensor."""
+    for name, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor) or name.endswith("num_batches_tracked"):
+            continue
+        if not (tensor.is_floating_point() or tensor.is_complex()):
+            problem = f"holds {name} as {str(tensor.dtype).removeprefix('torch.')}, not " \
+                      f"floating-point weights"
+        elif not bool(torch.isfinite(tensor).all()):
+            problem = f"holds non-finite values (NaN or inf) in {name}"
+        else:
+            continue
+        raise error(f"{path} {problem}; " + (fix or f"these are not usable weights. {_FIX}"))
 
 
 def _safetensors_problem(path: Path, e: SafetensorError) -> str:
@@ -340,12 +361,7 @@ def read_timm_config(config: Path) -> dict:
     """The weights' preprocessing from timm's ``config.json`` beside them (its
     ``pretrained_cfg``, and ``num_classes``), every field read checked."""
     fix = "fix or remove it."
-    try:
-        data = json.loads(config.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise WeightsError(f"{config} is not JSON ({e}); {fix}") from None
-    if not isinstance(data, dict):
-        raise WeightsError(f"{config} holds no JSON object; {fix}")
+    data = read_json_object(config, WeightsError, fix)
     check_fields(config, data, TIMM_CONFIG_CHECKS, WeightsError, fix)
     return _weights_cfg({**data.get("pretrained_cfg", {}),
                          **({"num_classes": data["num_classes"]} if "num_classes" in data
