@@ -263,7 +263,7 @@ def _resident(data: Data | None, cfg: Config, interpolation: str) -> Data | None
     if bad:
         log.warning("skipped %d bad images of %d (data.skip_bad_images=true), e.g. %s",
                     len(bad), len(data), bad[0])
-    return ImageData(images, labels, data.classes)
+    return ImageData(images, labels, data.classes, len(bad))
 
 
 def _placed(cfg: Config, splits: tuple[Data, Data, Data | None], placement: str, why: str,

@@ -84,11 +84,41 @@ def disagreements(flat: dict[str, dict], keys: tuple[str, ...]) -> dict[str, str
             for k in keys if len({f[k] for f in flat.values()}) > 1}
 
 
+# A budget setting that did not decide a run's data (data.hf_name of a run on IDX files).
+NOT_USED = "(not used)"
+_HUB_ONLY = ("data.hf_name", "data.hf_config")
+_HF_ONLY = ("data.train_split", "data.test_split", "data.streaming")
+
+
+def _used_hub_name(run: Run) -> bool:
+    """Whether data.hf_name (and hf_config) chose the run's data: the hub by name, or a local
+    folder read by the named builder; not a save_to_disk folder or parquet files."""
+    kind, _, where = str(run.meta.get("data", "")).partition(":")
+    if kind == "hf-stream" and run.config.data.root:
+        root = Path(run.config.data.root).expanduser()
+        return not (root.suffix == ".parquet" or (root / "dataset_dict.json").is_file()
+                    or (root / "state.json").is_file() or any(root.rglob("*.parquet")))
+    return kind not in ("idx", "imagefolder", "hf-disk", "hf-parquet")
+
+
+def budget_settings(run: Run) -> dict:
+    """The run's flat config, its budget settings that did not affect its data (as the
+    model.json ``data`` field records where the data came from) shown as :data:`NOT_USED`.
+    Runs that did not record their data source keep every setting."""
+    flat = flat_config(run.config)
+    kind = str(run.meta.get("data", "")).partition(":")[0]
+    if not kind:
+        return flat
+    unused = [*(_HF_ONLY if kind in ("idx", "imagefolder") else ()),
+              *(() if _used_hub_name(run) else _HUB_ONLY)]
+    return {**flat, **dict.fromkeys(unused, NOT_USED)}
+
+
 def budget_differences(runs: list[Run]) -> list[str]:
     """``key: label=value, ...`` for each budget key on which runs of one size disagree."""
     out = []
     for size in sorted({r.size for r in runs}):
-        flat = {r.label: flat_config(r.config) for r in runs if r.size == size}
+        flat = {r.label: budget_settings(r) for r in runs if r.size == size}
         out += disagreements(flat, BUDGET_KEYS).values()
     return out
 

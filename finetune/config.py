@@ -344,12 +344,27 @@ def read_recipe(path: Path) -> DictConfig:
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"recipe {path} must be a mapping of keys (model:, data:, train:, "
                           f"...), not a {type(loaded).__name__}.")
+    for section in sorted(_SECTIONS & set(loaded.keys())):
+        if not isinstance(loaded._get_node(section), DictConfig):
+            value = show_value(OmegaConf.to_container(loaded)[section])
+            raise ConfigError(f"recipe {path}: section '{section}' is {value}, not a mapping of "
+                              f"keys; give it indented keys ({section}:, then e.g. "
+                              f"'  {_example_key(section)}: ...') or leave the section out.")
     return loaded
+
+
+def _example_key(section: str) -> str:
+    return next(k for k in SCHEMA_KEYS if k.startswith(section + ".")).split(".", 1)[1]
 
 
 def _recipe_path(name: str) -> Path:
     path = Path(name)
     if path.suffix in (".yaml", ".yml"):
+        if path.is_dir():
+            inside = sorted(p.name for p in path.glob("*.y*ml"))[:5]
+            raise ConfigError(f"recipe={name} is a folder, not a recipe file; pass a .yaml "
+                              f"file" + (f" in it ({', '.join(inside)})" if inside else "")
+                              + ".")
         if not path.is_file():
             raise ConfigError(f"recipe file '{name}' does not exist.")
         return path

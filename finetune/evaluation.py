@@ -93,8 +93,9 @@ def evaluate(model: nn.Module, data: Data, transform: BatchTransform, loader,
               **{f"test_{key}": value for key, value in scores.items() if key != "acc"},
               "confusion": confusion.tolist(),
               "calibration": [[round(v, 6) for v in row] for row in calibration.tolist()]}
-    if n < len(data):
-        result["test_skipped"] = len(data) - n
+    skipped = len(data) - n + getattr(data, "dropped", 0)  # resident: dropped when decoded
+    if skipped:
+        result["test_skipped"] = skipped
     return result
 
 

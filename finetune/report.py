@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from finetune import plots
-from finetune.compare import BUDGET_KEYS, Summary, label_runs, summarize
+from finetune.compare import BUDGET_KEYS, NOT_USED, Summary, budget_settings, label_runs, summarize
 from finetune.config import Config, flat_config, show_value
 from finetune.errors import FinetuneError
 from finetune.files import atomic_write_text
@@ -96,10 +96,12 @@ def classes_block(runs: list[Run]) -> Block:
 
 def budget_block(runs: list[Run]) -> Block:
     """The budget every run shares, and the budget settings some runs do not share."""
-    flats = [flat_config(r.config) for r in runs]
+    flats = [budget_settings(r) for r in runs]
     keys = [k for k in BUDGET_KEYS if k != "data.train_limit"]  # the sizes say it
-    shared = [k for k in keys if len({f[k] for f in flats}) == 1]
-    differ = [k for k in keys if k not in shared]
+    # (a setting no run's data depended on, e.g. data.hf_name of IDX runs, is left out)
+    used = [k for k in keys if any(f[k] != NOT_USED for f in flats)]
+    shared = [k for k in used if len({f[k] for f in flats}) == 1]
+    differ = [k for k in used if k not in shared]
     sizes = sorted({r.size for r in runs})
     text = ("Budget: training images " + ", ".join(f"{s:,d}" for s in sizes) + "; shared by "
             "every run: " + (", ".join(f"`{k}={show_value(flats[0][k])}`" for k in shared)
@@ -114,7 +116,7 @@ def settings_blocks(runs: list[Run], labels: list[str]) -> list[Block]:
     """The budget, the classes, the other settings all runs share where they are not
     finetune's defaults, and a table of the settings that tell the recipes apart (budget
     settings too, when the runs do not share them)."""
-    flat = {label: flat_config(next(r.config for r in runs if r.label == label))
+    flat = {label: budget_settings(next(r for r in runs if r.label == label))
             for label in labels}
     defaults = flat_config(Config())
     skip = {"train.seed", "output_dir", "resume", "overwrite", "description", "recipe",

@@ -17,6 +17,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import math
 import os
 import shutil
 import time
@@ -263,13 +264,63 @@ def write_metrics(out: Path, records: list[dict]) -> None:
     atomic_write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in records))
 
 
+# The numbers of a record that finetune reads back (reports, comparisons, resumes): each a
+# finite number where present.
+_NUMBERS = ("train_loss", "train_acc", "test_acc", "test_loss", "test_top5_acc",
+            "test_balanced_acc", "test_macro_f1", "test_ece", "val_acc", "ema_test_acc",
+            "epoch_time", "eval_time", "train_images_per_sec", "compile_time", "lr")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
+def _record_problem(record: object) -> str | None:
+    """What is wrong with one parsed line of metrics.jsonl, or None."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not a JSON object (one epoch's record)"
+    epoch = record.get("epoch")
+    if not (isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 1):
+        return f"field 'epoch' is {json.dumps(epoch)}, not a whole number from 1"
+    for key in _NUMBERS:
+        if key in record and record[key] is not None and not _is_number(record[key]):
+            return f"field '{key}' is {json.dumps(record[key])}, not a finite number"
+    losses = record.get("batch_loss", [])
+    if not (isinstance(losses, list) and all(map(_is_number, losses))):
+        return "field 'batch_loss' is not a list of finite numbers"
+    return None
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The records of ``<run_dir>/metrics.jsonl``, one per finished epoch."""
+    """The records of ``<run_dir>/metrics.jsonl``, one per finished epoch; a one-line error
+    naming the line of a record that is not valid JSON, or lacks or garbles what is read."""
     path = Path(run_dir) / METRICS
     if not path.is_file():
         raise ConfigError(f"{run_dir} holds no {METRICS}: not a finetune run folder, or "
                           f"its first epoch has not finished.")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    fix = (f"restore the file from a copy, or delete that line and the ones after it and finish "
+           f"the run with `finetune train recipe={Path(run_dir) / CONFIG} output_dir={run_dir} "
+           f"resume=auto`.")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                          f"{fix}") from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}, line {number}: not a complete JSON record ({e.msg}, "
+                              f"column {e.colno}; a run killed mid-write?); {fix}") from None
+        problem = _record_problem(record)
+        if problem:
+            raise ConfigError(f"{path}, line {number}: {problem}; {fix}")
+        records.append(record)
+    return records
 
 
 def metrics_before(out: Path, epoch: int) -> list[dict]:
@@ -388,6 +439,13 @@ def read_run(path: str | Path) -> Run:
         raise ConfigError(f"{path} is not a finetune run folder (no {CONFIG}).")
     cfg = load_config([f"recipe={path / CONFIG}"])
     records = read_metrics(path)
+    for record in records:  # what reports and comparisons read of every epoch
+        missing = [k for k in ("test_acc", "epoch_time", "train_images_per_sec")
+                   if record.get(k) is None]
+        if missing:
+            raise ConfigError(f"{path / METRICS}: the record of epoch {record['epoch']} lacks "
+                              f"{', '.join(missing)}; restore the file from a copy, or leave "
+                              f"the run out.")
     meta = exported_meta(path)
     # An early-stopped run finished with fewer epochs than planned.
     planned = meta.get("early_stopping", {}).get("epochs_run") or cfg.train.epochs

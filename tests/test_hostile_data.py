@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import write_photos
+from conftest import refused, write_photos
 from PIL import Image
 
 from finetune.cli import main as cli_main
@@ -21,15 +21,6 @@ from finetune.data.stream import TrainBatches, epoch_permutation
 
 NAMES = ["a", "b", "c"]
 
-
-def _refused(capsys, argv: list[str], *needles: str) -> str:
-    code = cli_main(argv)
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err[-3000:]
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    return errors[0]
 
 
 def _train(root, out, *extra) -> list[str]:
@@ -82,7 +73,7 @@ def _hf(root, train=32, test=12, names=None, test_names=None, image=None, label=
 def test_a_streamed_none_or_undecodable_image_names_row_and_split(tmp_path, capsys, split, row,
                                                                   cell, workers):
     root = _hf(tmp_path / "hf", image={(split, row): cell})
-    _refused(capsys, _stream(root, tmp_path / "run", f"data.workers={workers}"),
+    refused(capsys, _stream(root, tmp_path / "run", f"data.workers={workers}"),
              f"split '{split}' row {row}", "data.skip_bad_images=true")
     assert not (tmp_path / "run" / "model.safetensors").exists()
 
@@ -101,24 +92,24 @@ def test_streamed_bad_images_are_skipped_and_counted(tmp_path, capsys):
 def test_a_streamed_label_outside_the_classes_names_row_and_split(tmp_path, capsys, split, row,
                                                                   value, workers):
     root = _hf(tmp_path / "hf", label={(split, row): value})
-    _refused(capsys, _stream(root, tmp_path / "run", f"data.workers={workers}"),
+    refused(capsys, _stream(root, tmp_path / "run", f"data.workers={workers}"),
              f"split '{split}' row {row}", f"label {value}")
 
 
-def test_a_streamed_test_split_with_classes_in_another_order_is_refused(tmp_path, capsys):
+def test_a_streamed_test_split_with_classes_in_another_order_isrefused(tmp_path, capsys):
     root = _hf(tmp_path / "hf", test_names=["b", "a", "c"])
-    _refused(capsys, _stream(root, tmp_path / "run"), "test split", "['b', 'a', 'c']",
+    refused(capsys, _stream(root, tmp_path / "run"), "test split", "['b', 'a', 'c']",
              "['a', 'b', 'c']")
 
 
 @pytest.mark.parametrize("streaming", [False, True])
-def test_none_labels_are_refused(tmp_path, capsys, streaming):
+def test_none_labels_arerefused(tmp_path, capsys, streaming):
     """An integer label column (held) or a ClassLabel column (streamed) with an empty cell:
     never a class named "None"."""
     root = _hf(tmp_path / "hf", label={("train", 6): None}, integer_labels=not streaming)
     args = (_stream(root, tmp_path / "run") if streaming else
             _train(root, tmp_path / "run", "data.source=hf"))
-    _refused(capsys, args, "split 'train' row 6", "no label")
+    refused(capsys, args, "split 'train' row 6", "no label")
 
 
 # --- Image folders ---------------------------------------------------------------------------
@@ -134,9 +125,9 @@ def _small_class(root, images: int = 1):
 
 @pytest.mark.parametrize("extra", [[], ["data.sampler=balanced"],
                                    ["train.class_weights=balanced"]])
-def test_a_class_the_test_split_takes_whole_is_refused(tmp_path, capsys, extra):
+def test_a_class_the_test_split_takes_whole_isrefused(tmp_path, capsys, extra):
     root = _small_class(tmp_path / "photos")
-    _refused(capsys, _train(root, tmp_path / "run", *extra), "'lonely'", "no training images",
+    refused(capsys, _train(root, tmp_path / "run", *extra), "'lonely'", "no training images",
              "data.allow_empty_classes=true")
 
 
@@ -147,13 +138,13 @@ def test_allow_empty_classes_trains_with_a_warning(tmp_path, capsys):
     assert "'lonely'" in err and "no training images" in err and "Traceback" not in err
 
 
-def test_a_class_a_train_limit_empties_is_refused(tmp_path, capsys):
+def test_a_class_a_train_limit_empties_isrefused(tmp_path, capsys):
     root = _small_class(tmp_path / "photos", images=2)  # 1 left for training, of 73
-    _refused(capsys, _train(root, tmp_path / "run", "data.train_limit=30"), "'lonely'",
+    refused(capsys, _train(root, tmp_path / "run", "data.train_limit=30"), "'lonely'",
              "data.train_limit=30", "data.allow_empty_classes=true")
 
 
-def test_a_class_the_validation_split_empties_is_refused(tmp_path):
+def test_a_class_the_validation_split_empties_isrefused(tmp_path):
     root = _small_class(tmp_path / "photos", images=3)  # 2 left for training
     train, _, _ = load_data(DataConfig(root=str(root)))
     with pytest.raises(DataError, match="'lonely'.*data.val_split=0.8.*allow_empty_classes"):
@@ -162,10 +153,10 @@ def test_a_class_the_validation_split_empties_is_refused(tmp_path):
     assert 10 not in kept.labels.tolist()
 
 
-def test_a_class_folder_whose_name_is_not_utf8_is_refused(tmp_path, capsys):
+def test_a_class_folder_whose_name_is_not_utf8_isrefused(tmp_path, capsys):
     root = write_photos(tmp_path / "photos", per_class=4)
     os.rename(root / "class3", os.path.join(os.fsencode(root), b"caf\xe9"))
-    _refused(capsys, _train(root, tmp_path / "run"), "caf\\xe9", "UTF-8")
+    refused(capsys, _train(root, tmp_path / "run"), "caf\\xe9", "UTF-8")
     assert not (tmp_path / "run").exists()
 
 
@@ -179,7 +170,7 @@ def test_a_bad_image_no_epoch_draws_still_stops_the_run(tmp_path, capsys):
     train, _, _ = load_data(DataConfig(root=str(root)))
     undrawn = train.items[int(epoch_permutation(len(train), 0, 1)[-1])]
     undrawn.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    err = _refused(capsys, _train(root, tmp_path / "run", "data.placement=stream"),
+    err = refused(capsys, _train(root, tmp_path / "run", "data.placement=stream"),
                    f"{undrawn}: cannot decode image", "data.skip_bad_images=true")
     assert "skipping" not in err
 
@@ -199,3 +190,87 @@ def test_the_loader_counts_the_images_it_read(tmp_path):
     images = sum(len(x) for x, _ in loader.epoch(1))
     assert (images, loader.read, loader.bad) == (14, 14, 2)
     assert loader.bad_items == set(bad)
+
+
+# --- Empty splits, unlearnable streamed classes, internal columns, predict's files -----------
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_an_empty_train_split_says_so(tmp_path, capsys, streaming):
+    root = _hf(tmp_path / "hf", train=0)
+    argv = (_stream(root, tmp_path / "run") if streaming
+            else _train(root, tmp_path / "run", "data.source=hf"))
+    line = refused(capsys, argv, "split 'train'", "no rows")
+    assert "hub" not in line and "IndexError" not in line
+
+
+def test_a_streamed_class_missing_from_training_isrefused(tmp_path, capsys):
+    """A local dataset's labels are read without its images: the held path's check."""
+    root = _hf(tmp_path / "hf", names=["a", "b", "c", "d"],
+               label={("test", i): 3 for i in range(4)})
+    refused(capsys, _stream(root, tmp_path / "run"), "'d'", "no training images",
+             "4 in the test split", "data.allow_empty_classes=true")
+    assert cli_main(_stream(root, tmp_path / "run", "data.allow_empty_classes=true")) == 0
+    assert "'d' has no training images" in capsys.readouterr().err
+
+
+def test_a_streamed_dataset_without_images_hides_the_row_column(tmp_path, capsys):
+    import datasets
+
+    features = datasets.Features({"pix": datasets.Value("int64"),
+                                  "label": datasets.ClassLabel(names=NAMES)})
+    split = datasets.Dataset.from_dict({"pix": list(range(8)), "label": [i % 3 for i in range(8)]},
+                                       features=features)
+    datasets.DatasetDict({"train": split, "test": split}).save_to_disk(str(tmp_path / "hf"))
+    line = refused(capsys, _stream(tmp_path / "hf", tmp_path / "run"), "no image column",
+                    "pix (Value)", "data.image_column")
+    assert "__finetune_row__" not in line
+
+
+def test_streaming_with_a_placement_names_the_placement(tmp_path, capsys):
+    root = _hf(tmp_path / "hf")
+    line = refused(capsys, _stream(root, tmp_path / "run", "data.placement=device"),
+                    "data.placement=device", "data.placement=stream")
+    assert "val_split" not in line
+
+
+def test_skipping_a_resident_bad_image_logs_no_advice_to_skip(tmp_path, capsys):
+    root = write_photos(tmp_path / "photos", per_class=4)
+    train, _, _ = load_data(DataConfig(root=str(root)))
+    train.items[0].write_bytes(train.items[0].read_bytes()[:300])
+    assert cli_main(_train(root, tmp_path / "run", "data.skip_bad_images=true",
+                           "data.placement=host")) == 0
+    err = capsys.readouterr().err
+    assert f"{train.items[0]}" in err and "skipped 1 bad image" in err
+    assert "or set data.skip_bad_images=true" not in err
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["bad_images"] == 1  # left out up front: no epoch draws it
+
+
+def test_float_tiffs_are_read_as_0_to_255_and_nan_isrefused(tmp_path):
+    from finetune.data.images import open_image
+
+    for value, top, want in ((200.0, 255, 200), (0.5, 1, 128), (300.0, 300, 255)):
+        a = np.full((8, 8), value, np.float32)
+        a[0, 0] = top
+        Image.fromarray(a, mode="F").save(tmp_path / "f.tif")
+        assert np.asarray(open_image(tmp_path / "f.tif", 1))[4, 4] == want
+    a = np.full((8, 8), 100.0, np.float32)
+    a[2, 2] = np.nan
+    Image.fromarray(a, mode="F").save(tmp_path / "nan.tif")
+    with pytest.raises(DataError, match=r"nan\.tif: 1 pixels are NaN") as e:
+        open_image(tmp_path / "nan.tif", 3)
+    assert "cannot decode" not in str(e.value)
+
+
+def test_predict_does_not_offer_a_training_option_for_bad_files(tmp_path, capsys, tiny_args):
+    from finetune.config import load_config
+    from finetune.train import main
+
+    main(load_config(tiny_args + ["train.epochs=1", "train.batch_size=64"]))
+    empty, text = tmp_path / "zero.png", tmp_path / "text.png"
+    empty.write_bytes(b"")
+    text.write_text("not a picture")
+    for f in (empty, text):
+        line = refused(capsys, ["predict", str(tmp_path / "run"), str(f)], str(f),
+                        "cannot decode image")
+        assert "skip_bad_images" not in line

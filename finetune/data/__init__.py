@@ -136,7 +136,10 @@ def _load_streaming(cfg: DataConfig):
     if cfg.classes is not None:
         raise DataError("data.classes cannot select classes of a stream; use "
                         "data.streaming=false.")
-    return load_hub_streaming(cfg)
+    train, test, source = load_hub_streaming(cfg)
+    if train.labels is not None and test.labels is not None:  # a local dataset's
+        empty_classes(train, cfg.allow_empty_classes, f"{source}: ", test=test)
+    return train, test, source
 
 
 def limit(data: Split, n: int | None, seed: int) -> Split:

@@ -9,6 +9,7 @@ in the loader's workers.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 
 from finetune.config import DataConfig
 from finetune.data.idx import DataError
-from finetune.data.images import open_image
+from finetune.data.images import DATA_FIX, open_image
 from finetune.data.samples import GREY_MODES, Samples, encoded, header, probe
 from finetune.data.sources import holdout_mask
 from finetune.data.workers import or_skip
@@ -35,6 +36,20 @@ def _saved(root: Path | None) -> bool:
     """Whether ``data.root`` is a folder written by ``save_to_disk``."""
     return root is not None and any((root / f).is_file() for f in
                                     ("dataset_dict.json", "state.json"))
+
+
+def _empty_saved_split(root: Path) -> str | None:
+    """The first split of a ``save_to_disk`` folder saved without rows, which ``datasets``
+    cannot load (an IndexError deep inside it)."""
+    states = ([root / "state.json"] if (root / "state.json").is_file()
+              else sorted(root.glob("*/state.json")))
+    for state in states:
+        try:
+            if not json.loads(state.read_text()).get("_data_files", True):
+                return "train" if state.parent == root else state.parent.name
+        except (OSError, ValueError, AttributeError):
+            return None  # load_from_disk says what is wrong
+    return None
 
 
 def _builder(cfg: DataConfig, root: Path | None) -> tuple[str, str | None, dict]:
@@ -58,6 +73,9 @@ def open_dataset(cfg: DataConfig) -> tuple[Any, str]:
     try:
         if root is not None and not root.exists():
             raise DataError(f"data.root={cfg.root} does not exist.")
+        if _saved(root) and (empty := _empty_saved_split(root)) is not None:
+            raise DataError(f"data.root={cfg.root}: split '{empty}' has no rows (it was saved "
+                            f"empty); add rows to it, or save the dataset without it.")
         if _saved(root):
             ds, where = datasets.load_from_disk(str(root)), f"hf-disk:{root}"
         else:
@@ -106,7 +124,7 @@ def columns(features: dict, cfg: DataConfig, where: str) -> tuple[str, str]:
     label = cfg.label_column or next(
         (k for k, f in features.items() if isinstance(f, datasets.ClassLabel)),
         next((k for k in ("label", "labels") if k in features), None))
-    described = ", ".join(f"{k} ({kind(f)})" for k, f in features.items())
+    described = ", ".join(f"{k} ({kind(f)})" for k, f in features.items() if k != ROW)
     if image is None or image not in features or not isinstance(features[image], datasets.Image):
         raise DataError(f"{where}: no image column{f' {image!r}' if image else ''}; columns: "
                         f"{described}. Set data.image_column=NAME (an Image feature).")
@@ -225,6 +243,9 @@ class StreamedSplit:
     # their own shards, so such a split is evaluated in the process itself.
     taken: bool = False
     spec: str = ""  # the split's name or slice, as errors name it
+    # Every row's class where it can be read without the images (a local dataset), else
+    # None (a hub stream): what the held path's check of classes without training images needs.
+    labels: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.length
@@ -242,7 +263,7 @@ class StreamedSplit:
 
     def open(self, row: dict, need: int, name: str):
         """The row's image decoded in this split's channel mode; errors say ``name``."""
-        return open_image(encoded(row[self.column], name), self.channels, need, name)
+        return open_image(encoded(row[self.column], name), self.channels, need, name, DATA_FIX)
 
     def label_of(self, row: dict, name: str = "") -> int:
         """The row's class index, checked as the held path checks its labels."""
@@ -266,10 +287,11 @@ class StreamedSplit:
 
 
 def _streamed(cfg: DataConfig, spec: str, where: str, limit: int | None
-              ) -> tuple[Any, int, bool]:
-    """``(IterableDataset, rows, taken)`` of split ``spec``, its first ``limit`` rows when
-    given: a local dataset's split as shards, or the hub's split streamed (its row count from
-    the dataset card, or the limit)."""
+              ) -> tuple[Any, int, bool, Any]:
+    """``(IterableDataset, rows, taken, held)`` of split ``spec``, its first ``limit`` rows when
+    given: a local dataset's split as shards (``held``: the split itself, whose columns can be
+    read without its images), or the hub's split streamed (its row count from the dataset
+    card, or the limit; ``held`` None)."""
     import datasets
 
     root = Path(cfg.root).expanduser() if cfg.root else None
@@ -279,7 +301,8 @@ def _streamed(cfg: DataConfig, spec: str, where: str, limit: int | None
             split = _split(ds, spec, where)
             split = split.select(range(min(limit or len(split), len(split))))
             split = split.add_column(ROW, np.arange(len(split)))  # errors name the row
-            return split.to_iterable_dataset(num_shards=min(len(split), 64)), len(split), False
+            shards = max(1, min(len(split), 64))
+            return split.to_iterable_dataset(num_shards=shards), len(split), False, split
         path, config, files = _builder(cfg, root)
         rows = datasets.load_dataset(path, config, split=spec, streaming=True, **files)
     except DataError:
@@ -289,12 +312,22 @@ def _streamed(cfg: DataConfig, spec: str, where: str, limit: int | None
     info = rows.info.splits.get(spec.split("[")[0]) if rows.info.splits else None
     known = info.num_examples if info is not None and "[" not in spec else None
     if limit is not None and (not known or limit < known):
-        return rows.take(limit), limit, True  # a split with fewer rows: evaluation says so
+        return rows.take(limit), limit, True, None  # fewer rows: evaluation says so
     if not known:
         raise DataError(f"{where}: the number of rows of split '{spec}' is not known up front "
                         f"(the epoch's steps must be); set data.train_limit / data.eval_limit, "
                         f"or use data.streaming=false.")
-    return rows, known, False
+    return rows, known, False, None
+
+
+def _class_column(held: Any, label: str, classes: int) -> torch.Tensor | None:
+    """The valid class indices of a local split's label column (read alone, no image decoded);
+    None for a hub stream. Rows without a valid label are refused when they are read."""
+    if held is None:
+        return None
+    values = held[label]
+    return torch.tensor([v for v in values if isinstance(v, int) and 0 <= v < classes],
+                        dtype=torch.int64)
 
 
 def load_hub_streaming(cfg: DataConfig) -> tuple[StreamedSplit, StreamedSplit, str]:
@@ -307,7 +340,7 @@ def load_hub_streaming(cfg: DataConfig) -> tuple[StreamedSplit, StreamedSplit, s
                         f"split cannot be drawn from a stream).")
     out = []
     for spec, limit in ((cfg.train_split, cfg.train_limit), (cfg.test_split, cfg.eval_limit)):
-        rows, length, taken = _streamed(cfg, spec, where, limit)
+        rows, length, taken, held = _streamed(cfg, spec, where, limit)
         features = rows.features
         if features is None:
             raise DataError(f"{where}: split '{spec}' does not declare its features; name "
@@ -318,8 +351,9 @@ def load_hub_streaming(cfg: DataConfig) -> tuple[StreamedSplit, StreamedSplit, s
                             f"names must be known before the first row); '{label}' is "
                             f"{type(features[label]).__name__}.")
         rows = rows.cast_column(image, datasets.Image(decode=False))
-        out.append(StreamedSplit(rows, image, label, list(features[label].names), 3, length,
-                                 taken, spec))
+        names = list(features[label].names)
+        out.append(StreamedSplit(rows, image, label, names, 3, length, taken, spec,
+                                 _class_column(held, label, len(names))))
     train, test = out
     same_classes(test.classes, train.classes, where, test.spec)
     # The channel mode from the first rows' headers: grey when every one is.

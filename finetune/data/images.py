@@ -26,30 +26,50 @@ INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": Interpolati
                   "nearest": InterpolationMode.NEAREST, "lanczos": InterpolationMode.LANCZOS}
 AUTO_AUGMENT = ("none", "trivial", "randaugment", "autoaugment", "colorjitter")
 DEFAULT_CROP_PCT = 0.875  # timm's and torchvision's ImageNet evaluation crop
+# What a bad image's error offers: training and evaluation can skip it, predict cannot.
+SKIP_HINT = ", or set data.skip_bad_images=true"
+DATA_FIX = f"Remove or replace it{SKIP_HINT}."
+FILE_FIX = "Remove it, or pass other files."
 
 
-def to_mode(image: Image.Image, channels: int) -> Image.Image:
-    """``image`` in 8-bit grey (``channels=1``) or RGB: 16- and 32-bit grey scaled to 8 bits
-    (PIL's own conversion would clip them), palette and alpha images flattened."""
+def _float_pixels(pixels: np.ndarray, name: str, fix: str) -> np.ndarray:
+    """A float ('F') image's pixels in 0..255: values taken as 0..255 when any exceeds 1,
+    else as 0..1; clipped. NaN or infinite pixels have no grey level: an error."""
+    if not np.isfinite(pixels).all():
+        raise DataError(f"{name}: {int((~np.isfinite(pixels)).sum())} pixels are NaN or "
+                        f"infinite (a 32-bit float image). {fix}")
+    return pixels if pixels.max(initial=0) > 1 else pixels * 255.0
+
+
+def to_mode(image: Image.Image, channels: int, name: str = "image",
+            fix: str = FILE_FIX) -> Image.Image:
+    """``image`` in 8-bit grey (``channels=1``) or RGB: 16- and 32-bit integer grey scaled to
+    8 bits (PIL's own conversion would clip them), float grey from 0..255 or 0..1, palette and
+    alpha images flattened."""
     if image.mode.startswith("I") or image.mode == "F":
         pixels = np.asarray(image).astype(np.float64)
-        scale = 257.0 if pixels.max(initial=0) <= 65_535 else 16_843_009.0
-        image = Image.fromarray(np.clip(np.round(pixels / scale), 0, 255).astype(np.uint8))
+        if image.mode == "F":
+            pixels = _float_pixels(pixels, name, fix)
+        else:
+            pixels = pixels / (257.0 if pixels.max(initial=0) <= 65_535 else 16_843_009.0)
+        image = Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8))
     return image.convert("L" if channels == 1 else "RGB")
 
 
 def open_image(source: str | Path | bytes, channels: int, need: int = 0,
-               name: str | None = None) -> Image.Image:
+               name: str | None = None, fix: str = FILE_FIX) -> Image.Image:
     """Decode an image file (a path, or its bytes) in ``channels`` mode; the first frame of an
     animation. ``need``: the shortest side the caller needs (0: full size), for JPEG draft
     decoding. Raises :class:`DataError` naming the file (or ``name``) when it cannot be
-    decoded."""
+    decoded, ending with ``fix`` (training's offers data.skip_bad_images, predict's not)."""
     name = name or ("image bytes" if isinstance(source, bytes) else str(source))
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             if need and image.format == "JPEG":
                 image.draft(image.mode, (need, need))  # keeps both sides >= need
-            return to_mode(image, channels)  # convert() decodes: the file can close after
+            return to_mode(image, channels, name, fix)  # convert() decodes: can close after
+    except DataError:
+        raise  # a ValueError, but already the whole story (NaN pixels)
     except Image.DecompressionBombError as e:
         raise DataError(f"{name}: {e} Downscale the image first.") from None
     except (OSError, ValueError, SyntaxError) as e:
@@ -57,8 +77,7 @@ def open_image(source: str | Path | bytes, channels: int, need: int = 0,
         why = ("no image format PIL reads" if isinstance(e, UnidentifiedImageError)
                else one_line(e))
         raise DataError(f"{name}: cannot decode image ({why}); the file is corrupt or not an "
-                        f"image PIL reads. Remove or replace it, or set "
-                        f"data.skip_bad_images=true.") from None
+                        f"image PIL reads. {fix}") from None
 
 
 def eval_resize(image_size: int, crop_pct: float) -> int:

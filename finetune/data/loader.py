@@ -303,6 +303,8 @@ class TrainLoader:
                 yield (images.to(self.device, non_blocking=True),
                        labels.to(self.device, non_blocking=True))
             return
+        if self.rank == 0:  # images decoded up front and left out: skipped by every epoch
+            self.bad += self.data.dropped
         indices = itertools.islice(train_batches(len(self.data), self.batch_size, epoch,
                                                  self.seed, self.rank, self.world,
                                                  self.data.images.device, self.weights),

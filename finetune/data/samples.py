@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from finetune.data.idx import DataError
-from finetune.data.images import eval_transform, open_image
+from finetune.data.images import DATA_FIX, eval_transform, open_image
 from finetune.data.workers import from_workers, loader_options, or_skip
 
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
@@ -84,7 +84,7 @@ class Samples:
         raw = self.raw(i)
         if isinstance(raw, Image.Image):
             return raw.convert("L" if self.channels == 1 else "RGB")
-        return open_image(raw, self.channels, need, self.name(i))
+        return open_image(raw, self.channels, need, self.name(i), DATA_FIX)
 
 
 def relabel(labels: torch.Tensor, num_classes: int, keep: list[int]

@@ -36,6 +36,9 @@ class ImageData:
     images: torch.Tensor
     labels: torch.Tensor
     classes: list[str]
+    # Bad images left out when the split was decoded up front (data.skip_bad_images): no
+    # epoch draws them, and each epoch reports them skipped, as a streamed epoch would.
+    dropped: int = 0
 
     def __post_init__(self) -> None:
         if len(self.images) != len(self.labels):
@@ -46,7 +49,8 @@ class ImageData:
         return len(self.labels)
 
     def to(self, device: torch.device | str) -> ImageData:
-        return ImageData(self.images.to(device), self.labels.to(device), self.classes)
+        return ImageData(self.images.to(device), self.labels.to(device), self.classes,
+                         self.dropped)
 
     def select(self, keep: list[int]) -> ImageData:
         """Only the samples of classes ``keep``, relabelled ``0..len(keep)-1`` in that order."""

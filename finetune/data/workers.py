@@ -10,6 +10,7 @@ from typing import TypeVar
 import torch
 
 from finetune.data.idx import DataError
+from finetune.data.images import SKIP_HINT
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -43,7 +44,9 @@ def or_skip(decode: Callable[[], T], skip_bad: bool) -> T | None:
     except DataError as e:
         if not skip_bad:
             raise
-        log.warning("skipping a bad image: %s", e)
+        # Its advice without the option already set.
+        log.warning("skipping a bad image (data.skip_bad_images=true): %s",
+                    str(e).replace(SKIP_HINT, ""))
         return None
 
 
