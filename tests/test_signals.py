@@ -95,11 +95,14 @@ def test_two_processes_stop_together_and_resume_bit_identical(tmp_path):
     at = random.Random(5).randint(1, STEPS - 1)
     log = launch_two_cpu_processes(HOOKS, "train", *resumed, expect=1,
                                    env=_signalled("TERM", at, rank=1))
-    lines = [x for x in log.splitlines() if x.startswith("interrupted")]
-    assert len(lines) == 2 and lines[0] == lines[1].replace("SIGTERM", "a signal to another "
-                                                            "process") or \
-        lines[1] == lines[0].replace("SIGTERM", "a signal to another process"), lines
-    assert f"step {min(at + 1, STEPS)} of {STEPS}" in lines[0], (at, lines)
+    # Each process says where it stopped (torchrun may end one before it has printed, once
+    # the other has exited): the same step, after a checkpoint both wrote.
+    lines = {x.replace("SIGTERM", "a signal to another process")
+             for x in log.splitlines() if x.startswith("interrupted (") and " at epoch " in x}
+    step = min(at + 1, STEPS)
+    assert len(lines) == 1 and f"step {step} of {STEPS}: checkpoint " in next(iter(lines)), \
+        (at, lines, log[-3000:])
+    assert list_checkpoints(out)[-1].name.endswith(f"-step{step:06d}")
     # A real Ctrl-C: SIGINT to the launcher and both processes, at a random moment of the
     # training (or before it: then nothing new is saved, and nothing is lost either).
     log_file = tmp_path / "ctrl-c.log"
@@ -115,9 +118,10 @@ def test_two_processes_stop_together_and_resume_bit_identical(tmp_path):
         os.killpg(proc.pid, signal.SIGINT)
         proc.wait(timeout=120)
     stopped = [x for x in log_file.read_text().splitlines() if x.startswith("interrupted")]
-    assert len(stopped) == 2 and all(re.fullmatch(
-        r"interrupted \(SIGINT\) at epoch [12], step \d of 6: checkpoint \S+ saved; resume with "
-        r"resume=auto output_dir=\S+", x) for x in stopped), stopped
+    saved = [x for x in stopped if re.fullmatch(
+        r"interrupted \(SIGINT\) at epoch [123], step \d of 6: checkpoint \S+ saved; resume with "
+        r"resume=auto output_dir=\S+", x)]
+    assert saved and len(set(saved)) == 1 and len(stopped) <= 2, stopped
     launch_two_cpu_processes(HOOKS, "train", *resumed)
     assert _sha256(out) == _sha256(ref)
     assert untimed_metrics(out) == untimed_metrics(ref)
