@@ -23,7 +23,7 @@ def is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_real(v: Any) -> bool:
+def is_real(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -34,7 +34,7 @@ def integer(lo: int, hi: int | None = None) -> Check:
 
 def number(lo: float, hi: float, lo_open: bool = False) -> Check:
     want = f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
-    return lambda v, _: (None if _is_real(v) and (lo < v if lo_open else lo <= v) and v <= hi
+    return lambda v, _: (None if is_real(v) and (lo < v if lo_open else lo <= v) and v <= hi
                          else want)
 
 
@@ -43,7 +43,7 @@ def numbers(lo: float, hi: float, count: Callable[[dict], int | None], per: str)
     def check(v: Any, obj: dict) -> str | None:
         n = count(obj)
         if (isinstance(v, list) and v and (n is None or len(v) == n)
-                and all(_is_real(x) and lo <= x <= hi for x in v)):
+                and all(is_real(x) and lo <= x <= hi for x in v)):
             return None
         if n is None:
             return f"a list of numbers from {lo:g} to {hi:g}"

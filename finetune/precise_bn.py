@@ -23,6 +23,7 @@ from finetune.config import TrainConfig
 from finetune.data.loader import BatchTransform, TrainLoader
 from finetune.errors import ConfigError
 from finetune.models import batchnorm
+from finetune.optim import StagePlan, enter_epoch
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,14 @@ def training_norms(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules()
             if isinstance(m, NORMS) and m.training and getattr(m, "running_mean", None)
             is not None]
+
+
+def norms_that_train(model: nn.Module, plan: StagePlan, bn: str) -> list[str]:
+    """:func:`training_norms` as the first epoch leaves ``model`` (``finetune.freeze``,
+    ``finetune.bn``): put in training mode, its frozen batch norms in eval mode."""
+    model.train()
+    enter_epoch(model, plan, 1, bn)
+    return training_norms(model)
 
 
 def refresh_bn(cfg: TrainConfig, models: list[nn.Module], loader: TrainLoader,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
 import platform
 import time
@@ -25,6 +24,7 @@ from accelerate import PartialState
 from torch import nn
 
 from finetune.errors import ConfigError, first_line
+from finetune.fields import is_real
 from finetune.files import atomic_write_text
 from finetune.version import __version__
 
@@ -157,11 +157,9 @@ def cpu_auto(device: torch.device, model: nn.Module, shape: tuple[int, ...],
 
 def _sound(entry: object) -> bool:
     """A cache entry that names a precision and two positive finite speeds."""
-    speeds = [entry.get(f"{p}_images_per_sec") for p in PRECISIONS] \
-        if isinstance(entry, dict) else []
     return (isinstance(entry, dict) and entry.get("precision") in PRECISIONS
-            and all(isinstance(v, int | float) and not isinstance(v, bool)
-                    and math.isfinite(v) and v > 0 for v in speeds))
+            and all(is_real(v := entry.get(f"{p}_images_per_sec")) and v > 0
+                    for p in PRECISIONS))
 
 
 def _forced() -> str | None:

@@ -17,7 +17,6 @@ import contextlib
 import errno
 import fcntl
 import json
-import math
 import os
 import shutil
 import time
@@ -35,6 +34,7 @@ from finetune.checkpoint import CHECKPOINTS, find_checkpoint, list_checkpoints
 from finetune.config import Config, flat_config, load_config, show_value, to_yaml
 from finetune.errors import ConfigError
 from finetune.export import META, WEIGHTS, exported_meta, save_model, save_weights
+from finetune.fields import is_int, is_real
 from finetune.files import atomic_write_text
 
 CONFIG = "config.yaml"
@@ -59,7 +59,6 @@ def output_dir(cfg: Config) -> Path:
                               f"output_dir={cfg.output_dir}; drop output_dir or make them agree.")
         return out
     elif cfg.output_dir:
-        _check_name_lengths(Path(cfg.output_dir))  # before anything looks it up
         return Path(cfg.output_dir)
     elif cfg.resume == "auto":
         raise ConfigError("resume=auto needs output_dir=PATH: the folder of the run to continue.")
@@ -82,6 +81,7 @@ def run_folder(cfg: Config, state: PartialState, final: Path) -> Iterator[Path]:
     ``overwrite=true``; then the new run is built in a hidden folder beside the old one and
     replaces it, with everything derived from it, only once it has exported: a new run that
     fails leaves the old one as it was."""
+    _check_name_lengths(final)  # before anything looks the folder up
     work, lock, created = final, None, not final.exists()
     if state.is_main_process:
         _make(final)
@@ -117,14 +117,11 @@ def run_folder(cfg: Config, state: PartialState, final: Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         state.wait_for_everyone()
     finally:
-        if lock is not None:  # unlinked while still held: a run that opened it is refused
-            (final / LOCK).unlink(missing_ok=True)
-            _HELD_LOCK[0] = None
-            os.close(lock)  # releases the lock (as a process's death does)
+        if lock is not None:
+            _unlock(final, lock)
 
 
 def _make(folder: Path) -> None:
-    _check_name_lengths(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
@@ -176,6 +173,14 @@ def _lock(folder: Path) -> int:
     return fd
 
 
+def _unlock(folder: Path, fd: int) -> None:
+    """Let go of :func:`_lock`'s lock: ``.lock`` unlinked while still held (a run that opened
+    it is refused), then the descriptor closed, which releases it (as a process's death does)."""
+    (folder / LOCK).unlink(missing_ok=True)
+    _HELD_LOCK[0] = None
+    os.close(fd)
+
+
 @contextlib.contextmanager
 def lock_run(folder: Path) -> Iterator[bool]:
     """Hold ``folder``'s lock, as a training does, while reading or writing beside its run
@@ -197,10 +202,8 @@ def lock_run(folder: Path) -> Iterator[bool]:
     try:
         yield fd is not None
     finally:
-        if fd is not None:  # as run_folder lets go: unlinked while held, then closed
-            (folder / LOCK).unlink(missing_ok=True)
-            _HELD_LOCK[0] = None
-            os.close(fd)
+        if fd is not None:
+            _unlock(folder, fd)
 
 
 # The run folder's lock descriptor this process holds. A forked child (a DataLoader worker)
@@ -271,23 +274,18 @@ _NUMBERS = ("train_loss", "train_acc", "test_acc", "test_loss", "test_top5_acc",
             "epoch_time", "eval_time", "train_images_per_sec", "compile_time", "lr")
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) \
-        and math.isfinite(value)
-
-
 def _record_problem(record: object) -> str | None:
     """What is wrong with one parsed line of metrics.jsonl, or None."""
     if not isinstance(record, dict):
         return f"a JSON {type(record).__name__}, not a JSON object (one epoch's record)"
     epoch = record.get("epoch")
-    if not (isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 1):
+    if not (is_int(epoch) and epoch >= 1):
         return f"field 'epoch' is {json.dumps(epoch)}, not a whole number from 1"
     for key in _NUMBERS:
-        if key in record and record[key] is not None and not _is_number(record[key]):
+        if key in record and record[key] is not None and not is_real(record[key]):
             return f"field '{key}' is {json.dumps(record[key])}, not a finite number"
     losses = record.get("batch_loss", [])
-    if not (isinstance(losses, list) and all(map(_is_number, losses))):
+    if not (isinstance(losses, list) and all(map(is_real, losses))):
         return "field 'batch_loss' is not a list of finite numbers"
     return None
 

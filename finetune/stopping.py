@@ -66,7 +66,6 @@ class Stop:
     def __init__(self, accelerator: Accelerator) -> None:
         self.accelerator = accelerator
         self.received: list[str] = []  # the signals' names, in order
-        self.agreed = False  # every process has agreed to stop
         self._pending: torch.Tensor | None = None
         self._saved: dict[int, object] = {}
 
@@ -95,25 +94,25 @@ class Stop:
         """The exit status: 128 + the first signal's number (SIGINT: 130)."""
         return 128 + signal.Signals[self.received[0]] if self.received else EXIT_STATUS
 
+    def _signalled(self) -> torch.Tensor:
+        """How many processes were signalled (a collective, queued on the device)."""
+        flag = torch.tensor([float(bool(self.received))], device=self.accelerator.device)
+        return self.accelerator.reduce(flag, "sum")
+
     def after_step(self) -> bool:
         """Whether to stop now, after the step just queued (all processes answer alike)."""
         if self.accelerator.num_processes == 1:
-            self.agreed = bool(self.received)
-            return self.agreed
-        flag = torch.tensor([float(bool(self.received))], device=self.accelerator.device)
-        previous, self._pending = self._pending, self.accelerator.reduce(flag, "sum")
-        self.agreed = previous is not None and previous.item() > 0
-        return self.agreed
+            return bool(self.received)
+        previous, self._pending = self._pending, self._signalled()
+        return previous is not None and previous.item() > 0
 
     def at_boundary(self) -> bool:
-        """Whether to stop now, between epochs (a collective read at once)."""
-        if self.accelerator.num_processes > 1:
-            flag = torch.tensor([float(bool(self.received))], device=self.accelerator.device)
-            self.agreed = self.agreed or self.accelerator.reduce(flag, "sum").item() > 0
-            self._pending = None  # every process drops its step's agreement alike
-        else:
-            self.agreed = bool(self.received)
-        return self.agreed
+        """Whether to stop now, between epochs (a collective read at once; the last step's
+        agreement, never read, is dropped alike by every process)."""
+        if self.accelerator.num_processes == 1:
+            return bool(self.received)
+        self._pending = None
+        return self._signalled().item() > 0
 
 
 def interrupted(stop: Stop, out: Path, epoch: int, step: int, steps: int,

@@ -63,8 +63,7 @@ def start_trackers(cfg: Config, accelerator: Accelerator, out: Path) -> None:
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
     project = cfg.train.project or cfg.recipe or "finetune"
-    folder = out / TRACKERS_DIR
-    check_tracker_folder(cfg, out)
+    folder = out / TRACKERS_DIR  # checked before the data loaded: check_tracker_folder
     folder.mkdir(exist_ok=True)
     # Per tracker: the run's name, and local files inside the run folder.
     options = {"wandb": {"name": out.name, "dir": str(folder)},

@@ -24,7 +24,7 @@ from finetune.checkpoint import LoopState, check_finite, restore, save_checkpoin
 from finetune.config import Config
 from finetune.evaluation import accuracy_line, evaluate, prefixed
 from finetune.optim import enter_epoch
-from finetune.precise_bn import check_batches, refresh_bn, training_norms
+from finetune.precise_bn import check_batches, norms_that_train, refresh_bn
 from finetune.runs import (
     early_stopping,
     export_run,
@@ -72,9 +72,8 @@ def train(cfg: Config, parts: Parts, accelerator: Accelerator, precision: str,
     ``out`` is kept, not a replacement that is discarded)."""
     tcfg = cfg.train
     t = prepare_training(cfg, parts, accelerator)
-    t.raw.train(), enter_epoch(t.raw, parts.plan, 1, cfg.finetune.bn)  # which norms train
     check_batches(tcfg, t.steps_per_epoch, len(parts.train_data), accelerator.num_processes,
-                  training_norms(t.raw))
+                  norms_that_train(t.raw, parts.plan, cfg.finetune.bn))
     compile_time = warm_up(cfg, parts, t, accelerator) if tcfg.compile else None
     start_epoch, partial = starting_point(restore(cfg.resume, out, accelerator, t.gen,
                                                   t.steps_per_epoch, t.scheduler, t.ema),
