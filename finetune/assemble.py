@@ -17,7 +17,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 from torch import nn
 
-from finetune.config import Config, DataConfig
+from finetune.config import UNTRAINED, Config, DataConfig
 from finetune.data import ImageData, Samples, load_data, validation_split
 from finetune.data.hub import StreamedSplit, streamed_head
 from finetune.data.images import (
@@ -41,6 +41,7 @@ from finetune.data.stream import StreamedBatches, TrainBatches, balanced_weights
 from finetune.ema import EMA
 from finetune.errors import ConfigError, first_line
 from finetune.export import meta_beside, model_meta
+from finetune.lora import apply_lora, resolve_targets
 from finetune.models import (
     Fetched,
     LoadedWeights,
@@ -62,7 +63,7 @@ from finetune.optim import (
     schedule_factor,
 )
 from finetune.precision import choose_precision
-from finetune.speed import make_accelerator, tune_backends
+from finetune.speed import compile_model, make_accelerator, tune_backends
 from finetune.step import StepOptions
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,8 @@ def check_model(cfg: Config) -> None:
         cfg.data.image_size = default_image_size(cfg)
     size, in_chans = cfg.data.image_size, cfg.model.in_chans or 1
     model = _meta_model(cfg, size, in_chans)
+    if cfg.finetune.method == "lora":  # peft installed, finetune.lora_targets match
+        resolve_targets(model, cfg.finetune)
     try:  # shapes only: a model that cannot take this size fails here, not after the data
         model.eval()(torch.zeros(2, in_chans, size, size, device=_device_of(model)))
     except NotImplementedError:
@@ -219,7 +222,7 @@ def _load(cfg: Config, state: PartialState
         train_data, val_data = validation_split(train_data, cfg.data.val_split,
                                                 cfg.data.split_seed,
                                                 allow_empty=cfg.data.allow_empty_classes)
-    if len(train_data) < cfg.train.batch_size:
+    if len(train_data) < cfg.train.batch_size and cfg.finetune.method not in UNTRAINED:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} exceeds the "
                           f"{len(train_data)} training images; lower train.batch_size or raise "
                           f"data.train_limit.")
@@ -326,6 +329,8 @@ def assemble(cfg: Config, state: PartialState) -> Parts:
              loaded.source if loaded else "random init",
              sum(p.numel() for p in model.parameters()))
     model.to(device, memory_format=transform.memory_format)
+    if cfg.finetune.method == "lora":  # adapters beside frozen weights, before the stages
+        apply_lora(model, cfg.finetune)
     plan = plan_stages(model, cfg.finetune)
     freeze_for_good(model, plan, cfg.finetune.bn)  # before DDP wraps the model
     log.info("stages %s (train.lr %g)", plan.describe(), tcfg.lr)
@@ -428,3 +433,12 @@ def prepare_training(cfg: Config, parts: Parts, accelerator: Accelerator) -> Tra
                                             getattr(parts.train_data, "labels", None),
                                             accelerator.device),
                     loader.steps, loader, eval_loader, val_loader, ema, gen)
+
+
+def warm_up(cfg: Config, parts: Parts, t: Training, accelerator: Accelerator) -> float:
+    """``torch.compile`` the model and run one step before the clock starts; the seconds."""
+    sample = t.loader.sample(cfg.train.batch_size // accelerator.num_processes)
+    seconds = compile_model(t.model, t.optimizer, *sample, parts.transform, accelerator,
+                            t.opts, cfg.train.compile_mode)
+    accelerator.print(f"compiled the model in {seconds:.1f} s (not counted as training)")
+    return seconds

@@ -18,7 +18,8 @@ SCORES = ("acc", "top5_acc", "balanced_acc", "macro_f1", "ece")  # test_* keys o
 # What a Hub repository of a run holds (not its checkpoints).
 PUBLISHED = ["README.md", "model.safetensors", "model.json", "config.json", "config.yaml",
              "metrics.jsonl", "evaluation.json", "confusion.png", "reliability.png",
-             "model.onnx"]
+             "model.onnx", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+             "knn.safetensors"]
 
 
 def overrides(cfg: Config) -> list[str]:
@@ -95,7 +96,7 @@ def model_card(meta: dict, record: dict, cfg: Config, name: str, timm: bool) -> 
 `{meta["architecture"]}` trained with finetune on {meta["data"]}
 ({meta["train_images"]} training images, {meta["num_classes"]} classes, {meta["in_chans"]}
 channel(s), {meta["image_size"]} px), starting from {meta.get("pretrained") or "random init"}.
-
+{_method_note(meta, record)}
 ## Training
 
 {trained}
@@ -115,6 +116,33 @@ On the test split ({record["test_total"]} images), epoch {record["epoch"]}:
 {score_rows}
 {_per_class_table(record, meta["class_names"])}{_usage(meta, timm)}"""
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}").content
+
+
+def _method_note(meta: dict, record: dict) -> str:
+    """How the model transferred (finetune.method), when not by plain fine-tuning."""
+    method, lora = meta.get("method"), meta.get("lora")
+    if isinstance(lora, dict):
+        return (f"\nLoRA rank {lora['rank']} (alpha {lora['alpha']:g}) on {lora['modules']} "
+                f"modules, the classifier trained whole; `model.safetensors` holds the adapters "
+                f"merged into plain weights, `adapter/` the adapter in peft's format "
+                f"(`peft.PeftModel.from_pretrained(base_model, \"adapter\")`).\n")
+    if method == "linear":
+        return (f"\nA linear probe: the pretrained backbone unchanged, the classifier a "
+                f"logistic regression fitted on its features (weight decay "
+                f"{record.get('probe_weight_decay', '?')}, the candidate that scored best on "
+                f"held-out features).\n")
+    if method == "knn":
+        knn = meta.get("knn", {})
+        return (f"\nk-nearest neighbours: the pretrained backbone unchanged; a prediction is "
+                f"the vote of the {knn.get('k')} training images with the most similar "
+                f"features (weights exp(cosine / {knn.get('temperature')})), stored in "
+                f"`knn.safetensors`. `finetune predict` and `finetune evaluate` vote with them; "
+                f"`model.safetensors` alone is the backbone with a zeroed classifier.\n")
+    if "probe_test_acc" in record:
+        return (f"\nLP-FT: a linear probe on the frozen backbone's features first (test "
+                f"accuracy {record['probe_test_acc']:.4f}), then full fine-tuning from its "
+                f"head.\n")
+    return ""
 
 
 def _per_class_table(record: dict, class_names: list[str]) -> str:

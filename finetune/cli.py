@@ -12,7 +12,14 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from finetune.config import SCHEMA_KEYS, describe_keys, list_recipes, load_config, split_options
+from finetune.config import (
+    METHODS,
+    SCHEMA_KEYS,
+    describe_keys,
+    list_recipes,
+    load_config,
+    split_options,
+)
 from finetune.errors import ConfigError, FinetuneError
 from finetune.files import output_error
 from finetune.stopping import Interrupted, Terminated, terminate_as_interrupt
@@ -116,6 +123,16 @@ def _compare(ns: argparse.Namespace) -> None:
         targets = float_list("targets", options["targets"]) if "targets" in options else None
         report = build_report(find_runs(paths), out, targets)
     print(f"wrote {report} and {report.with_suffix('.html')}")
+
+
+def _sweep(ns: argparse.Namespace) -> None:
+    import shlex
+
+    from finetune.sweep import main as sweep_main
+
+    command = "finetune sweep " + " ".join(map(shlex.quote, ns.args)) + (
+        f" --train-best {ns.train_best}" if ns.train_best else "")
+    sweep_main(ns.args, ns.train_best, command)
 
 
 def _report(ns: argparse.Namespace) -> None:
@@ -224,6 +241,49 @@ def _add(sub: argparse._SubParsersAction, name: str, run: Callable, summary: str
     return p
 
 
+SWEEP_HELP = ("finetune sweep models='timm:resnet*,timm:convnext_atto,resnet18,RUN_DIR' "
+              "[seeds=3] [output_dir=DIR] [MODEL:key=value ...] [key=value ...] "
+              "[--train-best METHOD]\n\n"
+              "  models=     built-in names (`finetune models`), timm:NAME / tv:NAME, globs\n"
+              "              (timm:PATTERN: one per architecture with pretrained weights;\n"
+              "              a '.' in it: per pretrained tag), and local weights: a finetune\n"
+              "              run folder or its model.safetensors (architecture from model.json)\n"
+              "  seeds=      probes per model (N, or a list 0,5,9): each seed draws the\n"
+              "              held-out fifth that chooses the weight decay; default 3\n"
+              "  output_dir= default runs/sweeps/<timestamp>; running the same command again\n"
+              "              keeps finished models and cached features (DIR/features)\n"
+              "  MODEL:key=value  for one model (or every model a pattern entry matches), e.g.\n"
+              "              timm:convnext_atto:data.image_size=32 resnet18:model.weights=RUN\n"
+              "  key=value   for every model (data.*, recipe=NAME, finetune.knn_k, ...)\n"
+              "A model whose weights cannot be had, or that fails, is listed with its reason.\n"
+              "Writes DIR/report.md, report.html, summary.json and models/*.json.")
+
+
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    p = _add(sub, "sweep", _sweep, "rank pretrained backbones on your data: linear-probe and "
+             "kNN accuracy of their frozen features, against what they cost", SWEEP_HELP,
+             _keys())
+    p.add_argument("--train-best", metavar="METHOD", choices=METHODS, default=None,
+                   help=f"then train the best model with finetune.method=METHOD "
+                        f"({'|'.join(METHODS)}) into DIR/best-METHOD")
+    _overrides(p, "models=, seeds=, output_dir=, [MODEL:]key=value")
+
+
+def _add_inspection(sub: argparse._SubParsersAction) -> None:
+    """The commands that show configs, recipes and models; nothing runs."""
+    _overrides(_add(sub, "show", _show, "print the resolved config, nothing run",
+                    epilog=_keys()))
+    _add(sub, "recipes", _recipes, "list recipes")
+    p = _add(sub, "models", _models, "list the built-in models, or timm's and torchvision's "
+             "matching a pattern",
+             epilog="examples:\n  finetune models\n  finetune models 'timm:convnext*'\n"
+                    "  finetune models 'timm:vit_small*dinov2*'\n"
+                    "  finetune models 'tv:efficientnet*'")
+    p.add_argument("pattern", nargs="?", help="timm:GLOB or tv:GLOB (quote it for the shell)")
+    _overrides(_add(sub, "show-model", _show_model, "each layer's output shape and parameters",
+                    epilog=_keys("recipe", "model.", "data.image_size")))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="finetune", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -261,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "report from finished runs.", _keys()),
                "recipe=A,B, seeds=, targets=, output_dir=, launcher=, [RECIPE:]key=value; "
                "or run folders")
+    _add_sweep(sub)
     p = _add(sub, "report", _report, "the report of one finished run (plots, report.md/.html)")
     p.add_argument("run_dir")
     _overrides(p, "output_dir=DIR (default RUN_DIR/report)")
@@ -272,17 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(sub, "export-onnx", _export_onnx, "write model.onnx (dynamic batch)")
     p.add_argument("run_dir")
     p.add_argument("--out", default=None, help="default: RUN_DIR/model.onnx")
-    _overrides(_add(sub, "show", _show, "print the resolved config, nothing run",
-                    epilog=_keys()))
-    _add(sub, "recipes", _recipes, "list recipes")
-    p = _add(sub, "models", _models, "list the built-in models, or timm's and torchvision's "
-             "matching a pattern",
-             epilog="examples:\n  finetune models\n  finetune models 'timm:convnext*'\n"
-                    "  finetune models 'timm:vit_small*dinov2*'\n"
-                    "  finetune models 'tv:efficientnet*'")
-    p.add_argument("pattern", nargs="?", help="timm:GLOB or tv:GLOB (quote it for the shell)")
-    _overrides(_add(sub, "show-model", _show_model, "each layer's output shape and parameters",
-                    epilog=_keys("recipe", "model.", "data.image_size")))
+    _add_inspection(sub)
     return parser
 
 

@@ -252,7 +252,7 @@ def float_list(key: str, value: str) -> list[float]:
                           f"{key}=0.8,0.9") from None
 
 
-def _seeds(value: str) -> list[int]:
+def parse_seeds(value: str) -> list[int]:
     """``seeds=3`` -> 0,1,2; ``seeds=0,5,9`` -> those."""
     try:
         seeds = [int(v) for v in value.split(",") if v.strip()]
@@ -268,22 +268,21 @@ def _seeds(value: str) -> list[int]:
     return seeds
 
 
-def plan_comparison(args: list[str]) -> Plan:
-    """Parse ``recipe=A,B [seeds=N] [targets=...] [output_dir=DIR] [launcher="..."]
-    [A:key=value ...] [key=value ...]`` and validate every run's config before any runs."""
-    from finetune.assemble import check_model
-
-    options, rest = split_options(args, ("recipe", "seeds", "targets", "output_dir", "launcher"))
-    recipes = [r for r in options.get("recipe", "").split(",") if r]
-    seeds = _seeds(options["seeds"]) if "seeds" in options else [0, 1, 2]
-    targets = float_list("targets", options["targets"]) if "targets" in options else None
-    out = Path(options["output_dir"]) if "output_dir" in options else None
-    launcher = shlex.split(options["launcher"]) if "launcher" in options else None
+def _split_overrides(rest: list[str]) -> tuple[list[int | None], list[str | None], list[str],
+                                                dict[str, list[str]]]:
+    """``(training-set sizes, methods, overrides for every recipe, {recipe: its own})``:
+    ``data.train_limit=100,1000`` and ``finetune.method=linear,full`` list the sizes and
+    methods compared (``[None]``: the recipes' own); ``RECIPE:key=value`` is that recipe's."""
     sizes: list[int | None] = [None]
+    methods: list[str | None] = [None]
     common, own = [], {}
     for arg in rest:
         key, _, value = arg.partition("=")
-        if key == "data.train_limit" and "," in value:
+        if key == "finetune.method" and "," in value:  # every recipe with each method
+            methods = [v.strip() for v in value.split(",") if v.strip()]
+            if len(set(methods)) != len(methods):
+                raise ConfigError(f"{key}={value} lists a method twice.")
+        elif key == "data.train_limit" and "," in value:
             try:
                 sizes = [int(v) for v in value.split(",") if v.strip()]
             except ValueError:
@@ -297,6 +296,23 @@ def plan_comparison(args: list[str]) -> Plan:
                               "seeds=N or seeds=0,1,2.")
         else:
             common.append(arg)
+    return sizes, methods, common, own
+
+
+def plan_comparison(args: list[str]) -> Plan:
+    """Parse ``recipe=A,B [seeds=N] [targets=...] [output_dir=DIR] [launcher="..."]
+    [A:key=value ...] [key=value ...]`` and validate every run's config before any runs.
+    ``data.train_limit=100,1000`` repeats the comparison per training-set size;
+    ``finetune.method=linear,lp_ft,full`` compares every recipe with each method."""
+    from finetune.assemble import check_model
+
+    options, rest = split_options(args, ("recipe", "seeds", "targets", "output_dir", "launcher"))
+    recipes = [r for r in options.get("recipe", "").split(",") if r]
+    seeds = parse_seeds(options["seeds"]) if "seeds" in options else [0, 1, 2]
+    targets = float_list("targets", options["targets"]) if "targets" in options else None
+    out = Path(options["output_dir"]) if "output_dir" in options else None
+    launcher = shlex.split(options["launcher"]) if "launcher" in options else None
+    sizes, methods, common, own = _split_overrides(rest)
     if len(recipes) < 1:
         raise ConfigError("usage: finetune compare recipe=A,B [seeds=3] [key=value ...] "
                           "or finetune compare RUN_DIR [RUN_DIR ...]")
@@ -313,17 +329,18 @@ def plan_comparison(args: list[str]) -> Plan:
                 [*(launcher or [sys.executable]), run_py])
     for size in sizes:
         configs = {}
-        for recipe in recipes:
+        for recipe, method in ((r, m) for r in recipes for m in methods):
+            name = Path(recipe).stem + (f"-{method}" if method else "")
             for seed in seeds:
-                name = Path(recipe).stem
                 folder = out / (f"n{size}" if size is not None else "") / name / f"seed{seed}"
                 run_args = [f"recipe={recipe}", *common, *own.get(recipe, []),
+                            *([f"finetune.method={method}"] if method else []),
                             f"train.seed={seed}", f"output_dir={folder}"]
                 if size is not None:
                     run_args.append(f"data.train_limit={size}")
-                configs[recipe] = load_config(run_args)  # every config checked before any run
-                check_model(configs[recipe])
-                plan.runs.append((recipe, seed, size, folder, run_args))
+                configs[name] = load_config(run_args)  # every config checked before any run
+                check_model(configs[name])
+                plan.runs.append((name, seed, size, folder, run_args))
         check_budget(configs)
     return plan
 

@@ -196,6 +196,35 @@ class TrainConfig:
 
 @dataclass
 class FinetuneConfig:
+    # How the model transfers (finetune.methods): full (train what finetune.freeze leaves
+    # trainable), linear (a logistic-regression head fitted on cached features of the frozen
+    # backbone), knn (weighted k-nearest neighbours on cached features, no training), lp_ft
+    # (the linear probe's head, then full fine-tuning from it: Kumar et al. 2022), lora
+    # (low-rank adapters through the peft library, the classifier trains fully).
+    method: str = "full"
+    # Cached features (linear, knn, lp_ft): the folder that holds them; None: <output_dir>/
+    # features. A folder shared by runs reuses features whose key (backbone and weights, data,
+    # limits, classes, transform, size, precision, views) matches.
+    cache_dir: str | None = None
+    # Views per training image in the cache: 1 is the evaluation transform only; N > 1 adds
+    # N - 1 augmented views (data.hflip, data.crop_pad, data.random_erasing).
+    feature_views: int = 1
+    # The probe's weight decay (L2 on the head, per image): the candidate that scores best on a
+    # held-out fifth of the training features (or data.val_split) is refitted on all of them.
+    probe_weight_decay: list[float] = field(default_factory=lambda: [
+        1e-6, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
+    # Weighted k-NN on L2-normalised features (DINOv2's protocol): k neighbours, each voting
+    # exp(similarity / temperature).
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    # LoRA (finetune.method=lora; pip install 'finetune[peft]'): rank, scaling alpha, dropout,
+    # and the modules that get adapters (names or regular expressions, as peft takes them);
+    # None: the family's own (attention and MLP linears of a ViT; convolutions and linears of
+    # a CNN).
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] | None = None
     # What trains: none (everything), backbone (only the classifier: a linear probe), or
     # stages:N (the first N stages from the input frozen; ResNets: stem, layer1..layer4).
     freeze: str = "none"
@@ -228,6 +257,8 @@ class Config:
 
 NORMS = ("torch", "scratch")  # model.norm: torch's batch norm, or finetune.models.batchnorm
 INITS = ("default", "xavier")  # model.init: the architecture's own, or the lecture's
+METHODS = ("full", "linear", "knn", "lp_ft", "lora")  # finetune.method
+UNTRAINED = ("linear", "knn")  # the methods that fit on cached features, no training loop
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.norm": NORMS,
     "model.init": INITS,
@@ -236,6 +267,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.optimizer": ("sgd", "adamw"),
     "train.schedule": ("constant", "cosine", "onecycle", "step"),
     "finetune.bn": ("train", "freeze_stats", "freeze"),
+    "finetune.method": METHODS,
     "train.mixed_precision": ("auto", "fp32", "bf16", "fp16"),
     "data.placement": ("auto", "device", "host", "stream"),
     "data.sampler": ("shuffle", "balanced"),
@@ -247,7 +279,8 @@ POSITIVE = ("data.image_size", "data.train_limit", "data.eval_limit", "model.in_
             "data.shuffle_buffer",
             "train.epochs", "train.batch_size", "train.eval_batch_size", "train.log_every",
             "train.keep_checkpoints", "train.accumulate", "train.precise_bn_images",
-            "finetune.head_lr_mult",
+            "finetune.head_lr_mult", "finetune.feature_views", "finetune.knn_k",
+            "finetune.knn_temperature", "finetune.lora_rank", "finetune.lora_alpha",
             "finetune.layer_decay")
 NON_NEGATIVE = ("data.crop_pad", "data.workers", "data.split_seed", "train.checkpoint_every",
                 "train.seed", "train.lr",
@@ -259,7 +292,8 @@ NON_NEGATIVE = ("data.crop_pad", "data.workers", "data.split_seed", "train.check
 MAX_IMAGE_SIZE = 4096
 PROBABILITY = ("data.random_erasing", "data.mix_switch")
 # 1 would leave nothing / never move / drop every block
-FRACTION = ("data.val_split", "train.ema_decay", "model.drop_path_rate")
+FRACTION = ("data.val_split", "train.ema_decay", "model.drop_path_rate",
+            "finetune.lora_dropout")
 
 
 def _schema(cls: type = Config, prefix: str = "") -> dict[str, str]:
@@ -446,7 +480,8 @@ def validate(cfg: Config) -> None:
         if get(key) not in choices:
             # YAML 1.1 reads no/off/yes/on as booleans, which reach a str field as 'False'/'True'.
             hint = " (no/off/yes/on are read as booleans)" if get(key) in ("False", "True") else ""
-            raise ConfigError(f"invalid value {get(key)!r} for '{key}'{hint}. "
+            raise ConfigError(f"invalid value {get(key)!r} for '{key}'{hint}."
+                              f"{did_you_mean(str(get(key)), choices)} "
                               f"Valid values: {', '.join(choices)}.")
     for key in POSITIVE:
         value = get(key)
@@ -482,6 +517,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"'train.label_smoothing' must be < 1, got {cfg.train.label_smoothing}.")
     _check_transforms(cfg.data)
     _check_balance(cfg)
+    _check_method(cfg)
     if cfg.data.source == "imagefolder" and not cfg.data.root:
         raise ConfigError("data.source=imagefolder needs data.root=PATH "
                           "(a folder with one subfolder of images per class).")
@@ -523,6 +559,35 @@ def _check_balance(cfg: Config) -> None:
                                 or project.startswith(".")):
         raise ConfigError(f"train.project={project!r} must be a plain name (no path): the "
                           f"trackers' files stay in <output_dir>/trackers.")
+
+
+def _check_method(cfg: Config) -> None:
+    """finetune.method and the keys that only some methods take."""
+    f = cfg.finetune
+    decays = f.probe_weight_decay
+    if not decays or not all(isinstance(w, int | float) and math.isfinite(w) and w >= 0
+                             for w in decays):
+        raise ConfigError(f"'finetune.probe_weight_decay' is a list of weight decays >= 0 (the "
+                          f"candidates the probe chooses from), got {list(decays)}.")
+    if f.method == "lora":
+        odd = [f"finetune.{k}={show_value(getattr(f, k))}" for k, default in
+               (("freeze", "none"), ("unfreeze_at", []), ("layer_decay", 1.0))
+               if getattr(f, k) != default]
+        if odd:
+            raise ConfigError(f"finetune.method=lora trains low-rank adapters beside frozen "
+                              f"weights, so {', '.join(odd)} means nothing with it; drop "
+                              f"{'it' if len(odd) == 1 else 'them'} (finetune.lora_targets "
+                              f"chooses what adapts).")
+    elif f.lora_targets is not None:
+        raise ConfigError(f"finetune.lora_targets is set but finetune.method={f.method}; set "
+                          f"finetune.method=lora, or drop finetune.lora_targets.")
+    if f.method in UNTRAINED and (f.freeze != "none" or f.unfreeze_at):
+        raise ConfigError(f"finetune.method={f.method} never trains the backbone, so "
+                          f"finetune.freeze/unfreeze_at mean nothing with it; drop them.")
+    if f.method in ("linear", "knn", "lp_ft") and cfg.data.streaming and f.feature_views > 1:
+        raise ConfigError("finetune.feature_views > 1 augments resident images; a stream "
+                          "(data.streaming=true) is cached with its evaluation transform only: "
+                          "set finetune.feature_views=1.")
 
 
 def _check_transforms(d: DataConfig) -> None:

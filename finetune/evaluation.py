@@ -84,11 +84,30 @@ def evaluate(model: nn.Module, data: Data, transform: BatchTransform, loader,
     if streamed:
         confusion, loss_sum, seen, top5, calibration = (
             accelerator.reduce(t, "sum") for t in (confusion, loss_sum, seen, top5, calibration))
-    confusion = confusion.view(k, k).cpu()
+    _check_counts(int(confusion.sum()), seen, streamed, len(data))
+    return _result(confusion.view(k, k).cpu(), float(loss_sum), int(top5), calibration, data)
+
+
+def score_log_probs(log_probs: torch.Tensor, labels: torch.Tensor, data: Data) -> dict:
+    """What :func:`evaluate` reports, from every test image's class log-probabilities at once
+    (cached features: one process, no model)."""
+    k = log_probs.shape[1]
+    confidence, preds = log_probs.max(1)
+    confusion = torch.bincount(labels * k + preds, minlength=k * k).view(k, k)
+    top5 = (log_probs.topk(min(5, k), dim=1).indices == labels[:, None]).any(1).sum()
+    calibration = calibration_counts(confidence.exp(), preds == labels,
+                                     torch.ones_like(labels)).double()
+    loss = F.nll_loss(log_probs, labels, reduction="sum")
+    return _result(confusion, float(loss), int(top5), calibration, data)
+
+
+def _result(confusion: torch.Tensor, loss_sum: float, top5: int, calibration: torch.Tensor,
+            data: Data) -> dict:
     n, correct = int(confusion.sum()), int(confusion.trace())
-    _check_counts(n, seen, streamed, len(data))
-    scores = summary(confusion.tolist(), int(top5), calibration.tolist())
-    result = {"test_acc": correct / n, "test_loss": float(loss_sum) / n,
+    if n == 0:
+        raise TrainingError("every test image was skipped as bad; check the test data.")
+    scores = summary(confusion.tolist(), top5, calibration.tolist())
+    result = {"test_acc": correct / n, "test_loss": loss_sum / n,
               "test_correct": correct, "test_total": n,
               **{f"test_{key}": value for key, value in scores.items() if key != "acc"},
               "confusion": confusion.tolist(),
@@ -101,8 +120,6 @@ def evaluate(model: nn.Module, data: Data, transform: BatchTransform, loader,
 
 def _check_counts(n: int, seen: torch.Tensor, streamed: bool, expected: int) -> None:
     """Every sample counted exactly once (a stream: as many rows as announced)."""
-    if n == 0:
-        raise TrainingError("every test image was skipped as bad; check the test data.")
     if streamed and int(seen) != expected:
         raise DataError(f"the streamed test split gave {int(seen)} rows, not the {expected} "
                         f"expected (data.eval_limit, or the dataset card's size); set "

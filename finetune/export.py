@@ -10,10 +10,11 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from finetune.config import MAX_IMAGE_SIZE, NORMS
+from finetune.config import MAX_IMAGE_SIZE, METHODS, NORMS
 from finetune.data.images import INTERPOLATIONS
 from finetune.errors import ExportError, first_line
 from finetune.fields import (
@@ -35,9 +36,11 @@ from finetune.models import create_model, unwrap
 from finetune.models.backbones import TIMM, source_of
 from finetune.models.interface import classifier_name
 from finetune.models.pretrained import load_safetensors
+from finetune.probe import KNNHead
 from finetune.version import __version__
 
 WEIGHTS = "model.safetensors"
+KNN = "knn.safetensors"  # a kNN run's training features (finetune.method=knn)
 META = "model.json"
 TIMM_CONFIG = "config.json"
 REQUIRED_META = ("architecture", "num_classes", "in_chans", "image_size", "mean", "std",
@@ -197,6 +200,9 @@ META_CHECKS = {
     "test_images": integer(0),
     "early_stopping": mapping,
     "ema_decay": number(0, 1),
+    "method": one_of(METHODS),
+    "lora": mapping,
+    "knn": {"k": integer(1), "temperature": number(0, 1e6, lo_open=True), "features": integer(1)},
     "finetune_version": text("a version"),
 }
 
@@ -230,7 +236,35 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     except RuntimeError as e:  # e.g. a dtype the parameter cannot take
         raise ExportError(f"{weights} does not match {META} "
                           f"({meta['architecture']}): {first_line(e)}") from None
+    if meta.get("method") == "knn":  # the classifier votes with the training features
+        _replace_classifier(model, knn_head(weights.parent, meta))
     return model.to(device).eval(), meta
+
+
+def knn_head(folder: Path, meta: dict) -> KNNHead:
+    """The classifier of an exported kNN run: model.json's ``knn`` and knn.safetensors."""
+    path = folder / KNN
+    if not isinstance(meta.get("knn"), dict) or not path.is_file():
+        raise ExportError(f"{folder}: model.json says method knn, but its 'knn' settings or "
+                          f"{KNN} (the training features it votes with) are missing; "
+                          f"{DAMAGED}")
+    try:
+        state = load_file(path)
+    except SafetensorError as e:
+        raise ExportError(f"{path}: not a readable safetensors file ({first_line(e)}); "
+                          f"{DAMAGED}") from None
+    x, y = state.get("features"), state.get("labels")
+    if (x is None or y is None or x.ndim != 2 or y.ndim != 1 or len(x) != len(y) or not len(y)
+            or not x.is_floating_point() or not bool(x.isfinite().all())
+            or y.is_floating_point() or int(y.min()) < 0 or int(y.max()) >= meta["num_classes"]):
+        raise ExportError(f"{path} must hold 'features' (N, D) and integer 'labels' (N,) in "
+                          f"0..{meta['num_classes'] - 1} (finite features); {DAMAGED}")
+    return KNNHead(x, y, meta["num_classes"], meta["knn"]["k"], meta["knn"]["temperature"])
+
+
+def _replace_classifier(model: nn.Module, head: nn.Module) -> None:
+    parent, _, attr = classifier_name(model).rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, head)
 
 
 def _misfit(model: nn.Module, state: dict[str, torch.Tensor], meta: dict) -> str | None:

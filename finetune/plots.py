@@ -58,6 +58,8 @@ def plot_loss(groups: Groups, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(8, 4.2))
     for i, (label, runs) in enumerate(groups.items()):
         steps = min(sum(len(r["batch_loss"]) for r in run.records) for run in runs)
+        if not steps:  # fitted on cached features (finetune.method=linear, knn): no batches
+            continue
         losses = np.mean([[v for r in run.records for v in r["batch_loss"]][:steps]
                           for run in runs], axis=0)
         x = np.arange(1, steps + 1)
@@ -70,7 +72,11 @@ def plot_loss(groups: Groups, path: Path) -> Path:
     ax.set_xlabel("training batch (grey lines: epoch ends)")
     ax.set_ylabel("training loss")
     ax.set_title("Loss per training batch (faint: every batch; solid: moving average)")
-    ax.legend()
+    if ax.lines:
+        ax.legend()
+    else:  # only runs fitted on cached features
+        ax.text(0.5, 0.5, "no training batches (finetune.method=linear or knn)",
+                ha="center", va="center", transform=ax.transAxes)
     return save_figure(fig, path)
 
 
@@ -81,6 +87,8 @@ def plot_accuracy(groups: Groups, path: Path) -> Path:
         epochs = min(len(run.records) for run in runs)
         x = np.arange(1, epochs + 1)
         for key, style, what in (("test_acc", "-", "test"), ("train_acc", "--", "train")):
+            if any(key not in r for run in runs for r in run.records[:epochs]):
+                continue  # kNN has no training accuracy
             _mean_band(ax, x, [[r[key] for r in run.records[:epochs]] for run in runs],
                        colour(i), f"{label}: {what}", style)
     ax.set_xlabel("epoch")

@@ -6,6 +6,7 @@ finished run exports (the last epoch's or early stopping's best; the weight aver
     <run>/metrics.jsonl        one record per finished epoch
     <run>/model.safetensors    the export (+ model.json, config.json: finetune.export's format)
     <run>/ema/                 the weight average's export (train.ema_decay)
+    <run>/adapter/             a LoRA run's adapter in peft's format (also in <run>/ema/)
     <run>/best.safetensors     the best epoch's weights while early stopping watches
     <run>/checkpoints/         finetune.checkpoint's
     <run>/evaluation.json, confusion.png, reliability.png   written by ``finetune evaluate``
@@ -31,16 +32,18 @@ from torch import nn
 
 from finetune.card import write_model_card
 from finetune.checkpoint import CHECKPOINTS, find_checkpoint, list_checkpoints
-from finetune.config import Config, flat_config, load_config, show_value, to_yaml
+from finetune.config import UNTRAINED, Config, flat_config, load_config, show_value, to_yaml
 from finetune.errors import ConfigError
 from finetune.export import META, WEIGHTS, exported_meta, save_model, save_weights
 from finetune.fields import is_int, is_real
 from finetune.files import atomic_write_text
+from finetune.lora import lora_summary, merged, save_adapter
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 BEST = "best.safetensors"
 EMA = "ema"
+ADAPTER = "adapter"
 EVALUATION = "evaluation.json"
 CONFUSION = "confusion.png"
 RELIABILITY = "reliability.png"
@@ -353,14 +356,27 @@ def export_run(out: Path, model: nn.Module, meta: dict, records: list[dict], bes
         meta = {**meta, "early_stopping": {"best_epoch": best, "epochs_run": len(records),
                                            "val_acc": records[best - 1]["val_acc"]}}
     record = records[-1] if best is None else records[best - 1]
-    save_model(model, meta, out)
+    if cfg.finetune.method == "lora":
+        meta = {**meta, "lora": lora_summary(model)}
+    _save_export(model, meta, out, cfg)
     write_model_card(out, meta, record, cfg)
     if ema is not None:
-        save_model(ema, {**meta, "ema_decay": ema_decay}, out / EMA)
+        _save_export(ema, {**meta, "ema_decay": ema_decay}, out / EMA, cfg)
         # the average's own test numbers (its confusion matrix is not kept)
         ema_record = {k.replace("ema_test_", "test_"): v for k, v in record.items()
                       if k.startswith("ema_test_")}
         write_model_card(out / EMA, meta, {"epoch": record["epoch"], **ema_record}, cfg)
+
+
+def _save_export(model: nn.Module, meta: dict, folder: Path, cfg: Config) -> None:
+    """``save_model``'s files in ``folder``; a LoRA run's model with its adapters merged into
+    plain weights (what timm and ``finetune.load`` rebuild), its adapter in peft's format in
+    ``folder/adapter``."""
+    if cfg.finetune.method == "lora":
+        save_model(merged(model), meta, folder)
+        save_adapter(model, folder / ADAPTER)
+    else:
+        save_model(model, meta, folder)
 
 
 # --- finished runs ---------------------------------------------------------------------------
@@ -446,7 +462,8 @@ def read_run(path: str | Path) -> Run:
                               f"the run out.")
     meta = exported_meta(path)
     # An early-stopped run finished with fewer epochs than planned.
-    planned = meta.get("early_stopping", {}).get("epochs_run") or cfg.train.epochs
+    planned = (meta.get("early_stopping", {}).get("epochs_run")
+               or (1 if cfg.finetune.method in UNTRAINED else cfg.train.epochs))
     if len(records) < planned or not meta:
         raise ConfigError(f"{path}: the run has not finished ({len(records)} of {planned} "
                           f"epochs, model {'exported' if meta else 'not exported'})"

@@ -19,10 +19,11 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from finetune import tracking
-from finetune.assemble import Parts, Training, check_model, prepare_training, set_up
+from finetune.assemble import Parts, Training, check_model, prepare_training, set_up, warm_up
 from finetune.checkpoint import LoopState, check_finite, restore, save_checkpoint, starting_point
-from finetune.config import Config
+from finetune.config import UNTRAINED, Config
 from finetune.evaluation import accuracy_line, evaluate, prefixed
+from finetune.methods import first_phase, run_cached
 from finetune.optim import enter_epoch
 from finetune.precise_bn import check_batches, norms_that_train, refresh_bn
 from finetune.runs import (
@@ -35,7 +36,7 @@ from finetune.runs import (
     start_run,
     write_metrics,
 )
-from finetune.speed import compile_model, copy_to_host, start_processes
+from finetune.speed import copy_to_host, start_processes
 from finetune.step import train_step
 from finetune.stopping import Stop, interrupted
 
@@ -55,7 +56,10 @@ def main(cfg: Config) -> dict:
         with run_folder(cfg, state, folder) as out:  # locked; a replaced run stays till export
             tracking.check_tracker_folder(cfg, out)  # before the data loads
             parts, accelerator, precision = set_up(cfg, state)
-            final = train(cfg, parts, accelerator, precision, out, resumable=out == folder)
+            if cfg.finetune.method in UNTRAINED:  # cached features, no training loop
+                final = run_cached(cfg, parts, accelerator, precision, out)
+            else:
+                final = train(cfg, parts, accelerator, precision, out, resumable=out == folder)
     finally:  # trackers closed and the process group left, also when the run fails
         if accelerator is not None:
             accelerator.end_training()
@@ -80,6 +84,7 @@ def train(cfg: Config, parts: Parts, accelerator: Accelerator, precision: str,
                                           t.steps_per_epoch)
     records = metrics_before(out, start_epoch)
     start_run(out, cfg, accelerator)
+    probe = first_phase(cfg, parts, t, accelerator, precision, out, start_epoch, partial)
     tracking.start_trackers(cfg, accelerator, out)
 
     def save(epoch: int, step: int, losses: torch.Tensor, correct: torch.Tensor) -> None:
@@ -104,8 +109,8 @@ def train(cfg: Config, parts: Parts, accelerator: Accelerator, precision: str,
                 raise interrupted(stop, out, epoch, record["stopped_at"], t.steps_per_epoch,
                                   resumable)
             check_finite(record["batch_loss"], epoch, t.steps_per_epoch, out)
-            record.update(after_epoch(cfg, parts, t, accelerator, record, start, resume,
-                                      compile_time if epoch == 1 else None, precision))
+            record.update(**probe, **after_epoch(cfg, parts, t, accelerator, record, start,
+                                                 resume, compile_time, precision))
             records.append(record)
             best, early = early_stopping(records, tcfg.early_stopping)
             if accelerator.is_main_process:
@@ -134,7 +139,7 @@ def after_epoch(cfg: Config, parts: Parts, t: Training, accelerator: Accelerator
     train_time = time.perf_counter() - start  # its .tolist() waited for the device
     done = refresh_bn(cfg.train, [t.raw] + ([t.ema.module] if t.ema else []), t.loader,
                       parts.transform, epoch, accelerator) if tcfg.precise_bn else {}
-    done.update(end_epoch(parts, t, accelerator, compile_time))
+    done.update(end_epoch(parts, t, accelerator, compile_time if epoch == 1 else None))
     images = (t.steps_per_epoch - (resume.step if resume else 0)) * tcfg.batch_size
     done.update(mixed_precision=precision, placement=parts.placement,
                 lr=tcfg.lr * t.factor(t.scheduler.last_epoch),
@@ -146,15 +151,6 @@ def after_epoch(cfg: Config, parts: Parts, t: Training, accelerator: Accelerator
         f"{record['train_acc']:.4f}, test acc {done['test_acc']:.4f}, "
         f"{train_time:.1f} s ({done['train_images_per_sec']:.0f} img/s)")
     return done
-
-
-def warm_up(cfg: Config, parts: Parts, t: Training, accelerator: Accelerator) -> float:
-    """``torch.compile`` the model and run one step before the clock starts; the seconds."""
-    sample = t.loader.sample(cfg.train.batch_size // accelerator.num_processes)
-    seconds = compile_model(t.model, t.optimizer, *sample, parts.transform, accelerator,
-                            t.opts, cfg.train.compile_mode)
-    accelerator.print(f"compiled the model in {seconds:.1f} s (not counted as training)")
-    return seconds
 
 
 def finish(cfg: Config, out: Path, parts: Parts, t: Training, accelerator: Accelerator,

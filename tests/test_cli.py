@@ -11,10 +11,11 @@ from finetune.cli import build_parser, main
 from finetune.runs import read_metrics
 
 COMMANDS = ["train", "evaluate", "predict", "compare", "report", "lr-find", "export-onnx",
-            "push", "show", "recipes", "models", "show-model"]
+            "push", "show", "recipes", "models", "show-model", "sweep"]
 # What each command's help must name: its own arguments and, where it takes them, config keys.
 EXPECTED = {
-    "train": ["key=value", "train.lr", "data.root", "finetune.freeze", "[sgd|adamw]"],
+    "train": ["key=value", "train.lr", "data.root", "finetune.freeze", "[sgd|adamw]",
+              "[full|linear|knn|lp_ft|lora]", "finetune.lora_rank", "finetune.cache_dir"],
     "evaluate": ["run_dir", "data.root", "data.image_size", "--tta"],
     "predict": ["model", "images", "--top-k", "--json", "--tta"],
     "push": ["run_dir", "repo_id", "--private", "--revision"],
@@ -26,6 +27,7 @@ EXPECTED = {
     "recipes": ["--help"],
     "models": ["pattern", "timm:convnext*"],
     "show-model": ["model.name", "data.image_size"],
+    "sweep": ["models=", "seeds=", "--train-best", "MODEL:key=value", "train.epochs"],
 }
 
 
