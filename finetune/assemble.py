@@ -436,7 +436,9 @@ def prepare_training(cfg: Config, parts: Parts, accelerator: Accelerator) -> Tra
 
 
 def warm_up(cfg: Config, parts: Parts, t: Training, accelerator: Accelerator) -> float:
-    """``torch.compile`` the model and run one step before the clock starts; the seconds."""
+    """``torch.compile`` the model and run one step before the clock starts; the seconds.
+    Training calls it after LP-FT's probe, whose feature pass swaps the classifier (which
+    would recompile a compiled model)."""
     sample = t.loader.sample(cfg.train.batch_size // accelerator.num_processes)
     seconds = compile_model(t.model, t.optimizer, *sample, parts.transform, accelerator,
                             t.opts, cfg.train.compile_mode)

@@ -241,6 +241,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     return model.to(device).eval(), meta
 
 
+def save_knn(folder: Path, features: torch.Tensor, labels: torch.Tensor) -> None:
+    """A kNN run's training features and labels, ``folder/knn.safetensors``, atomically."""
+    tensors = {"features": features.contiguous(), "labels": labels.contiguous()}
+    atomic_write(folder / KNN, lambda tmp: save_file(tensors, str(tmp)))
+
+
 def knn_head(folder: Path, meta: dict) -> KNNHead:
     """The classifier of an exported kNN run: model.json's ``knn`` and knn.safetensors."""
     path = folder / KNN

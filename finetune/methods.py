@@ -21,14 +21,13 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import broadcast
-from safetensors.torch import save_file
 
 from finetune import tracking
 from finetune.assemble import Parts, Training, evaluation_loader
 from finetune.config import Config
 from finetune.errors import ConfigError
 from finetune.evaluation import score_log_probs
-from finetune.export import KNN
+from finetune.export import save_knn
 from finetune.features import (
     VERSION,
     Features,
@@ -37,7 +36,7 @@ from finetune.features import (
     extract,
     weights_digest,
 )
-from finetune.files import atomic_write, atomic_write_text
+from finetune.files import atomic_write_text
 from finetune.models.interface import unwrap
 from finetune.optim import enter_epoch
 from finetune.precise_bn import refresh_bn
@@ -191,8 +190,7 @@ def run_cached(cfg: Config, parts: Parts, accelerator: Accelerator, precision: s
 def write_knn(out: Path, train: Features, cfg: Config, parts: Parts) -> dict:
     """``knn.safetensors`` (the training features and labels) and the model.json fields that
     say how to vote; the exported classifier is zeroed (it never trained)."""
-    tensors = {"features": train.x.contiguous(), "labels": train.y.contiguous()}
-    atomic_write(out / KNN, lambda tmp: save_file(tensors, tmp))
+    save_knn(out, train.x, train.y)
     with torch.no_grad():
         head = unwrap(parts.model).get_classifier()
         head.weight.zero_()

@@ -78,13 +78,13 @@ def train(cfg: Config, parts: Parts, accelerator: Accelerator, precision: str,
     t = prepare_training(cfg, parts, accelerator)
     check_batches(tcfg, t.steps_per_epoch, len(parts.train_data), accelerator.num_processes,
                   norms_that_train(t.raw, parts.plan, cfg.finetune.bn))
-    compile_time = warm_up(cfg, parts, t, accelerator) if tcfg.compile else None
     start_epoch, partial = starting_point(restore(cfg.resume, out, accelerator, t.gen,
                                                   t.steps_per_epoch, t.scheduler, t.ema),
                                           t.steps_per_epoch)
     records = metrics_before(out, start_epoch)
     start_run(out, cfg, accelerator)
     probe = first_phase(cfg, parts, t, accelerator, precision, out, start_epoch, partial)
+    compile_time = warm_up(cfg, parts, t, accelerator) if tcfg.compile else None
     tracking.start_trackers(cfg, accelerator, out)
 
     def save(epoch: int, step: int, losses: torch.Tensor, correct: torch.Tensor) -> None:

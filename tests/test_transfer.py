@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import launch_two_cpu_processes, refused, write_fake_fmnist
+from conftest import launch_two_cpu_processes, refused, untimed_metrics, write_fake_fmnist
 from safetensors.torch import load_file, save_file
 
 from finetune.config import load_config
@@ -188,17 +188,38 @@ def test_knn_run_predicts_with_its_stored_features(source, tmp_path):
     hits = (log_probs.argmax(1) == test.labels).float().mean().item()
     assert hits == pytest.approx(record["test_acc"], abs=1 / len(test.labels))
     torch.testing.assert_close(log_probs.exp().sum(1), torch.ones(len(test.labels)))
+    # ONNX: the vote over the stored features is part of the graph
+    import onnxruntime
+
+    from finetune.export import export_onnx
+
+    session = onnxruntime.InferenceSession(str(export_onnx(run)))
+    x = predictor.transform(test.images[:8])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(got, log_probs[:8].detach().numpy(), atol=1e-4)
 
 
-def test_lp_ft_records_both_phases(source, tmp_path):
+def test_lp_ft_records_both_phases_and_resumes_exactly(source, tmp_path, capsys):
     root, weights = source
     run = tmp_path / "lpft"
-    main(load_config(_args(root, weights, run, "finetune.method=lp_ft")))
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    args = _args(root, weights, run, "finetune.method=lp_ft", "train.checkpoint=true",
+                 "train.checkpoint_every=3", "train.keep_checkpoints=10",
+                 "train.mixed_precision=fp32")
+    main(load_config(args))
+    records = untimed_metrics(run)
     probe = json.loads((run / "probe.json").read_text())
     assert len(records) == 2 and all(r["probe_test_acc"] == probe["probe_test_acc"]
                                      for r in records)
     assert {"test_acc", "probe_weight_decay", "probe_fit_time"} <= set(records[-1])
+    exported = load_file(run / "model.safetensors")
+    # Killed in the fine-tuning phase and resumed: the same weights and records.
+    main(load_config(args + [f"resume={run / 'checkpoints' / 'epoch0001-step000003'}",
+                             "output_dir=null"]))
+    again = load_file(run / "model.safetensors")
+    assert all(torch.equal(exported[k], again[k]) for k in exported)
+    assert untimed_metrics(run) == records
+    (run / "probe.json").unlink()  # resumed without the first phase's record: refused
+    refused(capsys, ["train", *args, "resume=auto"], "no probe.json")
 
 
 @pytest.mark.slow
