@@ -584,6 +584,10 @@ def _check_method(cfg: Config) -> None:
     if f.method in UNTRAINED and (f.freeze != "none" or f.unfreeze_at):
         raise ConfigError(f"finetune.method={f.method} never trains the backbone, so "
                           f"finetune.freeze/unfreeze_at mean nothing with it; drop them.")
+    if f.method in UNTRAINED and (cfg.train.ema_decay or cfg.train.early_stopping):
+        raise ConfigError(f"finetune.method={f.method} fits on cached features without "
+                          f"training steps, so train.ema_decay and train.early_stopping (which "
+                          f"follow the steps and epochs) mean nothing with it; drop them.")
     if f.method in ("linear", "knn", "lp_ft") and cfg.data.streaming and f.feature_views > 1:
         raise ConfigError("finetune.feature_views > 1 augments resident images; a stream "
                           "(data.streaming=true) is cached with its evaluation transform only: "

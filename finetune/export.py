@@ -237,7 +237,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
         raise ExportError(f"{weights} does not match {META} "
                           f"({meta['architecture']}): {first_line(e)}") from None
     if meta.get("method") == "knn":  # the classifier votes with the training features
-        _replace_classifier(model, knn_head(weights.parent, meta))
+        _replace_classifier(model, knn_head(weights.parent, meta,
+                                            model.get_classifier().in_features))
     return model.to(device).eval(), meta
 
 
@@ -247,8 +248,9 @@ def save_knn(folder: Path, features: torch.Tensor, labels: torch.Tensor) -> None
     atomic_write(folder / KNN, lambda tmp: save_file(tensors, str(tmp)))
 
 
-def knn_head(folder: Path, meta: dict) -> KNNHead:
-    """The classifier of an exported kNN run: model.json's ``knn`` and knn.safetensors."""
+def knn_head(folder: Path, meta: dict, width: int) -> KNNHead:
+    """The classifier of an exported kNN run: model.json's ``knn`` and knn.safetensors, whose
+    features must be ``width`` wide (what the backbone gives)."""
     path = folder / KNN
     if not isinstance(meta.get("knn"), dict) or not path.is_file():
         raise ExportError(f"{folder}: model.json says method knn, but its 'knn' settings or "
@@ -260,10 +262,12 @@ def knn_head(folder: Path, meta: dict) -> KNNHead:
         raise ExportError(f"{path}: not a readable safetensors file ({first_line(e)}); "
                           f"{DAMAGED}") from None
     x, y = state.get("features"), state.get("labels")
-    if (x is None or y is None or x.ndim != 2 or y.ndim != 1 or len(x) != len(y) or not len(y)
+    if (x is None or y is None or x.ndim != 2 or x.shape[1] != width or y.ndim != 1
+            or len(x) != len(y) or not len(y)
             or not x.is_floating_point() or not bool(x.isfinite().all())
             or y.is_floating_point() or int(y.min()) < 0 or int(y.max()) >= meta["num_classes"]):
-        raise ExportError(f"{path} must hold 'features' (N, D) and integer 'labels' (N,) in "
+        raise ExportError(f"{path} must hold 'features' (N, {width}: the backbone's width) and "
+                          f"integer 'labels' (N,) in "
                           f"0..{meta['num_classes'] - 1} (finite features); {DAMAGED}")
     return KNNHead(x, y, meta["num_classes"], meta["knn"]["k"], meta["knn"]["temperature"])
 

@@ -227,6 +227,9 @@ def cached_features(folder: Path, split: str, key: dict, accelerator: Accelerato
     """The features of ``split`` from the cache in ``folder``, or ``compute()``d (on every
     process, which gather them) and written there by the main process."""
     path = cache_file(folder, split, key)
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"{path} is in the way of the cached features of {split} (a folder, "
+                          f"not a file); remove it, or pass another finetune.cache_dir=DIR.")
     found = read_cached(path, key) if accelerator.is_main_process else None
     valid = [found is not None]
     if accelerator.num_processes > 1:

@@ -28,7 +28,11 @@ _WRITE_TEXTS = {"No space left": _WRITE_ERRNOS[errno.ENOSPC],
                 "StorageFull": _WRITE_ERRNOS[errno.ENOSPC],
                 "File too large": _WRITE_ERRNOS[errno.EFBIG],
                 "FileTooLarge": _WRITE_ERRNOS[errno.EFBIG],
-                "PytorchStreamWriter failed": "the write failed (a full disk or a size limit)"}
+                "PytorchStreamWriter failed": "the write failed (a full disk or a size limit)",
+                # safetensors' Rust I/O: "I/O error: Permission denied (os error 13)"
+                "(os error 13)": _WRITE_ERRNOS[errno.EACCES],
+                "(os error 1)": _WRITE_ERRNOS[errno.EPERM],
+                "(os error 30)": _WRITE_ERRNOS[errno.EROFS]}
 
 
 def write_failure(e: BaseException) -> str | None:

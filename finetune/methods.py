@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -68,7 +69,21 @@ def feature_key(cfg: Config, parts: Parts, split: str, data, precision: str, wei
 
 
 def cache_folder(cfg: Config, out: Path) -> Path:
-    return Path(cfg.finetune.cache_dir).expanduser() if cfg.finetune.cache_dir else out / FEATURES
+    """The cache folder, made if need be and checked writable before any feature is computed
+    (``finetune.cache_dir``, else ``<run>/features``)."""
+    folder = Path(cfg.finetune.cache_dir).expanduser() if cfg.finetune.cache_dir else \
+        out / FEATURES
+    key = f"finetune.cache_dir={cfg.finetune.cache_dir}" if cfg.finetune.cache_dir else \
+        f"the feature cache {folder}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot make the folder ({e.strerror or e}); pass a folder "
+                          f"that can be created and written.") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: the folder cannot be written (permissions or a read-only "
+                          f"file system); pass another finetune.cache_dir=DIR.")
+    return folder
 
 
 def split_features(cfg: Config, parts: Parts, accelerator: Accelerator, precision: str,
@@ -144,6 +159,9 @@ def set_head(model: torch.nn.Module, probe: Probe) -> None:
 def knn_record(cfg: Config, parts: Parts, feats: dict[str, Features]) -> dict:
     """kNN's numbers on the test features: top-1/top-5 and the rest of an evaluation."""
     f, tr, test = cfg.finetune, feats["train"], feats["test"]
+    if f.knn_k > len(tr.y):
+        log.warning("finetune.knn_k=%d exceeds the %d training features: every one of them "
+                    "votes", f.knn_k, len(tr.y))
     start = time.perf_counter()
     log_probs = knn_log_probs(tr.x, tr.y, test.x, len(parts.train_data.classes), f.knn_k,
                               f.knn_temperature)

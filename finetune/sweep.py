@@ -121,6 +121,8 @@ def plan_sweep(args: list[str], train_best: str | None = None, command: str = ""
             _check_method(c, train_best)
     out = Path(options.get("output_dir") or Path("runs") / "sweeps"
                / time.strftime("%Y%m%d-%H%M%S"))
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir={out} is a file; pass a folder for the sweep.")
     return Sweep(list(found.values()), seeds, out, command)
 
 

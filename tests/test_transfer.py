@@ -275,3 +275,26 @@ def test_compare_runs_each_method_under_one_budget(source, tmp_path, capsys):
                     for m in ("knn", "linear") for s in (0, 1)]
     report = (out / "report" / "report.md").read_text()
     assert "finetune.method=knn" in report and "finetune.method=linear" in report
+
+
+def test_bad_caches_and_kNN_exports_are_one_line(source, tmp_path, capsys):
+    root, weights = source
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    refused(capsys, ["train", *_args(root, weights, tmp_path / "a", "finetune.method=knn",
+                                     f"finetune.cache_dir={afile}")],
+            f"finetune.cache_dir={afile}", "cannot make the folder")
+    refused(capsys, ["train", *_args(root, weights, tmp_path / "b", "finetune.method=linear",
+                                     "train.ema_decay=0.9")], "train.ema_decay")
+    run = tmp_path / "knn"
+    main(load_config(_args(root, weights, run, "finetune.method=knn")))
+    (path,) = [p for p in (run / "features").iterdir() if p.name.startswith("test-")]
+    path.unlink()
+    path.mkdir()  # a folder where the cached test features go
+    refused(capsys, ["train", *_args(root, weights, tmp_path / "c", "finetune.method=knn",
+                                     f"finetune.cache_dir={run / 'features'}")],
+            str(path), "in the way")
+    stored = load_file(run / "knn.safetensors")
+    save_file({"features": stored["features"][:, :100].contiguous(),
+               "labels": stored["labels"]}, run / "knn.safetensors")
+    refused(capsys, ["evaluate", str(run)], "knn.safetensors", "the backbone's width")
