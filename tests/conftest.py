@@ -127,6 +127,22 @@ def launch_two_cpu_processes(*args: str, launcher: str = "torchrun", env: dict |
     return out
 
 
+def resumes_identically(args: list[str], run: Path, checkpoint: str) -> None:
+    """Train ``args`` again from ``run``'s checkpoint ``checkpoint``: the exported weights and
+    the records (timings aside) must come out unchanged."""
+    from safetensors.torch import load_file
+
+    from finetune.config import load_config
+    from finetune.train import main
+
+    weights, records = load_file(run / "model.safetensors"), untimed_metrics(run)
+    main(load_config(args + [f"resume={run / 'checkpoints' / checkpoint}", "output_dir=null"]))
+    again = load_file(run / "model.safetensors")
+    assert again.keys() == weights.keys(), checkpoint
+    assert all(torch.equal(weights[k], again[k]) for k in weights), checkpoint
+    assert untimed_metrics(run) == records, checkpoint
+
+
 def refused(capsys, argv: list[str], *needles: str) -> str:
     """Run ``finetune ARGV``: it must fail with exit status 2 and exactly one ``error:`` line,
     which names every one of ``needles``, and no traceback. The line."""
