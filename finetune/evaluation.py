@@ -67,9 +67,8 @@ def evaluate(model: nn.Module, data: Data, transform: BatchTransform, loader,
         views = transform.views(images, *tta) if tta else [transform(images)]
         log_probs = predict_log_probs(model, views)
         scored = torch.ones_like(labels) if decoded is None else decoded.long()
-        confidence, preds = log_probs.max(1)
+        confidence, preds, in_top5 = _predictions(log_probs, labels)
         loss = F.nll_loss(log_probs, labels, reduction="none")
-        in_top5 = (log_probs.topk(min(5, k), dim=1).indices == labels[:, None]).any(1).long()
         if streamed:
             seen += len(labels)
         else:  # per sample a few numbers, not k log-probabilities, cross the processes
@@ -92,13 +91,22 @@ def score_log_probs(log_probs: torch.Tensor, labels: torch.Tensor, data: Data) -
     """What :func:`evaluate` reports, from every test image's class log-probabilities at once
     (cached features: one process, no model)."""
     k = log_probs.shape[1]
-    confidence, preds = log_probs.max(1)
+    confidence, preds, in_top5 = _predictions(log_probs, labels)
     confusion = torch.bincount(labels * k + preds, minlength=k * k).view(k, k)
-    top5 = (log_probs.topk(min(5, k), dim=1).indices == labels[:, None]).any(1).sum()
+    top5 = in_top5.sum()
     calibration = calibration_counts(confidence.exp(), preds == labels,
                                      torch.ones_like(labels)).double()
     loss = F.nll_loss(log_probs, labels, reduction="sum")
     return _result(confusion, float(loss), int(top5), calibration, data)
+
+
+def _predictions(log_probs: torch.Tensor, labels: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per sample: the top class's log-probability, the top class, and whether the label is
+    among the top five (0/1)."""
+    confidence, preds = log_probs.max(1)
+    top5 = log_probs.topk(min(5, log_probs.shape[1]), dim=1).indices
+    return confidence, preds, (top5 == labels[:, None]).any(1).long()
 
 
 def _result(confusion: torch.Tensor, loss_sum: float, top5: int, calibration: torch.Tensor,

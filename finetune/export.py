@@ -237,8 +237,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
         raise ExportError(f"{weights} does not match {META} "
                           f"({meta['architecture']}): {first_line(e)}") from None
     if meta.get("method") == "knn":  # the classifier votes with the training features
-        _replace_classifier(model, knn_head(weights.parent, meta,
-                                            model.get_classifier().in_features))
+        head = knn_head(weights.parent, meta, model.get_classifier().in_features)
+        model.set_submodule(classifier_name(model), head, strict=True)
     return model.to(device).eval(), meta
 
 
@@ -270,11 +270,6 @@ def knn_head(folder: Path, meta: dict, width: int) -> KNNHead:
                           f"integer 'labels' (N,) in "
                           f"0..{meta['num_classes'] - 1} (finite features); {DAMAGED}")
     return KNNHead(x, y, meta["num_classes"], meta["knn"]["k"], meta["knn"]["temperature"])
-
-
-def _replace_classifier(model: nn.Module, head: nn.Module) -> None:
-    parent, _, attr = classifier_name(model).rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, head)
 
 
 def _misfit(model: nn.Module, state: dict[str, torch.Tensor], meta: dict) -> str | None:

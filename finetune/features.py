@@ -63,19 +63,17 @@ def headless(model: nn.Module) -> Iterator[nn.Module]:
                           f"finetune.method=linear, knn and lp_ft fit one head on the features; "
                           f"use finetune.method=full or lora with it.")
     name = classifier_name(model)
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    head = getattr(parent, attr)
+    head = model.get_submodule(name)
     if not isinstance(head, nn.Linear):
         raise ConfigError(f"{type(model).__name__}'s classifier ({name}) is a "
                           f"{type(head).__name__}, not a linear layer: finetune.method=linear, "
                           f"knn and lp_ft read the features a linear classifier takes; use "
                           f"finetune.method=full or lora with this model.")
-    setattr(parent, attr, nn.Identity())
+    model.set_submodule(name, nn.Identity(), strict=True)
     try:
         yield model
     finally:
-        setattr(parent, attr, head)
+        model.set_submodule(name, head, strict=True)
 
 
 @torch.no_grad()  # not inference_mode: the probe fits on these tensors with autograd

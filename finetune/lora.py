@@ -169,8 +169,7 @@ def merged(model: nn.Module) -> nn.Module:
         else:
             layer.merge()
             base = layer.get_base_layer()
-        parent, _, child = name.rpartition(".")
-        setattr(plain.get_submodule(parent), child, base)
+        plain.set_submodule(name, base, strict=True)
     if hasattr(plain, "peft_config"):
         del plain.peft_config
     return plain

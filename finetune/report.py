@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 Block = tuple
 
 
-def _pct(x: float | None) -> str:
+def pct(x: float | None) -> str:
+    """A fraction as a percentage with 2 decimals; – for none."""
     return "–" if x is None else f"{100 * x:.2f}"
 
 
@@ -64,7 +65,7 @@ def metrics_table(rows: list) -> Block | None:
 def reach_table(rows: list, targets: list[float]) -> Block:
     header = ["recipe"]
     for t in targets:
-        header += [f"≥ {_pct(t)} %: epoch", "training s", "seeds reaching"]
+        header += [f"≥ {pct(t)} %: epoch", "training s", "seeds reaching"]
     body = []
     for r in rows:
         line = [r.label]
@@ -272,8 +273,8 @@ def build_report(runs: list[Run], out: str | Path, targets: list[float] | None =
     blocks += [("h", 2, "Runs"),
                ("table", ["recipe", "seed", "training images", "final test acc %",
                           "best test acc %", "training s", "folder"],
-                [[r.label, str(r.seed), f"{r.train_images:,d}", _pct(r.final_acc),
-                  _pct(r.best_acc), f"{r.train_seconds:.1f}", str(r.path)] for r in runs])]
+                [[r.label, str(r.seed), f"{r.train_images:,d}", pct(r.final_acc),
+                  pct(r.best_acc), f"{r.train_seconds:.1f}", str(r.path)] for r in runs])]
 
     atomic_write_text(out / "report.md", to_markdown(blocks))
     atomic_write_text(out / "report.html", to_html(blocks, out, title))

@@ -52,10 +52,10 @@ from finetune.methods import feature_timings, fit_head, knn_record, split_featur
 from finetune.models import list_models
 from finetune.models.backbones import check_backbone_name, list_backbones, source_of
 from finetune.plots import colour, plt, save_figure
-from finetune.report import Block, to_html, to_markdown
+from finetune.report import Block, pct, to_html, to_markdown
 from finetune.runs import CONFIG
 from finetune.speed import start_processes
-from finetune.stats import mean_ci
+from finetune.stats import Estimate, mean_ci
 from finetune.train import main as train_main
 
 log = logging.getLogger(__name__)
@@ -339,20 +339,15 @@ def ranked(rows: list[dict]) -> list[dict]:
     return done + [r for r in rows if r["status"] != OK]
 
 
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.2f}"
-
-
 def row_line(row: dict) -> str:
     if row["status"] != OK:
         return f"{row['status']}: {row['reason']}"
-    return (f"linear probe {probe_cell(row)} %, kNN {_pct(row['knn_acc'])} %, "
+    return (f"linear probe {probe_cell(row)} %, kNN {pct(row['knn_acc'])} %, "
             f"{row['seconds']:.1f} s")
 
 
 def probe_cell(row: dict) -> str:
-    ci = row["probe_ci"]
-    return _pct(row["probe_acc"]) + ("" if ci is None else f" ± {100 * ci:.2f}")
+    return Estimate(row["probe_acc"], row["probe_ci"], len(row["probe_accs"])).format()
 
 
 def per_1000(row: dict) -> float | None:
@@ -377,7 +372,7 @@ def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
             continue
         speed = r["extract_images_per_sec"]
         body.append([str(i), r["name"], *([r["architecture"]] if arch else []), OK,
-                     probe_cell(r), _pct(r["knn_acc"]), *([_pct(r["knn_top5_acc"])] if top5
+                     probe_cell(r), pct(r["knn_acc"]), *([pct(r["knn_top5_acc"])] if top5
                                                           else []),
                      str(r["feature_dim"]), f"{r['parameters']:,d}", str(r["image_size"]),
                      "cached" if speed is None else f"{speed:,.0f}",

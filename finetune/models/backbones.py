@@ -146,8 +146,7 @@ def _replace_conv(model: nn.Module, name: str, in_chans: int) -> None:
     conv = model.get_submodule(name)
     new = nn.Conv2d(in_chans, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                     conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode)
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+    model.set_submodule(name, new, strict=True)
 
 
 _TV_FAMILIES: dict[str, dict[str, Any]] = {
