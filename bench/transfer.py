@@ -16,7 +16,8 @@ the same images and batches for every method), tested on all 5,000 test images o
 Every run is its own `finetune train` process (finished runs are kept: the script continues
 where it stopped). Per method: test accuracy (mean and 95 % Student-t interval over the seeds)
 and seconds: the method's own (features + fit, or the training epochs) and the whole process.
-The linear probe runs twice per seed, the second reading the first's cached features.
+The linear probe (ridge, the default) runs twice per seed, the second reading the first's cached
+features; the logistic-regression probe (finetune.probe=logistic) reads them too.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ FAMILIES = {
     "resnet18": (["recipe=resnet18_pretrained_cpu_fmnist", "data.image_size=28"], {
         "knn": ["finetune.method=knn"],
         "linear": ["finetune.method=linear"],
+        "linear_logistic": ["finetune.method=linear", "finetune.probe=logistic"],
         "lp_ft": ["finetune.method=lp_ft"],
         "full": ["finetune.method=full"],
     }),
@@ -45,6 +47,7 @@ FAMILIES = {
                        "train.weight_decay=0.05"], {
         "knn": ["finetune.method=knn"],
         "linear": ["finetune.method=linear"],
+        "linear_logistic": ["finetune.method=linear", "finetune.probe=logistic"],
         "full": ["finetune.method=full"],
         "lora": ["finetune.method=lora", "train.lr=0.002", "train.weight_decay=0.0"],
     }),
@@ -81,7 +84,7 @@ def method_seconds(records: list[dict], method: str) -> float:
     """The method's own seconds: features and fit, or the training epochs (with LP-FT's
     features and probe before them)."""
     last = records[-1]
-    if method in ("linear", "knn"):
+    if method in ("linear", "linear_logistic", "knn"):
         return last["feature_time"] + last.get("probe_fit_time", last.get("knn_time", 0.0))
     trained = sum(r["epoch_time"] for r in records)
     return trained + (last["feature_time"] + last["probe_fit_time"] if method == "lp_ft" else 0)
@@ -97,7 +100,8 @@ def one_seed(family: str, weights: str, size: int, seed: int, out: Path) -> dict
     folder = out / family / f"n{size}" / f"seed{seed}"
     results = {}
     for method, extra in methods.items():  # a method's own overrides come last: they win
-        cache = [f"finetune.cache_dir={folder / 'features'}"] if method == "linear" else []
+        # the linear probes share a cache: the first computes the features, the rest read them
+        cache = [f"finetune.cache_dir={folder / 'features'}"] if "linear" in method else []
         last = run([*base, *extra, *cache], folder / method)
         records = read_metrics(folder / method)
         results[method] = {"test_acc": last["test_acc"], "wall_time": last["wall_time"],

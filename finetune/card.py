@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune.config import Config, flat_config, load_config, show_value, to_yaml
+from finetune.config import PROBES, Config, flat_config, load_config, show_value, to_yaml
 from finetune.errors import ConfigError
 from finetune.files import atomic_write_text
 from finetune.metrics import per_class
@@ -127,10 +127,10 @@ def _method_note(meta: dict, record: dict) -> str:
                 f"merged into plain weights, `adapter/` the adapter in peft's format "
                 f"(`peft.PeftModel.from_pretrained(base_model, \"adapter\")`).\n")
     if method == "linear":
-        return (f"\nA linear probe: the pretrained backbone unchanged, the classifier a "
-                f"logistic regression fitted on its features (weight decay "
-                f"{record.get('probe_weight_decay', '?')}, the candidate that scored best on "
-                f"held-out features).\n")
+        kind = PROBES.get(record.get("probe"), "linear head")
+        return (f"\nA linear probe: the pretrained backbone unchanged, the classifier a {kind} "
+                f"fitted on its features (weight decay {record.get('probe_weight_decay', '?')}, "
+                f"the candidate that scored best on held-out features).\n")
     if method == "knn":
         knn = meta.get("knn", {})
         return (f"\nk-nearest neighbours: the pretrained backbone unchanged; a prediction is "

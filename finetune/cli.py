@@ -15,6 +15,7 @@ from pathlib import Path
 from finetune.config import (
     METHODS,
     SCHEMA_KEYS,
+    UNTRAINED,
     describe_keys,
     list_recipes,
     load_config,
@@ -59,7 +60,9 @@ def _setup_logging() -> None:
 def _train(ns: argparse.Namespace) -> None:
     from finetune.train import main as train_main
 
-    train_main(load_config(ns.args))
+    cfg = load_config(ns.args)
+    ns.untrained = cfg.finetune.method in UNTRAINED  # an interruption keeps no checkpoint
+    train_main(cfg)
 
 
 def _evaluate(ns: argparse.Namespace) -> None:
@@ -364,9 +367,14 @@ def main(argv: list[str] | None = None) -> int:
         return e.status
     except KeyboardInterrupt as e:  # outside a training loop, or a third signal inside one
         name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
-        kept = ("before the next step could be saved; a run's folder keeps its last complete "
-                "checkpoint (resume=auto)" if ns.command in ("train", "compare")
-                else "no file was left half-written")
+        if getattr(ns, "untrained", False):  # linear/knn: no steps, no checkpoints
+            kept = ("before the run finished; no file was left half-written, and the features "
+                    "already cached are read again by the next run")
+        elif ns.command in ("train", "compare"):
+            kept = ("before the next step could be saved; a run's folder keeps its last "
+                    "complete checkpoint (resume=auto)")
+        else:
+            kept = "no file was left half-written"
         print(f"interrupted ({name}) {kept}.", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     except (FinetuneError, FileNotFoundError) as e:

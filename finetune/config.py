@@ -197,8 +197,8 @@ class TrainConfig:
 @dataclass
 class FinetuneConfig:
     # How the model transfers (finetune.methods): full (train what finetune.freeze leaves
-    # trainable), linear (a logistic-regression head fitted on cached features of the frozen
-    # backbone), knn (weighted k-nearest neighbours on cached features, no training), lp_ft
+    # trainable), linear (a linear head fitted on cached features of the frozen backbone:
+    # finetune.probe), knn (weighted k-nearest neighbours on cached features, no training), lp_ft
     # (the linear probe's head, then full fine-tuning from it: Kumar et al. 2022), lora
     # (low-rank adapters through the peft library, the classifier trains fully).
     method: str = "full"
@@ -209,10 +209,16 @@ class FinetuneConfig:
     # Views per training image in the cache: 1 is the evaluation transform only; N > 1 adds
     # N - 1 augmented views (data.hflip, data.crop_pad, data.random_erasing).
     feature_views: int = 1
-    # The probe's weight decay (L2 on the head, per image): the candidate that scores best on a
-    # held-out fifth of the training features (or data.val_split) is refitted on all of them.
-    probe_weight_decay: list[float] = field(default_factory=lambda: [
-        1e-6, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
+    # The linear probe (linear, lp_ft, the sweep): ridge (least squares onto one-hot targets,
+    # solved exactly for every weight decay at once, then temperature-scaled on held-out
+    # features: milliseconds), logistic (multinomial logistic regression, L-BFGS), or auto:
+    # ridge, but logistic for lp_ft, whose fine-tuning starts from the head (a ridge head's
+    # large weights on low-variance features ended 0.5-1.6 points lower, BENCHMARKS.md).
+    probe: str = "auto"
+    # The probe's weight decay (L2 on the head): the candidate that scores best on a held-out
+    # fifth of the training features (or data.val_split) is refitted on all of them. None:
+    # the probe's own candidates (ridge 1e-4..10, logistic 1e-6..0.1; finetune.probe).
+    probe_weight_decay: list[float] | None = None
     # Weighted k-NN on L2-normalised features (DINOv2's protocol): k neighbours, each voting
     # exp(similarity / temperature).
     knn_k: int = 20
@@ -259,6 +265,10 @@ NORMS = ("torch", "scratch")  # model.norm: torch's batch norm, or finetune.mode
 INITS = ("default", "xavier")  # model.init: the architecture's own, or the lecture's
 METHODS = ("full", "linear", "knn", "lp_ft", "lora")  # finetune.method
 UNTRAINED = ("linear", "knn")  # the methods that fit on cached features, no training loop
+PROBES = {  # finetune.probe: the linear probes of finetune/probe.py, described
+    "ridge": "ridge classifier (least squares onto one-hot targets, its scores scaled by a "
+             "temperature fitted on held-out features)",
+    "logistic": "multinomial logistic regression (L-BFGS)"}
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.norm": NORMS,
     "model.init": INITS,
@@ -268,6 +278,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.schedule": ("constant", "cosine", "onecycle", "step"),
     "finetune.bn": ("train", "freeze_stats", "freeze"),
     "finetune.method": METHODS,
+    "finetune.probe": ("auto", *PROBES),
     "train.mixed_precision": ("auto", "fp32", "bf16", "fp16"),
     "data.placement": ("auto", "device", "host", "stream"),
     "data.sampler": ("shuffle", "balanced"),
@@ -565,8 +576,8 @@ def _check_method(cfg: Config) -> None:
     """finetune.method and the keys that only some methods take."""
     f = cfg.finetune
     decays = f.probe_weight_decay
-    if not decays or not all(isinstance(w, int | float) and math.isfinite(w) and w >= 0
-                             for w in decays):
+    if decays is not None and (not decays or not all(
+            isinstance(w, int | float) and math.isfinite(w) and w >= 0 for w in decays)):
         raise ConfigError(f"'finetune.probe_weight_decay' is a list of weight decays >= 0 (the "
                           f"candidates the probe chooses from), got {list(decays)}.")
     if f.method == "lora":

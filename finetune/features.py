@@ -49,7 +49,7 @@ class Features:
 
     x: torch.Tensor
     y: torch.Tensor
-    seconds: float  # computing them (0 when read from the cache)
+    seconds: float  # computing and caching them, or reading them from the cache
     reused: bool  # read from the cache
 
 
@@ -228,6 +228,7 @@ def cached_features(folder: Path, split: str, key: dict, accelerator: Accelerato
     if path.exists() and not path.is_file():
         raise ConfigError(f"{path} is in the way of the cached features of {split} (a folder, "
                           f"not a file); remove it, or pass another finetune.cache_dir=DIR.")
+    start = time.perf_counter()
     found = read_cached(path, key) if accelerator.is_main_process else None
     valid = [found is not None]
     if accelerator.num_processes > 1:
@@ -240,14 +241,16 @@ def cached_features(folder: Path, split: str, key: dict, accelerator: Accelerato
                                   f"folder (finetune.cache_dir) must be shared by every "
                                   f"process.")
     if valid[0] and found is not None:
-        log.info("features of %s read from %s (%d images)", split, path, len(found[1]))
-        return Features(found[0], found[1], 0.0, True)
+        seconds = time.perf_counter() - start
+        log.info("features of %s read from %s in %.2f s (%d images)", split, path, seconds,
+                 len(found[1]))
+        return Features(found[0], found[1], seconds, True)
     start = time.perf_counter()
     x, y = compute()
-    seconds = time.perf_counter() - start
     if accelerator.is_main_process:
         write_cached(path, key, x, y)
     accelerator.wait_for_everyone()
+    seconds = time.perf_counter() - start
     log.info("features of %s computed in %.1f s (%d images, %.0f img/s) and cached in %s",
              split, seconds, len(y), len(y) / max(seconds, 1e-9), path)
     return Features(x, y, seconds, False)

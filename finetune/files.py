@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from finetune.errors import OutputError
+from finetune.errors import ConfigError, OutputError
 
 _WRITE_ERRNOS = {
     errno.ENOSPC: "no space left on the device",
@@ -49,6 +49,19 @@ def output_error(path: Path, e: BaseException) -> OutputError | None:
         return None
     return OutputError(f"could not write {path}: {reason}. Free space or write elsewhere "
                        f"(output_dir=PATH); nothing partially written was kept.")
+
+
+def make_folder(folder: Path, name: str, fix: str) -> Path:
+    """``folder`` made (and the folders above it) and checked writable before anything is
+    written into it; else one :class:`ConfigError`: ``name`` (the key that set it), why, ``fix``."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{name}: {write_failure(e) or e.strerror or e}; {fix}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{name}: the folder cannot be written (permissions or a read-only "
+                          f"file system); {fix}")
+    return folder
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:

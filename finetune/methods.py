@@ -1,6 +1,6 @@
 """``finetune.method``: the transfer methods that read cached features of the frozen backbone.
 
-- ``linear``: a logistic-regression head fitted on the cached features (``finetune.probe``),
+- ``linear``: a linear head fitted on the cached features (``finetune.probe``: ridge or logistic),
   exported with the backbone as an ordinary finetune model;
 - ``knn``: weighted k-nearest neighbours on them, no training; the export keeps the training
   features (``knn.safetensors``) that ``predict`` and ``evaluate`` vote with;
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from finetune.features import (
     extract,
     weights_digest,
 )
-from finetune.files import atomic_write_text
+from finetune.files import atomic_write_text, make_folder
 from finetune.models.interface import unwrap
 from finetune.optim import enter_epoch
 from finetune.precise_bn import refresh_bn
@@ -71,19 +70,12 @@ def feature_key(cfg: Config, parts: Parts, split: str, data, precision: str, wei
 def cache_folder(cfg: Config, out: Path) -> Path:
     """The cache folder, made if need be and checked writable before any feature is computed
     (``finetune.cache_dir``, else ``<run>/features``)."""
-    folder = Path(cfg.finetune.cache_dir).expanduser() if cfg.finetune.cache_dir else \
-        out / FEATURES
-    key = f"finetune.cache_dir={cfg.finetune.cache_dir}" if cfg.finetune.cache_dir else \
-        f"the feature cache {folder}"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"{key}: cannot make the folder ({e.strerror or e}); pass a folder "
-                          f"that can be created and written.") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ConfigError(f"{key}: the folder cannot be written (permissions or a read-only "
-                          f"file system); pass another finetune.cache_dir=DIR.")
-    return folder
+    if cfg.finetune.cache_dir:
+        return make_folder(Path(cfg.finetune.cache_dir).expanduser(),
+                           f"finetune.cache_dir={cfg.finetune.cache_dir}",
+                           "pass another finetune.cache_dir=DIR.")
+    return make_folder(out / FEATURES, f"the feature cache {out / FEATURES}",
+                       "pass another output_dir=PATH or a finetune.cache_dir=DIR.")
 
 
 def split_features(cfg: Config, parts: Parts, accelerator: Accelerator, precision: str,
@@ -112,6 +104,14 @@ def split_features(cfg: Config, parts: Parts, accelerator: Accelerator, precisio
     return found
 
 
+def probe_kind(cfg: Config) -> str:
+    """finetune.probe, ``auto`` resolved: ridge, but logistic for LP-FT (its head starts
+    fine-tuning: see the key's comment)."""
+    if cfg.finetune.probe != "auto":
+        return cfg.finetune.probe
+    return "logistic" if cfg.finetune.method == "lp_ft" else "ridge"
+
+
 def fit_head(cfg: Config, parts: Parts, feats: dict[str, Features], accelerator: Accelerator
              ) -> tuple[Probe, dict]:
     """The linear probe on the training features (its weight decay chosen on the validation
@@ -121,7 +121,8 @@ def fit_head(cfg: Config, parts: Parts, feats: dict[str, Features], accelerator:
     val = (feats["val"].x, feats["val"].y) if "val" in feats else None
     # train.seed draws the held-out fifth: paired seeds of a comparison differ as runs do
     probe = fit_probe(tr.x, tr.y, k, cfg.finetune.probe_weight_decay, val,
-                      seed=cfg.train.seed, views=cfg.finetune.feature_views)
+                      seed=cfg.train.seed, views=cfg.finetune.feature_views,
+                      kind=probe_kind(cfg))
     if accelerator.num_processes > 1:  # one head for every replica, bit for bit
         w, b = broadcast((probe.weight.to(accelerator.device), probe.bias.to(accelerator.device)))
         probe.weight, probe.bias = w.cpu(), b.cpu()
@@ -129,23 +130,27 @@ def fit_head(cfg: Config, parts: Parts, feats: dict[str, Features], accelerator:
     record = score_log_probs(F.log_softmax(test.x @ probe.weight.T + probe.bias, dim=1),
                              test.y, parts.test_data)
     record.update(train_acc=accuracy(tr.x @ probe.weight.T + probe.bias, tr.y),
-                  probe_weight_decay=probe.weight_decay, probe_fit_time=round(probe.seconds, 3),
+                  probe=probe.kind, probe_weight_decay=probe.weight_decay,
+                  probe_temperature=probe.temperature, probe_fit_time=round(probe.seconds, 4),
                   probe_scores=probe.scores)
     if probe.val_acc is not None:
         record["probe_val_acc"] = probe.val_acc
-    log.info("linear probe: weight decay %g (held-out accuracy %s), fitted in %.2f s; test "
-             "accuracy %.4f", probe.weight_decay,
+    log.info("linear probe (%s): weight decay %g (held-out accuracy %s), fitted in %.3f s; "
+             "test accuracy %.4f", probe.kind, probe.weight_decay,
              "n/a" if probe.val_acc is None else f"{probe.val_acc:.4f}", probe.seconds,
              record["test_acc"])
     return probe, {**record, **feature_timings(feats)}
 
 
 def feature_timings(feats: dict[str, Features]) -> dict:
-    seconds = sum(f.seconds for f in feats.values())
-    images = sum(len(f.y) for f in feats.values() if not f.reused)
-    return {"feature_time": round(seconds, 3), "features_reused": all(f.reused for f in
-                                                                        feats.values()),
-            "feature_images_per_sec": round(images / seconds, 1) if seconds else None}
+    """``feature_time``: seconds computing and caching the features, or reading them back;
+    ``feature_images_per_sec``: of the ones computed."""
+    computed = [f for f in feats.values() if not f.reused]
+    seconds = sum(f.seconds for f in computed)
+    return {"feature_time": round(sum(f.seconds for f in feats.values()), 4),
+            "features_reused": not computed,
+            "feature_images_per_sec": round(sum(len(f.y) for f in computed) / seconds, 1)
+            if seconds else None}
 
 
 @torch.no_grad()
@@ -244,8 +249,8 @@ def first_phase(cfg: Config, parts: Parts, t: Training, accelerator: Accelerator
     set_head(parts.model, probe)
     if t.ema is not None:
         t.ema.load_state_dict(t.raw.state_dict())
-    fields = {"probe_test_acc": record["test_acc"], "probe_test_loss": record["test_loss"],
-              "probe_train_acc": record["train_acc"],
+    fields = {"probe": record["probe"], "probe_test_acc": record["test_acc"],
+              "probe_test_loss": record["test_loss"], "probe_train_acc": record["train_acc"],
               **{k: v for k, v in record.items() if k.startswith(("probe_", "feature"))}}
     fields.pop("probe_scores", None)
     if accelerator.is_main_process:

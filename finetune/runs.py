@@ -36,7 +36,7 @@ from finetune.config import UNTRAINED, Config, flat_config, load_config, show_va
 from finetune.errors import ConfigError
 from finetune.export import META, WEIGHTS, exported_meta, save_model, save_weights
 from finetune.fields import is_int, is_real
-from finetune.files import atomic_write_text
+from finetune.files import atomic_write_text, make_folder
 from finetune.lora import lora_summary, merged, save_adapter
 
 CONFIG = "config.yaml"
@@ -125,14 +125,7 @@ def run_folder(cfg: Config, state: PartialState, final: Path) -> Iterator[Path]:
 
 
 def _make(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise ConfigError(f"output_dir {folder}: a file is in the way (it, or a folder above "
-                          f"it, is a regular file); pass another output_dir=PATH.") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ConfigError(f"output_dir {folder} is not writable; pass another "
-                          f"output_dir=PATH.")
+    make_folder(folder, f"output_dir {folder}", "pass another output_dir=PATH.")
 
 
 def _check_name_lengths(folder: Path) -> None:

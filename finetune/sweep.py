@@ -36,7 +36,7 @@ from matplotlib.ticker import LogFormatter
 
 from finetune.assemble import check_model, set_up
 from finetune.compare import parse_seeds
-from finetune.config import SCHEMA_KEYS, Config, flat_config, load_config, split_options
+from finetune.config import PROBES, SCHEMA_KEYS, Config, flat_config, load_config, split_options
 from finetune.errors import (
     ConfigError,
     FinetuneError,
@@ -322,8 +322,9 @@ def measure(cfg: Config, seeds: list[int], out: Path, state: PartialState) -> di
             "parameters": sum(p.numel() for p in parts.model.parameters()),
             "probe_acc": acc.mean, "probe_ci": acc.half_width, "probe_accs": accs,
             "probe_top5_acc": sum(top5) / len(top5) if top5 else None,
+            "probe": probes[0]["probe"],
             "probe_weight_decays": [p["probe_weight_decay"] for p in probes],
-            "probe_fit_seconds": round(sum(p["probe_fit_time"] for p in probes) / len(probes), 3),
+            "probe_fit_seconds": round(sum(p["probe_fit_time"] for p in probes) / len(probes), 4),
             "knn_acc": knn["test_acc"], "knn_top5_acc": knn.get("test_top5_acc"),
             "knn_seconds": knn["knn_time"], "extract_seconds": timings["feature_time"],
             "extract_images_per_sec": timings["feature_images_per_sec"],
@@ -376,7 +377,7 @@ def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
                                                           else []),
                      str(r["feature_dim"]), f"{r['parameters']:,d}", str(r["image_size"]),
                      "cached" if speed is None else f"{speed:,.0f}",
-                     f"{r['probe_fit_seconds']:.2f}"])
+                     f"{r['probe_fit_seconds']:.3f}"])
     return header, body
 
 
@@ -431,12 +432,13 @@ def report_blocks(rows: list[dict], sweep: Sweep) -> list[Block]:
                            ("p", "Reproduce with:"), ("code", sweep.command)]
     if done:
         d = done[0]
+        probe = d.get("probe", "logistic")  # rows written before there was a choice
         chosen = ("on the validation split (data.val_split), the same for every seed"
                   if d["settings"]["data.val_split"] else "on a held-out fifth drawn by the seed")
         blocks.append(("p", f"Data `{d['data']}`: {d['train_images']:,d} training and "
                        f"{d['test_images']:,d} test images, {len(d['classes'])} classes "
                        f"({', '.join(d['classes'][:20])}). Each backbone frozen, its features "
-                       f"extracted once; a linear probe (logistic regression, weight decay "
+                       f"extracted once; a linear probe ({PROBES[probe]}, weight decay "
                        f"chosen {chosen}) and weighted kNN "
                        f"(k={d['settings']['finetune.knn_k']}) measured on the test images. "
                        f"Probe accuracy: mean ± 95 % Student-t interval over seeds "

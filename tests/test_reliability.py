@@ -178,8 +178,8 @@ def test_output_dir_in_the_way_of_a_file_fails_before_the_data(tmp_path, capsys,
     code = cli_main(["train", f"data.root={tmp_path / 'no-data'}", f"output_dir={out}"])
     err = capsys.readouterr().err
     assert code == 2 and err.splitlines()[-1] == (
-        f"error: output_dir {out}: a file is in the way (it, or a folder above it, is a "
-        f"regular file); pass another output_dir=PATH.")
+        f"error: output_dir {out}: a file is in the way of a folder on the path; pass "
+        f"another output_dir=PATH.")
     assert "data idx" not in err  # refused before the data
     assert blocker.read_text() == "x"
 

@@ -1,4 +1,4 @@
-"""finetune.method=linear|knn|lp_ft: cached features, the L-BFGS probe, kNN, LP-FT.
+"""finetune.method=linear|knn|lp_ft: cached features, the ridge and L-BFGS probes, kNN, LP-FT.
 
 One source model is trained once for the module (a few CPU seconds); every run here transfers
 from its export to the fake Fashion-MNIST at 16 px."""
@@ -22,7 +22,14 @@ from safetensors.torch import load_file, save_file
 from finetune.config import load_config
 from finetune.features import read_cached
 from finetune.inference import load
-from finetune.probe import fit_logistic, fit_probe, knn_log_probs, standardize
+from finetune.probe import (
+    fit_logistic,
+    fit_probe,
+    fit_ridge,
+    fit_temperature,
+    knn_log_probs,
+    standardize,
+)
 from finetune.train import main
 
 
@@ -156,9 +163,56 @@ def test_probe_matches_scikit_learn():
     np.testing.assert_allclose(F.softmax(z[test] @ w.T + b, 1).numpy(),
                                sk.predict_proba(z[test].numpy()), atol=2e-3)
     # fit_probe folds the standardization into a head on raw features
-    probe = fit_probe(x[train], y[train], 5, [wd])
+    probe = fit_probe(x[train], y[train], 5, [wd], kind="logistic")
     raw = ((x[test] @ probe.weight.T + probe.bias).argmax(1) == y[test]).float().mean().item()
     assert raw == pytest.approx(ours, abs=1e-6)
+
+
+@pytest.mark.parametrize("rows", [400, 20])  # the covariance, and the Gram matrix (N < D)
+def test_ridge_probe_matches_scikit_learn(rows):
+    from sklearn.linear_model import Ridge
+
+    gen = torch.Generator().manual_seed(0)
+    y = torch.arange(600) % 5
+    x = torch.randn(5, 32, generator=gen)[y] + 2.5 * torch.randn(600, 32, generator=gen)
+    train = slice(0, rows)
+    onehot = F.one_hot(y[train], 5).double().numpy()
+    decays = [1e-3, 0.1, 3.0]
+    w, b = fit_ridge(x[train], y[train], 5, decays)
+    for i, wd in enumerate(decays):  # (1/2n)|XW - T|^2 + wd/2 |W|^2 is Ridge(alpha=n * wd)
+        sk = Ridge(alpha=rows * wd).fit(x[train].double().numpy(), onehot)
+        np.testing.assert_allclose(w[0, i].numpy(), sk.coef_, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(b[0, i].numpy(), sk.intercept_, rtol=1e-4, atol=1e-5)
+    # one decay is a Cholesky solve: the same solution
+    torch.testing.assert_close(fit_ridge(x[train], y[train], 5, [0.1])[0][0, 0], w[0, 1])
+    # two subsets at once: each solved as alone
+    masks = torch.zeros(2, rows, dtype=torch.bool)
+    masks[0, : rows // 2], masks[1] = True, True
+    w2, b2 = fit_ridge(x[train], y[train], 5, decays, masks)
+    half = slice(0, rows // 2)
+    torch.testing.assert_close(w2[0], fit_ridge(x[half], y[half], 5, decays)[0][0])
+    torch.testing.assert_close(b2[1], b[0])
+
+
+def test_ridge_probe_is_calibrated_and_folds_its_temperature():
+    gen = torch.Generator().manual_seed(2)
+    y = torch.arange(1000) % 4
+    x = 3 + torch.randn(4, 16, generator=gen)[y] + 2 * torch.randn(1000, 16, generator=gen)
+    probe = fit_probe(x[:500], y[:500], 4, [1e-3, 1e-1], seed=0)
+    assert probe.kind == "ridge" and probe.weight_decay in (1e-3, 1e-1)
+    assert set(probe.scores) == {"0.001", "0.1"} and 0.5 < probe.val_acc < 1
+    # The head on raw features is the temperature times the ridge head on standardized ones.
+    mean, std = standardize(x[:500])
+    w, b = (t[0, 0] for t in fit_ridge((x[:500] - mean) / std, y[:500], 4,
+                                       [probe.weight_decay]))
+    ridge = ((x[500:] - mean) / std) @ w.T + b
+    torch.testing.assert_close(x[500:] @ probe.weight.T + probe.bias,
+                               probe.temperature * ridge, rtol=1e-4, atol=1e-4)
+    # The temperature minimises the held-out cross-entropy: its slope there is zero.
+    t = fit_temperature(ridge, y[500:])
+    nll = [F.cross_entropy(s * ridge, y[500:]).item() for s in (t / 1.2, t, t * 1.2)]
+    assert nll[1] < nll[0] and nll[1] < nll[2] and 1 < t < 1e3
+    assert fit_temperature(torch.eye(3), torch.arange(3)) == 1e3  # separable: the bound
 
 
 def test_knn_equals_brute_force():
@@ -236,7 +290,7 @@ def test_two_processes_compute_the_features_and_probe_of_one(source, tmp_path):
         assert torch.equal(a["y"], b["y"])
         torch.testing.assert_close(a["x"], b["x"], rtol=1e-5, atol=1e-5)
     # The same probe: the same weight decay chosen, the same predictions; its weights agree
-    # as far as L-BFGS's path allows from features equal to float rounding.
+    # as far as features equal to float rounding allow (a small decay amplifies them).
     r1, r2 = (json.loads((r / "metrics.jsonl").read_text()) for r in (one, two))
     assert r1["probe_weight_decay"] == r2["probe_weight_decay"]
     assert r1["confusion"] == r2["confusion"]
@@ -284,7 +338,7 @@ def test_bad_caches_and_kNN_exports_are_one_line(source, tmp_path, capsys):
     afile.write_text("not a folder")
     refused(capsys, ["train", *_args(root, weights, tmp_path / "a", "finetune.method=knn",
                                      f"finetune.cache_dir={afile}")],
-            f"finetune.cache_dir={afile}", "cannot make the folder")
+            f"finetune.cache_dir={afile}", "a file is in the way of a folder on the path")
     refused(capsys, ["train", *_args(root, weights, tmp_path / "b", "finetune.method=linear",
                                      "train.ema_decay=0.9")], "train.ema_decay")
     run = tmp_path / "knn"
@@ -299,3 +353,28 @@ def test_bad_caches_and_kNN_exports_are_one_line(source, tmp_path, capsys):
     save_file({"features": stored["features"][:, :100].contiguous(),
                "labels": stored["labels"]}, run / "knn.safetensors")
     refused(capsys, ["evaluate", str(run)], "knn.safetensors", "the backbone's width")
+
+
+@pytest.mark.parametrize("method, promise", [("linear", "features already cached"),
+                                             ("full", "last complete checkpoint")])
+def test_an_interrupted_run_promises_what_its_method_keeps(monkeypatch, capsys, tmp_path,
+                                                           method, promise):
+    import finetune.train
+    from finetune.cli import main as cli_main
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune.train, "main", interrupted)
+    code = cli_main(["train", f"finetune.method={method}", f"output_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == 130 and promise in err
+    assert ("checkpoint" in err) == (method == "full")
+
+
+def test_the_probe_is_ridge_but_logistic_where_fine_tuning_starts_from_it():
+    from finetune.methods import probe_kind
+
+    assert probe_kind(load_config(["finetune.method=linear"])) == "ridge"
+    assert probe_kind(load_config(["finetune.method=lp_ft"])) == "logistic"
+    assert probe_kind(load_config(["finetune.method=lp_ft", "finetune.probe=ridge"])) == "ridge"
