@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -18,6 +19,7 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from finetune.config import UNTRAINED, Config, DataConfig
+from finetune.cpu_convs import swap_small_map_convs
 from finetune.data import ImageData, Samples, load_data, validation_split
 from finetune.data.hub import StreamedSplit, streamed_head
 from finetune.data.images import (
@@ -38,7 +40,6 @@ from finetune.data.loader import (
 from finetune.data.samples import preload
 from finetune.data.sources import stratified_mask
 from finetune.data.stream import StreamedBatches, TrainBatches, balanced_weights
-from finetune.ema import EMA
 from finetune.errors import ConfigError, first_line
 from finetune.export import meta_beside, model_meta
 from finetune.lora import apply_lora, resolve_targets
@@ -65,6 +66,9 @@ from finetune.optim import (
 from finetune.precision import choose_precision
 from finetune.speed import compile_model, make_accelerator, tune_backends
 from finetune.step import StepOptions
+
+if TYPE_CHECKING:
+    from timm.utils import ModelEmaV3
 
 log = logging.getLogger(__name__)
 
@@ -334,6 +338,12 @@ def assemble(cfg: Config, state: PartialState) -> Parts:
     plan = plan_stages(model, cfg.finetune)
     freeze_for_good(model, plan, cfg.finetune.bn)  # before DDP wraps the model
     log.info("stages %s (train.lr %g)", plan.describe(), tcfg.lr)
+    if tcfg.small_map_matmul and device.type == "cpu":  # before the optimizer sees the layers
+        swapped = swap_small_map_convs(model, (1, in_chans, dcfg.image_size, dcfg.image_size))
+        if swapped:
+            log.info("training computes %d convolutions over maps smaller than their kernel "
+                     "as matrix products (train.small_map_matmul): %s", len(swapped),
+                     ", ".join(swapped))
     return Parts(model, loaded, plan, transform, train_data, test_data, val_data, source,
                  placement, in_chans, mean, std, crop_pct, interpolation, resample)
 
@@ -408,7 +418,7 @@ class Training:
     loader: TrainLoader
     eval_loader: Iterable
     val_loader: Iterable | None
-    ema: EMA | None
+    ema: ModelEmaV3 | None
     gen: torch.Generator  # augmentation draws, one stream per process
 
 
@@ -425,7 +435,12 @@ def prepare_training(cfg: Config, parts: Parts, accelerator: Accelerator) -> Tra
     val_loader = (evaluation_loader(cfg, parts, parts.val_data, accelerator)
                   if parts.val_data is not None else None)
     raw = accelerator.unwrap_model(model)
-    ema = EMA(raw, tcfg.ema_decay) if tcfg.ema_decay else None
+    # timm's average: parameters averaged, buffers (batch-norm statistics) copied
+    ema = None
+    if tcfg.ema_decay:  # timm imported when used (it costs a start-up second)
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(raw, tcfg.ema_decay, exclude_buffers=True)
     gen = torch.Generator(device=accelerator.device).manual_seed(
         tcfg.seed * 7919 + accelerator.process_index)
     return Training(model, raw, optimizer, scheduler, factor,

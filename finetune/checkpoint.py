@@ -24,15 +24,18 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils.other import load as accelerate_load
 from safetensors.torch import load_file, save_file
 
-from finetune.ema import EMA
 from finetune.errors import CheckpointError, ConfigError, TrainingError, first_line
 from finetune.files import output_error
+
+if TYPE_CHECKING:
+    from timm.utils import ModelEmaV3
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
@@ -121,7 +124,8 @@ def verify(path: Path) -> dict:
 
 
 def save_checkpoint(accelerator: Accelerator, out: Path, state: LoopState, keep: int,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, ema: EMA | None) -> Path:
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, ema: ModelEmaV3 | None
+                    ) -> Path:
     """Write a checkpoint atomically; keep the newest ``keep``. A failed write (a full disk)
     leaves no temporary folder behind."""
     final = out / CHECKPOINTS / checkpoint_name(state.epoch, state.step)
@@ -137,7 +141,7 @@ def save_checkpoint(accelerator: Accelerator, out: Path, state: LoopState, keep:
         if accelerator.is_main_process:
             (tmp / SCHEDULER).write_text(json.dumps(scheduler.state_dict()))
             if ema is not None:
-                save_file({k: v.contiguous() for k, v in ema.state_dict().items()},
+                save_file({k: v.contiguous() for k, v in ema.module.state_dict().items()},
                           str(tmp / EMA_WEIGHTS))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
@@ -162,7 +166,7 @@ def save_checkpoint(accelerator: Accelerator, out: Path, state: LoopState, keep:
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, ema: EMA | None
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, ema: ModelEmaV3 | None
                     ) -> LoopState:
     """Verify the checkpoint, restore what it holds; return this process's loop position. A
     checkpoint is resumed by as many processes as wrote it: each restores its own loop position,
@@ -185,7 +189,7 @@ def load_checkpoint(accelerator: Accelerator, path: Path,
         accelerator.load_state(str(path))  # weights_only loading, every file
         scheduler.load_state_dict(json.loads((path / SCHEDULER).read_text()))
         if ema is not None:
-            ema.load_state_dict(load_file(path / EMA_WEIGHTS))  # copied to its device
+            ema.module.load_state_dict(load_file(path / EMA_WEIGHTS))  # copied to its device
         saved = torch.load(path / f"loop_{accelerator.process_index}.pt", weights_only=True)
     except torch.OutOfMemoryError:
         raise  # the device is full, the checkpoint is fine
@@ -212,7 +216,7 @@ def starting_point(state: LoopState | None, steps_per_epoch: int
 
 def restore(resume: str | None, out: Path, accelerator: Accelerator, gen: torch.Generator,
             steps_per_epoch: int, scheduler: torch.optim.lr_scheduler.LRScheduler,
-            ema: EMA | None) -> LoopState | None:
+            ema: ModelEmaV3 | None) -> LoopState | None:
     """Restore the checkpoint ``resume`` names (model, optimizer, schedule, weight average,
     RNG, and the augmentation generator ``gen``); return this process's loop state, or None
     when the run starts from its beginning. With ``resume=auto`` a damaged newest checkpoint is

@@ -172,6 +172,10 @@ class TrainConfig:
     # (finetune.precision; cached per machine), else fp32.
     mixed_precision: str = "auto"
     channels_last: bool = True
+    # On a CPU, while training: convolutions whose input map is smaller than their kernel (a
+    # ResNet's last stages at 28-32 px) as one matrix product each (finetune.cpu_convs), a swap
+    # of the trainer's; evaluation, exports and loaded models keep plain convolutions.
+    small_map_matmul: bool = True
     # torch.compile the model (in place: the state dict keeps its keys). Compilation happens
     # before the first epoch and is timed apart from training (compile_time in metrics.jsonl).
     compile: bool = False

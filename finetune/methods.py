@@ -248,7 +248,7 @@ def first_phase(cfg: Config, parts: Parts, t: Training, accelerator: Accelerator
     probe, record = fit_head(cfg, parts, feats, accelerator)
     set_head(parts.model, probe)
     if t.ema is not None:
-        t.ema.load_state_dict(t.raw.state_dict())
+        t.ema.set(t.raw)
     fields = {"probe": record["probe"], "probe_test_acc": record["test_acc"],
               "probe_test_loss": record["test_loss"], "probe_train_acc": record["train_acc"],
               **{k: v for k, v in record.items() if k.startswith(("probe_", "feature"))}}

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from accelerate import PartialState
 from torch import nn
 
+from finetune.cpu_convs import SmallMapConv2d, is_small
 from finetune.errors import ConfigError, first_line
 from finetune.fields import is_real
 from finetune.files import atomic_write_text
@@ -224,7 +225,9 @@ def bf16_unsafe_convs(model: nn.Module, shape: tuple[int, ...]) -> list[str]:
     bad: list[str] = []
 
     def hook(module: nn.Module, args: tuple) -> None:
-        if tuple(args[0].shape[-2:]) == (1, 1):
+        # a swapped layer trains a map smaller than its kernel as a matrix product, not oneDNN
+        if tuple(args[0].shape[-2:]) == (1, 1) and not (
+                isinstance(module, SmallMapConv2d) and is_small(module, args[0].shape)):
             bad.append(strided[module])
 
     handles = [m.register_forward_pre_hook(hook) for m in strided]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -19,9 +20,11 @@ from accelerate import Accelerator
 from torch import nn
 
 from finetune.config import Config
-from finetune.ema import EMA
 from finetune.errors import ConfigError
 from finetune.mixing import mix_batch, mix_params
+
+if TYPE_CHECKING:
+    from timm.utils import ModelEmaV3
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, accelerator: 
                x: torch.Tensor, y: torch.Tensor, opts: StepOptions, *, epoch: int = 1,
                step: int = 0, thawing: Sequence[nn.Parameter] = (),
                scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-               ema: EMA | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               ema: ModelEmaV3 | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step on the batch ``x`` (normalized) with labels ``y``; returns the loss
     and the number of correct predictions, both still on the device. ``epoch`` and ``step``
     seed the Mixup/CutMix draw; ``thawing`` are parameters whose gradients are dropped."""

@@ -1,11 +1,14 @@
 """The command line: every command answers --help, ``python -m finetune``, and
 ``accelerate launch -m finetune.run`` from outside a checkout."""
 
+import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from finetune.cli import build_parser, main
 from finetune.runs import read_metrics
@@ -80,4 +83,31 @@ def test_accelerate_launch_dash_m_from_outside_a_checkout(tiny_args, tmp_path):
          "train.epochs=1"], cwd=cwd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "test accuracy" in proc.stdout
+    assert len(read_metrics(tmp_path / "run")) == 1
+
+
+@pytest.mark.slow
+def test_the_quickstart_command_runs_as_written(fmnist_dir, tmp_path):
+    """`accelerate launch finetune/run.py recipe=resnet18_fmnist`, literally, from the checkout
+    (the README's quickstart); shrunk by overrides, and offline: the ImageNet weights are a
+    local file of torchvision's format."""
+    import torchvision
+
+    import finetune
+
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    accelerate = Path(sys.executable).with_name("accelerate")
+    checkout = Path(finetune.__file__).parent.parent
+    assert accelerate.is_file() and (checkout / "finetune" / "run.py").is_file()
+    proc = subprocess.run(
+        [str(accelerate), "launch", "finetune/run.py", "recipe=resnet18_fmnist",
+         f"model.weights={weights}", f"data.root={fmnist_dir}", "data.image_size=16",
+         "train.epochs=1", "train.batch_size=16", "train.eval_batch_size=20",
+         f"output_dir={tmp_path / 'run'}", "train.checkpoint=false"],
+        cwd=checkout, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "TQDM_DISABLE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "test accuracy" in proc.stdout and "resnet18_fmnist" in (
+        tmp_path / "run" / "config.yaml").read_text()
     assert len(read_metrics(tmp_path / "run")) == 1

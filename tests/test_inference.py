@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 import finetune
 from finetune.cli import main as cli_main
 from finetune.config import load_config
+from finetune.cpu_convs import SmallMapConv2d
 from finetune.data.sources import load_idx
 from finetune.evaluation import evaluate_run, per_class
 from finetune.train import main as train_main
@@ -109,8 +110,9 @@ def test_timm_and_torchvision_rebuild_the_export(trained):
     ours = finetune.load(run).model
     x = torch.randn(4, 1, 28, 28)
     expected = ours(x)
-    # Equal up to rounding: at 28 px finetune multiplies layer3's and layer4's small maps
-    # as matrices where timm and torchvision convolve them (finetune.models.resnet.Conv2d).
+    # Equal up to rounding: the loaded model is plain torch layers, as timm's and
+    # torchvision's (CPU training's small-map products are the trainer's swap, not exported).
+    assert not any(isinstance(m, SmallMapConv2d) for m in ours.modules())
     same = functools.partial(torch.testing.assert_close, expected=expected, rtol=1e-5,
                              atol=1e-5)
     # timm, from the run folder alone: architecture, channels, head, preprocessing.
@@ -145,6 +147,12 @@ def test_onnx_export_matches_pytorch(trained, tmp_path, capsys):
         got = session.run(None, {"input": x.numpy()})[0]
         np.testing.assert_allclose(got, model(x).detach().numpy(), atol=1e-4, rtol=1e-4)
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]  # no temporary left behind
+    # A standard graph: ResNet-18's 20 convolutions as Conv nodes (no small-map products
+    # that fusion, quantizers and TensorRT would not see as convolutions), one Gemm.
+    import onnx
+
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert ops.count("Conv") == 20 and not {"MatMul", "Where", "Equal"} & set(ops), ops
 
 
 def test_load_in_a_fresh_interpreter(trained):

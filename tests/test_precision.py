@@ -6,17 +6,14 @@ import logging
 
 import pytest
 import torch
-import torchvision
 from accelerate import PartialState
 from accelerate.state import AcceleratorState
-from torch import nn
 
 from finetune import evaluation, precision
 from finetune.config import load_config
 from finetune.errors import ConfigError
 from finetune.evaluation import evaluate_run
 from finetune.models import create_model
-from finetune.models.resnet import Conv2d
 from finetune.runs import read_metrics
 from finetune.train import main
 
@@ -138,70 +135,6 @@ def test_a_run_trains_and_evaluates_in_the_precision_auto_chose(auto_cpu, tiny_a
     AcceleratorState._reset_state(reset_partial_state=True)
     evaluate_run(tmp_path / "run", ["train.mixed_precision=fp32"])
     assert made == ["bf16", "fp32"]
-
-
-@pytest.mark.parametrize("size", [1, 2, 3, 4, 7])
-@pytest.mark.parametrize("kernel, stride, padding, dilation",
-                         [(3, 1, 1, 1), (3, 2, 1, 1), (7, 2, 3, 1), (5, 1, 2, 1), (3, 1, 2, 2)])
-def test_small_maps_as_matrix_products_compute_the_convolution(size, kernel, stride, padding,
-                                                               dilation):
-    torch.manual_seed(0)
-    ours = Conv2d(3, 5, kernel, stride=stride, padding=padding, dilation=dilation,
-                  bias=True).double()
-    plain = nn.Conv2d(3, 5, kernel, stride=stride, padding=padding, dilation=dilation,
-                      bias=True).double()
-    plain.load_state_dict(ours.state_dict())
-    x = torch.randn(2, 3, size, size + 1, dtype=torch.double)
-    y, expected = ours(x), plain(x)
-    assert y.shape == expected.shape
-    torch.testing.assert_close(y, expected, rtol=0, atol=1e-12)
-    (y * torch.arange(y.numel()).view_as(y)).sum().backward()
-    (expected * torch.arange(y.numel()).view_as(y)).sum().backward()
-    torch.testing.assert_close(ours.weight.grad, plain.weight.grad, rtol=0, atol=1e-10)
-    torch.testing.assert_close(ours.bias.grad, plain.bias.grad, rtol=0, atol=1e-10)
-
-
-def test_resnet18_at_28px_is_torchvisions_resnet18():
-    """At 28 px layer4 sees 1x1 maps, where the convolutions leave out their padding taps:
-    the logits and every gradient are still torchvision's."""
-    torch.manual_seed(0)
-    ours = create_model("resnet18", num_classes=10, in_chans=1, image_size=28).double()
-    theirs = torchvision.models.resnet18(num_classes=10).double()
-    theirs.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False).double()
-    theirs.load_state_dict(ours.state_dict())
-    x = torch.randn(4, 1, 28, 28, dtype=torch.double)
-    y, expected = ours(x), theirs(x)
-    torch.testing.assert_close(y, expected, rtol=0, atol=1e-10)
-    y.square().sum().backward()
-    expected.square().sum().backward()
-    for (name, p), q in zip(ours.named_parameters(), theirs.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-9, msg=name)
-
-
-def test_resnet18_at_28px_multiplies_its_small_maps(monkeypatch):
-    """At 28 px the 3x3 convolutions of layer3 (2x2 maps) and layer4 (1x1, and the strided
-    one over 2x2) run as matrix products; the other 13 of ResNet-18's 20 as convolutions."""
-    convolved = []
-    plain = nn.Conv2d._conv_forward
-
-    def conv_forward(self, x, weight, bias):
-        convolved.append(tuple(x.shape[-2:]))
-        return plain(self, x, weight, bias)
-
-    monkeypatch.setattr(nn.Conv2d, "_conv_forward", conv_forward)
-    model = create_model("resnet18", num_classes=10, in_chans=1, image_size=28)
-    model(torch.randn(2, 1, 28, 28))
-    assert len(convolved) == 13
-    assert all(size[0] * size[1] > 9 or size == (2, 2) for size in convolved)  # + 1x1 downsample
-
-
-def test_small_maps_keep_the_convolutions_dtype_and_errors():
-    conv = Conv2d(3, 4, 3, padding=1, bias=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert conv(torch.randn(2, 3, 2, 2)).dtype == torch.bfloat16
-    # A map too small for the kernel: the convolution's own error, not a reshape's.
-    with pytest.raises(RuntimeError, match="Kernel size can't be greater than actual input"):
-        Conv2d(3, 4, 3)(torch.randn(2, 3, 1, 1))
 
 
 def test_auto_falls_back_to_fp32_when_timing_fails(auto_cpu, monkeypatch, caplog):

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from finetune.config import ModelConfig
 from finetune.models import WeightsError, build_model, create_model
 from finetune.models.pretrained import (
-    adapt_input_conv,
+    adapt_state_dict,
     channel_stats,
     fetch_state_dict,
     load_pretrained,
@@ -36,13 +36,18 @@ def _save_pth(tmp_path, model, name="tv.pth"):
     return path
 
 
-def test_adapt_input_conv_sums_rgb_for_one_channel():
-    w = torch.randn(8, 3, 3, 3)
-    torch.testing.assert_close(adapt_input_conv(w, 1), w[:, :1] + w[:, 1:2] + w[:, 2:])
-    five = adapt_input_conv(w, 5)
-    assert five.shape == (8, 5, 3, 3)
-    torch.testing.assert_close(five[:, 3], w[:, 0] * 3 / 5)
-    assert adapt_input_conv(w, 3) is w
+@pytest.mark.parametrize("channels", [1, 5])
+def test_the_first_conv_is_adapted_as_timm_adapts_it(channels):
+    model = create_model("resnet18", num_classes=10, in_chans=channels)
+    w = torch.randn(64, 3, 7, 7)
+    state = {"conv1.weight": w.clone()}
+    notes = adapt_state_dict(state, model, "conv1", "fc")
+    got = state["conv1.weight"]
+    assert got.shape == (64, channels, 7, 7) and f"3 -> {channels} input channels" in notes[0]
+    if channels == 1:  # a grey image x gets the response the RGB filters give to (x, x, x)
+        torch.testing.assert_close(got, w.sum(1, keepdim=True))
+    else:  # filters cycled, rescaled so that the summed response keeps its magnitude
+        torch.testing.assert_close(got[:, 3], w[:, 0] * 3 / 5)
 
 
 def test_channel_stats():

@@ -68,8 +68,8 @@ class FeaturesClassifier(nn.Module):
     then ``classifier`` (hidden linear layers, the final one last). Its stages: each block of
     ``features``, the hidden classifier layers, the head."""
 
-    features: nn.Sequential
-    classifier: nn.Sequential
+    # features and classifier: nn.Sequential, set by the subclass (not annotated: TorchScript
+    # would read class annotations as attribute types, and cannot resolve these).
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         blocks, block = [], []

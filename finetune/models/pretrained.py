@@ -93,22 +93,6 @@ def channel_stats(values: tuple[float, ...], in_chans: int) -> tuple[float, ...]
     return tuple(values[i % len(values)] for i in range(in_chans))
 
 
-def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
-    """Adapt a first-conv weight ``(out, c, kh, kw)`` to ``in_chans`` input channels.
-
-    One channel: sum over the input channels, so a grey image x gives the response the RGB
-    filters give to (x, x, x). Other counts: cycle the filters and rescale so that the summed
-    response keeps its magnitude (the convention timm uses).
-    """
-    src = weight.shape[1]
-    if in_chans == src:
-        return weight
-    if in_chans == 1:
-        return weight.sum(dim=1, keepdim=True)
-    repeats = -(-in_chans // src)
-    return weight.repeat(1, repeats, 1, 1)[:, :in_chans] * (src / in_chans)
-
-
 def _strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # DDP, torch.compile and some trainers wrap the model; their checkpoints carry the prefix.
     for prefix in ("module.", "_orig_mod.", "model."):
@@ -471,7 +455,11 @@ def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module, firs
     if conv_key in state_dict and conv_key in target:
         have, want = state_dict[conv_key].shape[1], target[conv_key].shape[1]
         if have != want:
-            state_dict[conv_key] = adapt_input_conv(state_dict[conv_key], want)
+            from timm.models import adapt_input_conv  # imported when used: a start-up second
+
+            # timm's: one channel sums the RGB filters (a grey image x responds as (x, x, x));
+            # others cycle the filters, rescaled to keep the summed response's magnitude
+            state_dict[conv_key] = adapt_input_conv(want, state_dict[conv_key], base_chans=have)
             how = "summed RGB filters" if want == 1 else "cycled and rescaled filters"
             notes.append(f"{first_conv}: {have} -> {want} input channels ({how})")
     head = [k for k in state_dict if k.startswith(f"{classifier}.")]
@@ -589,7 +577,11 @@ def load_timm(name: str, fetched: Fetched, *, num_classes: int, in_chans: int, i
 
 class _TimmKeys(logging.Handler):
     """The keys timm's loader reports missing or unexpected: it loads non-strictly once it
-    has dropped a classifier, and only logs what did not fit."""
+    has dropped a classifier, and only logs what did not fit.
+
+    Kept (not ``load_state_dict(strict=False)``'s result): the load happens inside
+    ``timm.create_model``, whose ``load_pretrained`` returns nothing (timm 1.0.31) and only
+    logs those keys; loading outside it would mean copying its checkpoint filters."""
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)

@@ -2,77 +2,20 @@
 
 Module names and shapes equal torchvision's, so ImageNet state dicts load straight in and give
 torchvision's outputs. ``norm_layer`` picks torch's batch norm or ours
-(``finetune.models.batchnorm``).
+(``finetune.models.batchnorm``). The layers are torch's own, nothing device- or shape-dependent:
+the models script, trace and export as they are (CPU training's small-map speed-up is a swap
+the trainer applies: ``finetune.cpu_convs``).
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from finetune.models.registry import make_cfg, register_model
 
 
-def _taps(size: tuple[int, ...], kernel: tuple[int, ...], stride: tuple[int, ...],
-          padding: tuple[int, ...], dilation: tuple[int, ...]
-          ) -> tuple[Tensor, tuple[int, int]]:
-    """For a convolution over a ``size`` map: which kernel tap joins each (output pixel,
-    input pixel) pair, ``kh * kw`` for none; and the output size."""
-    out = [(n + 2 * p - d * (k - 1) - 1) // s + 1
-           for n, k, s, p, d in zip(size, kernel, stride, padding, dilation, strict=True)]
-    if min(out) < 1:  # no output: the convolution itself says why
-        return torch.empty(0, 0, dtype=torch.long), (out[0], out[1])
-    taps, valid = [], []
-    for n, k, s, p, d, o in zip(size, kernel, stride, padding, dilation, out, strict=True):
-        # Output o reads input i through tap (i - o * s + p) / d, where that is a whole tap.
-        offset = torch.arange(n)[None, :] - torch.arange(o)[:, None] * s + p
-        taps.append(offset.div(d, rounding_mode="floor"))
-        valid.append((offset % d == 0) & (offset >= 0) & (offset < k * d))
-    (ty, tx), (vy, vx) = taps, valid  # (out, in) along each axis
-    joined = vy[:, None, :, None] & vx[None, :, None, :]
-    index = torch.where(joined, ty[:, None, :, None] * kernel[1] + tx[None, :, None, :],
-                        kernel[0] * kernel[1])
-    return index.reshape(out[0] * out[1], size[0] * size[1]), (out[0], out[1])
-
-
-class Conv2d(nn.Conv2d):
-    """``nn.Conv2d`` that, on the CPU, computes a map no larger than its kernel as one matrix
-    product.
-
-    On small images the last stages of a ResNet see tiny maps: at 28 px ResNet-18's layer3 is
-    2x2 and layer4 1x1, where most of a 3x3 kernel's taps only ever see the zero padding. A
-    convolution is a matrix product with a matrix made of the kernel's taps (zero where no tap
-    joins an output pixel to an input pixel); for such maps that matrix is small, and the
-    product skips the padding's work and oneDNN's slow small-map (and bf16) kernels: ResNet-18
-    at 28 px trains 1.6x (fp32) and 2.3x (bf16) as fast on a 2-core CPU (BENCHMARKS.md). The
-    numbers are the convolution's; same parameters and state dict as ``nn.Conv2d``.
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        kh, kw = self.kernel_size
-        if (x.device.type != "cpu" or x.dim() != 4 or x.shape[-2] * x.shape[-1] > kh * kw
-                or self.groups != 1 or self.padding_mode != "zeros"
-                or isinstance(self.padding, str)):
-            return super().forward(x)
-        index, (oh, ow) = _taps(tuple(x.shape[-2:]), self.kernel_size, self.stride,
-                                self.padding, self.dilation)
-        if oh < 1 or ow < 1:
-            return super().forward(x)  # and its error message
-        # The matrix as a product with a 0/1 selection of taps (its gradient is one more
-        # product, where gathering the taps would scatter-add them back one by one), laid
-        # out (output channel, output pixel) x (input pixel, input channel): channels_last
-        # weights and inputs are then read in place.
-        select = (index.flatten()[:, None] == torch.arange(kh * kw)).to(self.weight.dtype)
-        taps = self.weight.permute(0, 2, 3, 1).reshape(self.out_channels, kh * kw, -1)
-        matrix = torch.matmul(select.to(x.device), taps).view(self.out_channels * oh * ow, -1)
-        y = F.linear(x.permute(0, 2, 3, 1).flatten(1), matrix)
-        y = y.unflatten(1, (self.out_channels, oh, ow))
-        return y if self.bias is None else y + self.bias.to(y.dtype).view(1, -1, 1, 1)
-
-
 def conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
-    return Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
+    return nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
 
 
 def conv1x1(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
