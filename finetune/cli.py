@@ -81,6 +81,19 @@ def _predict(ns: argparse.Namespace) -> None:
 
     predictor = load(ns.model)
     files = image_files(ns.images)
+    if ns.out is not None:
+        from finetune.batch_predict import predict_to_file
+
+        done = predict_to_file(predictor, files, ns.out, top_k=ns.top_k, tta=ns.tta,
+                               batch_size=ns.batch_size, workers=ns.workers,
+                               resume=ns.resume)
+        print(f"wrote {ns.out}: {done['already'] + done['written']} images"
+              + (f" ({done['already']} from before, --resume)" if done["already"] else "")
+              + (f"; {done['unreadable']} could not be read (see their error column)"
+                 if done["unreadable"] else ""))
+        return
+    if ns.resume:
+        raise ConfigError("--resume continues a predictions file: pass it with --out FILE.")
     # Opened as training's evaluation opened its files (a bad one is a one-line DataError).
     results = predictor.predict(files, top_k=ns.top_k, tta=ns.tta)
     if ns.json:
@@ -309,6 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true",
                    help="average each image's probabilities with its mirror image's")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--out", type=Path, default=None,
+                   help="write the predictions to FILE (.csv or .jsonl) as they come: any "
+                        "number of images, streamed through DataLoader workers")
+    p.add_argument("--resume", action="store_true",
+                   help="continue --out FILE left by a killed job, after its complete rows")
+    p.add_argument("--batch-size", type=_positive, default=64, help="images per model call")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding images")
     p = _add(sub, "push", _push, "publish an export folder as a Hugging Face Hub model "
              "repository (model card, weights, configs, metrics)")
     p.add_argument("run_dir", help="a run folder (or its ema/ folder)")
@@ -370,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(ns, "untrained", False):  # linear/knn: no steps, no checkpoints
             kept = ("before the run finished; no file was left half-written, and the features "
                     "already cached are read again by the next run")
+        elif ns.command == "predict" and getattr(ns, "out", None) is not None:
+            kept = (f"before every image was predicted; {ns.out} keeps the rows written so far: "
+                    f"the same command with --resume continues it")
         elif ns.command in ("train", "compare"):
             kept = ("before the next step could be saved; a run's folder keeps its last "
                     "complete checkpoint (resume=auto)")

@@ -1,5 +1,7 @@
 import functools
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -166,3 +168,136 @@ def test_load_in_a_fresh_interpreter(trained):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["ResNet", "10"]
+
+
+def _image_folder(test, folder: Path, n: int, bad: int | None = None) -> Path:
+    folder.mkdir()
+    for i, image in enumerate(test.images[:n, 0].numpy()):
+        Image.fromarray(image).save(folder / f"{i:03d}.png")
+    if bad is not None:
+        (folder / f"{bad:03d}.png").write_bytes(b"not a png")
+    return folder
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_batch_prediction_writes_what_predict_prints(trained, tmp_path, capsys, suffix):
+    run, test = trained
+    images = _image_folder(test, tmp_path / "images", 23, bad=5)
+    out = tmp_path / f"p{suffix}"
+    assert cli_main(["predict", str(run), str(images), "--out", str(out), "--top-k", "2",
+                     "--batch-size", "4", "--workers", "1"]) == 0
+    assert "23 images; 1 could not be read" in capsys.readouterr().out
+    if suffix == ".csv":
+        import csv
+
+        rows = list(csv.DictReader(out.open()))
+        got = {r["file"]: r["class_1"] and [(r["class_1"], float(r["probability_1"])),
+                                            (r["class_2"], float(r["probability_2"]))]
+               for r in rows}
+        errors = {r["file"]: r["error"] for r in rows}
+    else:
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        got = {r["file"]: r["top_k"] and [(t["class"], t["probability"]) for t in r["top_k"]]
+               for r in rows}
+        errors = {r["file"]: r["error"] for r in rows}
+    files = sorted(str(p) for p in images.iterdir())
+    assert [r["file"] for r in rows] == files  # every image, in order
+    bad = str(images / "005.png")
+    assert "cannot" in errors[bad] or "decode" in errors[bad].lower(), errors[bad]
+    assert not got[bad] and all(not e for f, e in errors.items() if f != bad)
+    good = [Path(f) for f in files if f != bad]
+    for f, expected in zip(good, finetune.predict(run, good, top_k=2), strict=True):
+        assert [c for c, _ in got[str(f)]] == [c for c, _ in expected]
+        assert [p for _, p in got[str(f)]] == pytest.approx([p for _, p in expected], abs=1e-5)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_a_killed_batch_prediction_resumes_to_the_same_file(trained, tmp_path, monkeypatch,
+                                                             capsys, suffix):
+    import finetune.batch_predict as batch
+
+    run, test = trained
+    images = _image_folder(test, tmp_path / "images", 30)
+    whole, cut = tmp_path / f"whole{suffix}", tmp_path / f"cut{suffix}"
+    args = [str(run), str(images), "--batch-size", "4", "--workers", "0"]
+    assert cli_main(["predict", *args, "--out", str(whole)]) == 0
+    real, calls = batch._top_k, []
+
+    def dies(*a, **k):  # killed during its third batch, after two were written
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(batch, "_top_k", dies)
+    assert cli_main(["predict", *args, "--out", str(cut)]) == 130
+    with cut.open("a") as f:  # and a kill in the middle of a line
+        f.write('{"file": "half' if suffix == ".jsonl" else "/half,writ")
+    monkeypatch.setattr(batch, "_top_k", real)
+    capsys.readouterr()
+    assert cli_main(["predict", *args, "--out", str(cut)]) == 2  # not silently overwritten
+    assert "--resume" in capsys.readouterr().err
+    assert cli_main(["predict", *args, "--out", str(cut), "--resume"]) == 0
+    assert "(8 from before, --resume)" in capsys.readouterr().out
+    assert cut.read_bytes() == whole.read_bytes()
+    # resuming with other images is refused, the file untouched
+    other = _image_folder(test, tmp_path / "other", 3)
+    assert cli_main(["predict", str(run), str(other), "--out", str(cut), "--resume"]) == 2
+    assert "other images" in capsys.readouterr().err and cut.read_bytes() == whole.read_bytes()
+
+
+@pytest.mark.slow
+def test_batch_prediction_killed_for_real_resumes_to_the_same_file(trained, tmp_path):
+    """SIGKILL (no clean-up at all) part-way through: the rows flushed so far are a valid
+    prefix, and --resume completes the very same file."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run, test = trained
+    images = _image_folder(test, tmp_path / "images", 53)
+    for copy in range(1, 8):  # 424 files: long enough to be killed part-way
+        shutil.copytree(images, tmp_path / "images" / f"copy{copy}",
+                        ignore=shutil.ignore_patterns("copy*"))
+    whole, cut = tmp_path / "whole.jsonl", tmp_path / "cut.jsonl"
+    base = [sys.executable, "-m", "finetune", "predict", str(run), str(images),
+            "--batch-size", "1", "--workers", "0"]
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    proc = subprocess.Popen([*base, "--out", str(cut)], env=env)
+    while proc.poll() is None and (not cut.exists() or cut.read_bytes().count(b"\n") < 20):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    lines = cut.read_bytes().count(b"\n")
+    assert proc.returncode == -signal.SIGKILL and 20 <= lines < 424, lines
+    subprocess.run([*base, "--out", str(cut), "--resume"], env=env, check=True)
+    subprocess.run([*base, "--out", str(whole)], env=env, check=True)
+    assert cut.read_bytes() == whole.read_bytes()
+
+
+def test_batch_prediction_bad_outputs_are_one_line(trained, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from conftest import refused
+
+    import finetune.batch_predict as batch
+
+    run, test = trained
+    images = str(_image_folder(test, tmp_path / "images", 2))
+    refused(capsys, ["predict", str(run), images, "--out", str(tmp_path / "p.txt")],
+            "write .csv or .jsonl")
+    refused(capsys, ["predict", str(run), images, "--out", str(tmp_path)], "is a folder")
+    refused(capsys, ["predict", str(run), images, "--resume"], "pass it with --out FILE")
+    junk = tmp_path / "junk.jsonl"
+    junk.write_text("not json\n")
+    refused(capsys, ["predict", str(run), images, "--out", str(junk), "--resume"],
+            "not a predictions file")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(batch, "_stream", full)
+    refused(capsys, ["predict", str(run), images, "--out", str(tmp_path / "p.csv")],
+            "no space left", "--resume")

@@ -1,0 +1,173 @@
+"""``finetune predict MODEL IMAGES... --out FILE``: prediction at scale.
+
+The images (files and folders, any number) are decoded and preprocessed by DataLoader workers,
+one image at a time exactly as :meth:`Predictor.logits` does, and the model runs on batches.
+Each batch's rows are appended to ``FILE`` (``.csv`` or ``.jsonl``, in the images' order) and
+flushed before the next: memory stays flat in the number of images, and a job that is killed
+leaves a file whose complete lines are a valid prefix. ``--resume`` checks that prefix against
+the images and continues after it, so the finished file equals an uninterrupted run's. An
+image that cannot be read gets a row with its ``error`` (and the job goes on).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from finetune.errors import ConfigError, DataError, OutputError
+from finetune.files import write_failure
+from finetune.inference import Predictor, predict_log_probs
+
+log = logging.getLogger(__name__)
+FORMATS = (".csv", ".jsonl")
+
+
+class _Images(Dataset):
+    """File ``i`` as the model's input views (V, C, H, W), or the reason it cannot be read."""
+
+    def __init__(self, predictor: Predictor, files: list[Path], tta: bool) -> None:
+        self.predictor, self.files, self.tta = predictor, files, tta
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, str | None]:
+        p = self.predictor
+        try:
+            image = p.to_uint8(self.files[i])[None]
+        except (DataError, OSError, ValueError) as e:
+            return None, str(e).splitlines()[0] if str(e) else type(e).__name__
+        views = p.transform.views(image, *p.tta) if self.tta else [p.transform(image)]
+        return torch.cat(views), None
+
+
+def _collate(items: list) -> list:
+    return items  # a batch of (views or None, error): the unreadable stay in their place
+
+
+def header(top_k: int) -> list[str]:
+    return ["file", *(f"{kind}_{k}" for k in range(1, top_k + 1)
+                      for kind in ("class", "probability")), "error"]
+
+
+def format_rows(files: list[Path], probs: list[list[tuple[str, float]] | None],
+                errors: list[str | None], suffix: str, top_k: int) -> str:
+    """Lines of the output for these images, in the format of ``suffix``."""
+    if suffix == ".jsonl":
+        return "".join(json.dumps({"file": str(f), "top_k": None if p is None else [
+            {"class": c, "probability": round(v, 6)} for c, v in p], "error": e}) + "\n"
+            for f, p, e in zip(files, probs, errors, strict=True))
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    for f, p, e in zip(files, probs, errors, strict=True):
+        cells = [x for c, v in p for x in (c, f"{v:.6f}")] if p else []
+        writer.writerow([str(f), *cells, *[""] * (2 * top_k - len(cells)), e or ""])
+    return text.getvalue()
+
+
+def done_files(out: Path, suffix: str) -> list[str]:
+    """The files of ``out``'s complete rows (a killed job's cut last line is dropped: the file
+    is truncated to its complete lines)."""
+    data = out.read_bytes()
+    complete = data[:data.rfind(b"\n") + 1]
+    if len(complete) != len(data):
+        with open(out, "r+b") as f:
+            f.truncate(len(complete))
+    lines = complete.decode("utf-8").splitlines()
+    if suffix == ".jsonl":
+        return [json.loads(line)["file"] for line in lines]
+    return [row[0] for row in list(csv.reader(lines))[1:]]
+
+
+def start_output(out: Path, files: list[Path], resume: bool, top_k: int) -> int:
+    """Checks ``out`` and returns how many images it already holds (0: a new file, with the
+    CSV header written)."""
+    suffix = out.suffix.lower()
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; name a .csv or .jsonl file.")
+    if suffix not in FORMATS:
+        raise ConfigError(f"--out {out}: write .csv or .jsonl (the format follows the suffix).")
+    if out.exists() and not resume:
+        raise ConfigError(f"--out {out} exists: pass --resume to continue it, or remove it.")
+    if out.exists():
+        try:
+            done = done_files(out, suffix)
+        except (ValueError, KeyError, IndexError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--resume: {out} is not a predictions file of finetune's "
+                              f"({type(e).__name__}); remove it to start over.") from None
+        if done != [str(f) for f in files[:len(done)]]:
+            raise ConfigError(f"--resume: {out} holds predictions for other images than these "
+                              f"(in this order); pass the same images, or remove it.")
+        return len(done)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", encoding="utf-8", newline="") as f:
+        if suffix == ".csv":
+            csv.writer(f, lineterminator="\n").writerow(header(top_k))
+    return 0
+
+
+def predict_to_file(predictor: Predictor, files: list[Path], out: Path, *, top_k: int = 3,
+                    tta: bool = False, batch_size: int = 64, workers: int = 2,
+                    resume: bool = False) -> dict:
+    """Write ``files``' top-k predictions to ``out``; returns counts (images written now,
+    already there, unreadable)."""
+    if workers < 0:
+        raise ConfigError(f"--workers {workers}: a number of DataLoader workers >= 0.")
+    try:
+        start = start_output(out, files, resume, top_k)
+        return _stream(predictor, files, out, start, top_k, tta, batch_size, workers)
+    except OSError as e:  # a full disk, a read-only folder: one line
+        reason = write_failure(e)
+        if reason is None:
+            raise
+        raise OutputError(f"could not write {out}: {reason}. The rows written before stay: "
+                          f"free space and run the same command with --resume.") from None
+
+
+def _stream(predictor: Predictor, files: list[Path], out: Path, start: int, top_k: int,
+            tta: bool, batch_size: int, workers: int) -> dict:
+    todo = files[start:]
+    loader = DataLoader(_Images(predictor, todo, tta), batch_size=batch_size, num_workers=workers,
+                        collate_fn=_collate, persistent_workers=False)
+    bad, i, suffix = 0, 0, out.suffix.lower()
+    with open(out, "a", encoding="utf-8", newline="") as f, \
+            tqdm(total=len(files), initial=start, unit="img", desc="predict") as bar:
+        for batch in loader:
+            probs = _top_k(predictor, [v for v, _ in batch if v is not None], top_k)
+            rows = iter(probs)
+            results = [None if v is None else next(rows) for v, _ in batch]
+            errors = [e for _, e in batch]
+            f.write(format_rows(todo[i:i + len(batch)], results, errors, suffix, top_k))
+            f.flush()  # a killed job leaves every finished batch
+            bad += sum(e is not None for e in errors)
+            i += len(batch)
+            bar.update(len(batch))
+        os.fsync(f.fileno())
+    if bad:
+        log.warning("%d of %d images could not be read; their rows name the error", bad,
+                    len(todo))
+    return {"written": len(todo), "already": start, "unreadable": bad}
+
+
+@torch.inference_mode()
+def _top_k(predictor: Predictor, views: list[torch.Tensor], top_k: int
+           ) -> list[list[tuple[str, float]]]:
+    if not views:
+        return []
+    stacked = torch.stack(views).to(predictor.device)  # (N, V, C, H, W)
+    with torch.autocast(predictor.device.type, dtype=torch.bfloat16,
+                        enabled=predictor.precision == "bf16"):
+        log_probs = predict_log_probs(predictor.model, list(stacked.unbind(1)))
+    values, indices = log_probs.exp().topk(min(top_k, log_probs.shape[1]), dim=1)
+    names = predictor.class_names
+    return [[(names[i], float(p)) for p, i in zip(vs, ix, strict=True)]
+            for vs, ix in zip(values.tolist(), indices.tolist(), strict=True)]
+
