@@ -96,6 +96,10 @@ class Predictor:
             return images[..., top:top + side, left:left + side]
         return images
 
+    def batch_inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """The model's input (N, C, S, S) for a uint8 batch (N, C, H, W) of one size."""
+        return self.transform(self._cropped(images.to(self.device)))
+
     @torch.inference_mode()
     def logits(self, images: torch.Tensor | list[str | Path | Image.Image | torch.Tensor],
                batch_size: int = 256, tta: bool = False) -> torch.Tensor:

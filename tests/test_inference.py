@@ -301,3 +301,35 @@ def test_batch_prediction_bad_outputs_are_one_line(trained, tmp_path, capsys, mo
     monkeypatch.setattr(batch, "_stream", full)
     refused(capsys, ["predict", str(run), images, "--out", str(tmp_path / "p.csv")],
             "no space left", "--resume")
+
+
+@pytest.mark.slow
+def test_int8_onnx_is_calibrated_measured_and_recorded(trained, tmp_path, capsys):
+    import onnx
+    import onnxruntime
+    from conftest import refused
+
+    source, test = trained
+    run = tmp_path / "run"
+    shutil.copytree(source, run, ignore=shutil.ignore_patterns("checkpoints"))
+    refused(capsys, ["export-onnx", str(run), "data.eval_limit=10"], "only with --int8")
+    for _ in range(2):  # a second export replaces the numbers, the card keeps one section
+        assert cli_main(["export-onnx", str(run), "--int8", "--calibration-images", "32"]) == 0
+    assert "int8 calibrated on 32 training images" in capsys.readouterr().out
+    int8 = onnx.load(str(run / "model.int8.onnx"))
+    ops = {n.op_type for n in int8.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+    props = {p.key for p in int8.metadata_props}
+    assert {"image_size", "mean", "std", "class_names"} <= props  # preprocessing travels too
+    report = json.loads((run / "model.json").read_text())["onnx"]
+    assert report["calibration_images"] == 32 and report["test_images"] == len(test)
+    # the recorded accuracy is the int8 file's, recomputed here
+    predictor = finetune.load(run)
+    x = predictor.batch_inputs(test.images).numpy()
+    got = onnxruntime.InferenceSession(str(run / "model.int8.onnx")).run(None, {"input": x})[0]
+    acc = float((got.argmax(1) == test.labels.numpy()).mean())
+    assert report["int8"]["test_acc"] == pytest.approx(acc, abs=1e-4)
+    assert abs(report["int8"]["test_acc"] - report["fp32"]["test_acc"]) <= 0.05
+    assert report["int8"]["size_mb"] < report["fp32"]["size_mb"] / 2
+    card = (run / "README.md").read_text()
+    assert card.count("## ONNX") == 1 and "model.int8.onnx" in card
