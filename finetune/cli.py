@@ -302,6 +302,33 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     _overrides(p, "models=, seeds=, output_dir=, [MODEL:]key=value")
 
 
+def _add_deployment(sub: argparse._SubParsersAction) -> None:
+    """The commands that put an export to work: predict and export-onnx."""
+    p = _add(sub, "predict", _predict, "top-k classes of images")
+    p.add_argument("model", help="run folder or model.safetensors")
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--top-k", type=_positive, default=3)
+    p.add_argument("--tta", action="store_true",
+                   help="average each image's probabilities with its mirror image's")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--out", type=Path, default=None,
+                   help="write the predictions to FILE (.csv or .jsonl) as they come: any "
+                        "number of images, streamed through DataLoader workers")
+    p.add_argument("--resume", action="store_true",
+                   help="continue --out FILE left by a killed job, after its complete rows")
+    p.add_argument("--batch-size", type=_positive, default=64, help="images per model call")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding images")
+    p = _add(sub, "export-onnx", _export_onnx, "write model.onnx (dynamic batch)")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="default: RUN_DIR/model.onnx")
+    p.add_argument("--int8", action="store_true",
+                   help="also model.int8.onnx: ONNX Runtime static quantization calibrated on "
+                        "training images, both files measured (accuracy, latency)")
+    p.add_argument("--calibration-images", type=_positive, default=512,
+                   help="training images that calibrate the int8 activation ranges")
+    _overrides(p, "with --int8: data.* overrides (default: the run's own data)")
+
+
 def _add_inspection(sub: argparse._SubParsersAction) -> None:
     """The commands that show configs, recipes and models; nothing runs."""
     _overrides(_add(sub, "show", _show, "print the resolved config, nothing run",
@@ -332,20 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true",
                    help="also with test-time augmentation (mirror images), beside the plain")
     _overrides(p, "output_dir=PATH (default RUN_DIR), data.* overrides (other test data)")
-    p = _add(sub, "predict", _predict, "top-k classes of images")
-    p.add_argument("model", help="run folder or model.safetensors")
-    p.add_argument("images", nargs="+", help="image files or folders")
-    p.add_argument("--top-k", type=_positive, default=3)
-    p.add_argument("--tta", action="store_true",
-                   help="average each image's probabilities with its mirror image's")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--out", type=Path, default=None,
-                   help="write the predictions to FILE (.csv or .jsonl) as they come: any "
-                        "number of images, streamed through DataLoader workers")
-    p.add_argument("--resume", action="store_true",
-                   help="continue --out FILE left by a killed job, after its complete rows")
-    p.add_argument("--batch-size", type=_positive, default=64, help="images per model call")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding images")
+    _add_deployment(sub)
     p = _add(sub, "push", _push, "publish an export folder as a Hugging Face Hub model "
              "repository (model card, weights, configs, metrics)")
     p.add_argument("run_dir", help="a run folder (or its ema/ folder)")
@@ -370,15 +384,6 @@ def build_parser() -> argparse.ArgumentParser:
                     "finetune lr-find recipe=NAME [start_lr=1e-7] [end_lr=10] [steps=100] "
                     "[output_dir=DIR] [key=value ...]", _keys()),
                "recipe=NAME, start_lr=, end_lr=, steps=, config overrides")
-    p = _add(sub, "export-onnx", _export_onnx, "write model.onnx (dynamic batch)")
-    p.add_argument("run_dir")
-    p.add_argument("--out", default=None, help="default: RUN_DIR/model.onnx")
-    p.add_argument("--int8", action="store_true",
-                   help="also model.int8.onnx: ONNX Runtime static quantization calibrated on "
-                        "training images, both files measured (accuracy, latency)")
-    p.add_argument("--calibration-images", type=_positive, default=512,
-                   help="training images that calibrate the int8 activation ranges")
-    _overrides(p, "with --int8: data.* overrides (default: the run's own data)")
     _add_inspection(sub)
     return parser
 
