@@ -28,6 +28,8 @@ from finetune.inference import Predictor, predict_log_probs
 
 log = logging.getLogger(__name__)
 FORMATS = (".csv", ".jsonl")
+# File names that are not UTF-8 (os.fsdecode's surrogates) are written back as their bytes.
+ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}
 
 
 class _Images(Dataset):
@@ -73,23 +75,38 @@ def format_rows(files: list[Path], probs: list[list[tuple[str, float]] | None],
     return text.getvalue()
 
 
-def done_files(out: Path, suffix: str) -> list[str]:
-    """The files of ``out``'s complete rows (a killed job's cut last line is dropped: the file
-    is truncated to its complete lines)."""
-    data = out.read_bytes()
-    complete = data[:data.rfind(b"\n") + 1]
-    if len(complete) != len(data):
-        with open(out, "r+b") as f:
-            f.truncate(len(complete))
-    lines = complete.decode("utf-8").splitlines()
-    if suffix == ".jsonl":
-        return [json.loads(line)["file"] for line in lines]
-    return [row[0] for row in list(csv.reader(lines))[1:]]
+def _csv_text(rows: list[list[str]]) -> str:
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerows(rows)
+    return text.getvalue()
 
 
-def start_output(out: Path, files: list[Path], resume: bool, top_k: int) -> int:
-    """Checks ``out`` and returns how many images it already holds (0: a new file, with the
-    CSV header written)."""
+def complete_csv(text: str, top_k: int, width: int) -> tuple[list[str], str]:
+    """The files of a CSV output's complete rows, and the text they fill (a killed job's cut
+    last row left out). Raises ValueError when it is not this command's output."""
+    head = _csv_text([header(top_k)])
+    if len(text) < len(head) and head.startswith(text):
+        return [], ""  # nothing yet, or a cut header: it is written again
+    rows = list(csv.reader(io.StringIO(text, newline="")))
+    if rows[0] != header(top_k):
+        raise ValueError(f"its header is not --top-k {top_k}'s")
+    while len(rows) > 1 and not text.startswith(_csv_text(rows)):
+        rows.pop()  # a cut last row (quoted new lines in names included)
+    return [r[0] for r in rows[1:]], _csv_text(rows)
+
+
+def complete_jsonl(text: str, top_k: int, width: int) -> tuple[list[str], str]:
+    """As :func:`complete_csv` for JSON lines (which escape every new line in a name)."""
+    lines = text.split("\n")[:-1]  # after the last new line: a cut row, or nothing
+    rows = [json.loads(line) for line in lines]
+    if any(r["top_k"] is not None and len(r["top_k"]) != width for r in rows):
+        raise ValueError(f"its rows do not hold --top-k {top_k}'s {width} classes")
+    return [r["file"] for r in rows], "".join(line + "\n" for line in lines)
+
+
+def start_output(out: Path, files: list[Path], resume: bool, top_k: int, width: int) -> int:
+    """Checks ``out`` and returns how many images it already holds, its cut last row removed
+    (0: a new file, with the CSV header written). ``width``: the classes a row holds."""
     suffix = out.suffix.lower()
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder; name a .csv or .jsonl file.")
@@ -97,21 +114,25 @@ def start_output(out: Path, files: list[Path], resume: bool, top_k: int) -> int:
         raise ConfigError(f"--out {out}: write .csv or .jsonl (the format follows the suffix).")
     if out.exists() and not resume:
         raise ConfigError(f"--out {out} exists: pass --resume to continue it, or remove it.")
+    done, kept = [], ""
     if out.exists():
+        text = out.read_bytes().decode(**ENCODING)
+        read = complete_jsonl if suffix == ".jsonl" else complete_csv
         try:
-            done = done_files(out, suffix)
-        except (ValueError, KeyError, IndexError, UnicodeDecodeError) as e:
-            raise ConfigError(f"--resume: {out} is not a predictions file of finetune's "
-                              f"({type(e).__name__}); remove it to start over.") from None
+            done, kept = read(text, top_k, width)
+        except (ValueError, KeyError, TypeError, IndexError, csv.Error) as e:
+            raise ConfigError(f"--resume: {out} is not a predictions file of this command "
+                              f"({e or type(e).__name__}); remove it to start over.") from None
         if done != [str(f) for f in files[:len(done)]]:
             raise ConfigError(f"--resume: {out} holds predictions for other images than these "
                               f"(in this order); pass the same images, or remove it.")
-        return len(done)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", encoding="utf-8", newline="") as f:
-        if suffix == ".csv":
-            csv.writer(f, lineterminator="\n").writerow(header(top_k))
-    return 0
+    with open(out, "r+" if out.exists() else "w", newline="", **ENCODING) as f:
+        f.truncate(len(kept.encode(**ENCODING)))  # validated first, then cut
+        if suffix == ".csv" and not kept:
+            f.seek(0)
+            f.write(_csv_text([header(top_k)]))
+    return len(done)
 
 
 def predict_to_file(predictor: Predictor, files: list[Path], out: Path, *, top_k: int = 3,
@@ -122,7 +143,8 @@ def predict_to_file(predictor: Predictor, files: list[Path], out: Path, *, top_k
     if workers < 0:
         raise ConfigError(f"--workers {workers}: a number of DataLoader workers >= 0.")
     try:
-        start = start_output(out, files, resume, top_k)
+        start = start_output(out, files, resume, top_k,
+                             min(top_k, len(predictor.class_names)))
         return _stream(predictor, files, out, start, top_k, tta, batch_size, workers)
     except OSError as e:  # a full disk, a read-only folder: one line
         reason = write_failure(e)
@@ -138,7 +160,7 @@ def _stream(predictor: Predictor, files: list[Path], out: Path, start: int, top_
     loader = DataLoader(_Images(predictor, todo, tta), batch_size=batch_size, num_workers=workers,
                         collate_fn=_collate, persistent_workers=False)
     bad, i, suffix = 0, 0, out.suffix.lower()
-    with open(out, "a", encoding="utf-8", newline="") as f, \
+    with open(out, "a", newline="", **ENCODING) as f, \
             tqdm(total=len(files), initial=start, unit="img", desc="predict") as bar:
         for batch in loader:
             probs = _top_k(predictor, [v for v, _ in batch if v is not None], top_k)

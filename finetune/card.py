@@ -18,8 +18,8 @@ SCORES = ("acc", "top5_acc", "balanced_acc", "macro_f1", "ece")  # test_* keys o
 # What a Hub repository of a run holds (not its checkpoints).
 PUBLISHED = ["README.md", "model.safetensors", "model.json", "config.json", "config.yaml",
              "metrics.jsonl", "evaluation.json", "confusion.png", "reliability.png",
-             "model.onnx", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
-             "knn.safetensors"]
+             "model.onnx", "model.int8.onnx", "adapter/adapter_config.json",
+             "adapter/adapter_model.safetensors", "knn.safetensors"]
 
 
 def overrides(cfg: Config) -> list[str]:

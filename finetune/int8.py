@@ -23,8 +23,9 @@ import torch
 
 from finetune.config import load_config
 from finetune.data import load_data
+from finetune.data.images import open_image
 from finetune.data.sources import ImageData
-from finetune.errors import DataError, ExportError
+from finetune.errors import ConfigError, DataError, ExportError
 from finetune.export import META
 from finetune.files import atomic_write, atomic_write_text
 from finetune.inference import Predictor, load
@@ -36,15 +37,15 @@ CARD_SECTION = "## ONNX"
 
 def export_int8(run_dir: str | Path, fp32: Path, out: Path | None = None,
                 calibration: int = CALIBRATION, overrides: list[str] | None = None) -> dict:
-    """Write ``model.int8.onnx`` beside ``fp32`` (or ``out``); returns the measurements also
-    written into the run's model.json and card."""
+    """Write ``NAME.int8.onnx`` beside ``fp32`` (``NAME.onnx``; or ``out``); returns the
+    measurements also written into the run's model.json and card."""
     try:
         from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
         from onnxruntime.quantization.shape_inference import quant_pre_process
     except ImportError:
         raise ExportError("--int8 needs onnxruntime: pip install 'finetune[onnx]'.") from None
     run_dir = Path(run_dir)
-    out = out or fp32.with_name("model.int8.onnx")
+    out = out or fp32.with_suffix(".int8.onnx")
     predictor = load(run_dir)
     train, test, source = _run_data(run_dir, overrides or [], predictor)
     calib = _inputs(predictor, train, _spread(len(train), calibration))
@@ -59,10 +60,9 @@ def export_int8(run_dir: str | Path, fp32: Path, out: Path | None = None,
         _copy_metadata(fp32, tmp)
 
     atomic_write(out, write)
-    inputs = _inputs(predictor, test, list(range(len(test))))
     report = {"calibration_images": len(calib), "calibration_data": f"{source} (train)",
-              "test_images": len(test),
-              "fp32": measure(fp32, inputs, test.labels), "int8": measure(out, inputs, test.labels)}
+              "test_images": len(test), "fp32": measure(fp32, predictor, test),
+              "int8": measure(out, predictor, test)}
     report["int8"]["file"], report["fp32"]["file"] = out.name, fp32.name
     record_onnx(run_dir, report)
     return report
@@ -70,7 +70,13 @@ def export_int8(run_dir: str | Path, fp32: Path, out: Path | None = None,
 
 def _run_data(run_dir: Path, overrides: list[str], predictor: Predictor) -> tuple:
     saved = config_file(run_dir)
+    if saved is None and not any(o.startswith("data.") for o in overrides):
+        raise ConfigError(f"{run_dir} has no config.yaml to say which data the model was trained "
+                          f"on: pass data.root=... (data.* overrides) to calibrate and measure.")
     cfg = load_config(([f"recipe={saved}"] if saved else []) + overrides)
+    if cfg.data.streaming:
+        raise ConfigError("--int8 reads the training and test images by index: a streamed "
+                          "dataset (data.streaming=true) cannot; pass data.streaming=false.")
     train, test, source = load_data(cfg.data)
     if test.classes != predictor.class_names:
         raise DataError(f"the run's data has the classes {test.classes}, the model "
@@ -100,13 +106,7 @@ def _inputs(predictor: Predictor, split, indices: list[int], batch: int = 256) -
 
 def _image(split, i: int):
     raw = split.raw(i)
-    if isinstance(raw, bytes):
-        import io
-
-        from PIL import Image
-
-        return Image.open(io.BytesIO(raw))
-    return raw
+    return open_image(raw, split.channels, name=split.name(i)) if isinstance(raw, bytes) else raw
 
 
 class _Reader:
@@ -131,15 +131,20 @@ def _copy_metadata(source: Path, target: Path) -> None:
     onnx.save(graph, str(target))
 
 
-def measure(path: Path, inputs: np.ndarray, labels: torch.Tensor) -> dict:
-    """Test accuracy, and median latency (ms) at batch 1 and 64, with ONNX Runtime on the CPU."""
+def measure(path: Path, predictor: Predictor, test, chunk: int = 1024) -> dict:
+    """Test accuracy (``chunk`` images preprocessed at a time: memory stays bounded), and
+    median latency (ms) at batch 1 and 64, with ONNX Runtime on the CPU."""
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    predicted = np.concatenate([session.run(None, {"input": inputs[i:i + 256]})[0].argmax(1)
-                                for i in range(0, len(inputs), 256)])
-    result = {"test_acc": round(float((predicted == labels.numpy()).mean()), 4),
+    right = 0
+    for start in range(0, len(test), chunk):
+        inputs = _inputs(predictor, test, list(range(start, min(start + chunk, len(test)))))
+        predicted = session.run(None, {"input": inputs})[0].argmax(1)
+        right += int((predicted == test.labels[start:start + len(inputs)].numpy()).sum())
+    result = {"test_acc": round(right / max(len(test), 1), 4),
               "size_mb": round(path.stat().st_size / 2**20, 2)}
+    inputs = _inputs(predictor, test, list(range(min(64, len(test)))))
     for batch in (1, 64):
         x = np.ascontiguousarray(np.resize(inputs, (batch, *inputs.shape[1:])))
         result[f"latency_ms_batch{batch}"] = round(1000 * _median_seconds(session, x), 3)

@@ -108,9 +108,9 @@ def fit_ridge(x: torch.Tensor, y: torch.Tensor, classes: int, weight_decays: lis
         gram = n < x.shape[1]
         # the product in x's precision (fast), the solution in double
         system = (xc @ xc.T if gram else xc.T @ xc).double() / n
-        xc = xc.double()
-        coef = _ridge_coefficients(system, tc if gram else xc.T @ tc, n, weight_decays)
-        w[g] = coef @ xc if gram else coef
+        rhs = tc if gram else (xc.T @ tc.to(xc.dtype)).double()  # no double copy of x
+        coef = _ridge_coefficients(system, rhs, n, weight_decays)
+        w[g] = (coef.to(xc.dtype) @ xc).double() if gram else coef
         b[g] = target_mean - w[g] @ mean.double()
     return w.to(x.dtype), b.to(x.dtype)
 
@@ -128,17 +128,21 @@ def _ridge_coefficients(system: torch.Tensor, rhs: torch.Tensor, n: int,
     s, vec = torch.linalg.eigh(system)
     decays = torch.tensor(weight_decays, dtype=torch.float64)
     total = s.clamp_min(0)[:, None] + decays[None, :]  # (r, decays)
-    inverse = torch.where(total > 1e-10 * s.abs().max().clamp_min(1e-30), 1 / total, 0)
+    # below 1e-6 of the largest: float32 rounding of the system, not variance (decay 0)
+    inverse = torch.where(total > 1e-6 * s.abs().max().clamp_min(1e-30), 1 / total, 0)
     return (vec @ (inverse.T[:, :, None] * (vec.T @ rhs / n))).transpose(1, 2)
 
 
 def fit_temperature(logits: torch.Tensor, y: torch.Tensor, low: float = 1e-2,
-                    high: float = 1e3) -> float:
+                    high: float = 1e3, smoothing: float = 1e-3) -> float:
     """The scale ``t`` (in [low, high]) minimising the mean cross-entropy of
-    ``softmax(t * logits)``: the loss is convex in ``t``, so its derivative (expected minus
-    true logit) is increasing, and bisection on log t finds its zero."""
+    ``softmax(t * logits)`` against the labels smoothed by ``smoothing`` (a held-out set that
+    is classified perfectly then gets a finite scale, not the bound): the loss is convex in
+    ``t``, so its derivative (expected minus target logit) is increasing, and bisection on
+    log t finds its zero."""
     logits = logits.double()
-    true = logits.gather(1, y[:, None]).squeeze(1)
+    true = ((1 - smoothing) * logits.gather(1, y[:, None]).squeeze(1)
+            + smoothing * logits.mean(1))
 
     def slope(t: float) -> float:
         return ((logits * (t * logits).softmax(1)).sum(1) - true).mean().item()

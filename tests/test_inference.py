@@ -240,10 +240,35 @@ def test_a_killed_batch_prediction_resumes_to_the_same_file(trained, tmp_path, m
     assert cli_main(["predict", *args, "--out", str(cut), "--resume"]) == 0
     assert "(8 from before, --resume)" in capsys.readouterr().out
     assert cut.read_bytes() == whole.read_bytes()
-    # resuming with other images is refused, the file untouched
+    # resuming with other images, or another --top-k, is refused, the file untouched
     other = _image_folder(test, tmp_path / "other", 3)
     assert cli_main(["predict", str(run), str(other), "--out", str(cut), "--resume"]) == 2
     assert "other images" in capsys.readouterr().err and cut.read_bytes() == whole.read_bytes()
+    assert cli_main(["predict", *args, "--out", str(cut), "--resume", "--top-k", "2"]) == 2
+    assert "--top-k 2" in capsys.readouterr().err and cut.read_bytes() == whole.read_bytes()
+    # a file killed before its first row (an empty file, a cut CSV header) is started again
+    cut.write_bytes(whole.read_bytes()[:7])
+    assert cli_main(["predict", *args, "--out", str(cut), "--resume"]) == 0
+    assert cut.read_bytes() == whole.read_bytes()
+
+
+def test_batch_prediction_resumes_names_that_quote_or_are_not_utf8(trained, tmp_path, capsys):
+    import os
+
+    run, test = trained
+    images = _image_folder(test, tmp_path / "images", 6)
+    for i, name in enumerate([b'a,"b"\nc.png', b"caf\xe9.png"]):  # quotes, a new line, Latin-1
+        os.rename(images / f"{i:03d}.png", os.path.join(bytes(images), name))
+    whole, cut = tmp_path / "whole.csv", tmp_path / "cut.csv"
+    args = [str(run), str(images), "--batch-size", "2", "--workers", "0"]
+    assert cli_main(["predict", *args, "--out", str(whole)]) == 0
+    data = whole.read_bytes()
+    assert b"caf\xe9.png" in data and data.count(b"\n") == 8  # header, 6 rows, 1 in a name
+    inside = data.index(b"\nc.png")  # killed in the quoted new line, and every 120 bytes
+    for keep in sorted({*range(0, len(data), 120), *range(inside - 2, inside + 3)}):
+        cut.write_bytes(data[:keep])
+        assert cli_main(["predict", *args, "--out", str(cut), "--resume"]) == 0, keep
+        assert cut.read_bytes() == data, keep
 
 
 @pytest.mark.slow

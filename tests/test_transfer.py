@@ -212,7 +212,9 @@ def test_ridge_probe_is_calibrated_and_folds_its_temperature():
     t = fit_temperature(ridge, y[500:])
     nll = [F.cross_entropy(s * ridge, y[500:]).item() for s in (t / 1.2, t, t * 1.2)]
     assert nll[1] < nll[0] and nll[1] < nll[2] and 1 < t < 1e3
-    assert fit_temperature(torch.eye(3), torch.arange(3)) == 1e3  # separable: the bound
+    # a perfectly classified held-out set: a finite scale (the smoothed optimum), not the bound
+    t = fit_temperature(torch.eye(3), torch.arange(3))
+    assert 5 < t < 20 and (t * torch.eye(3)).softmax(1).max() < 0.9999
 
 
 def test_knn_equals_brute_force():
