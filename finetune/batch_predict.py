@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from finetune.errors import ConfigError, DataError, OutputError
 from finetune.files import write_failure
-from finetune.inference import Predictor, predict_log_probs
+from finetune.inference import Predictor, top_classes
 
 log = logging.getLogger(__name__)
 FORMATS = (".csv", ".jsonl")
@@ -42,13 +42,10 @@ class _Images(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor | None, str | None]:
-        p = self.predictor
         try:
-            image = p.to_uint8(self.files[i])[None]
+            return self.predictor.views(self.files[i], self.tta), None
         except (DataError, OSError, ValueError) as e:
             return None, str(e).splitlines()[0] if str(e) else type(e).__name__
-        views = p.transform.views(image, *p.tta) if self.tta else [p.transform(image)]
-        return torch.cat(views), None
 
 
 def _collate(items: list) -> list:
@@ -185,11 +182,6 @@ def _top_k(predictor: Predictor, views: list[torch.Tensor], top_k: int
     if not views:
         return []
     stacked = torch.stack(views).to(predictor.device)  # (N, V, C, H, W)
-    with torch.autocast(predictor.device.type, dtype=torch.bfloat16,
-                        enabled=predictor.precision == "bf16"):
-        log_probs = predict_log_probs(predictor.model, list(stacked.unbind(1)))
-    values, indices = log_probs.exp().topk(min(top_k, log_probs.shape[1]), dim=1)
-    names = predictor.class_names
-    return [[(names[i], float(p)) for p, i in zip(vs, ix, strict=True)]
-            for vs, ix in zip(values.tolist(), indices.tolist(), strict=True)]
+    log_probs = predictor.log_probs(list(stacked.unbind(1)))
+    return top_classes(log_probs.exp(), predictor.class_names, top_k)
 

@@ -87,20 +87,19 @@ class SmallMapConv2d(nn.Conv2d):
         return y if self.bias is None else y + self.bias.to(y.dtype).view(1, -1, 1, 1)
 
 
-def swap_small_map_convs(model: nn.Module, shape: tuple[int, ...]) -> list[str]:
-    """Replace every plain ``nn.Conv2d`` of ``model`` that sees a map smaller than its kernel
-    on a batch of ``shape`` by a :class:`SmallMapConv2d` holding the same parameters; call it
-    before the optimizer and Accelerate see the model. Returns the swapped layers' names."""
-    plain = {m: n for n, m in model.named_modules() if type(m) is nn.Conv2d}
-    small: list[str] = []
+def conv_calls(model: nn.Module, shape: tuple[int, ...]) -> list[tuple[str, nn.Conv2d, tuple]]:
+    """Every call of an ``nn.Conv2d`` (or subclass) of ``model`` on one batch of ``shape``
+    (zeros, evaluation mode, no gradients), in call order: its name, the layer and the shape
+    of its input."""
+    names = {m: n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    calls: list[tuple[str, nn.Conv2d, tuple]] = []
 
     def hook(module: nn.Module, args: tuple) -> None:
-        if is_small(module, args[0].shape):
-            small.append(plain[module])
+        calls.append((names[module], module, tuple(args[0].shape)))
 
-    handles = [m.register_forward_pre_hook(hook) for m in plain]
+    handles = [m.register_forward_pre_hook(hook) for m in names]
     was_training = model.training
-    p = next(model.parameters())
+    p = next(model.parameters(), torch.zeros(()))
     try:
         with torch.no_grad():
             model.eval()(torch.zeros(1, *shape[1:], device=p.device, dtype=p.dtype))
@@ -108,9 +107,19 @@ def swap_small_map_convs(model: nn.Module, shape: tuple[int, ...]) -> list[str]:
         model.train(was_training)
         for h in handles:
             h.remove()
-    for name in dict.fromkeys(small):  # a layer called twice is swapped once
+    return calls
+
+
+def swap_small_map_convs(model: nn.Module, shape: tuple[int, ...]) -> list[str]:
+    """Replace every plain ``nn.Conv2d`` of ``model`` that sees a map smaller than its kernel
+    on a batch of ``shape`` by a :class:`SmallMapConv2d` holding the same parameters; call it
+    before the optimizer and Accelerate see the model. Returns the swapped layers' names."""
+    small = list(dict.fromkeys(  # a layer called twice is swapped once
+        name for name, conv, seen in conv_calls(model, shape)
+        if type(conv) is nn.Conv2d and is_small(conv, seen)))
+    for name in small:
         model.set_submodule(name, _small_map_twin(model.get_submodule(name)))
-    return list(dict.fromkeys(small))
+    return small
 
 
 def _small_map_twin(conv: nn.Conv2d) -> SmallMapConv2d:

@@ -96,6 +96,21 @@ class Predictor:
             return images[..., top:top + side, left:left + side]
         return images
 
+    def views(self, image: str | Path | Image.Image | torch.Tensor, tta: bool = False
+              ) -> torch.Tensor:
+        """One image as the model's input views (V, C, S, S): the plain view, then with
+        ``tta`` its test-time views (:attr:`tta`)."""
+        image = self.to_uint8(image)[None]
+        return torch.cat(self.transform.views(image, *self.tta) if tta
+                         else [self.transform(image)])
+
+    def log_probs(self, views: list[torch.Tensor]) -> torch.Tensor:
+        """Log-probabilities (float32) of a batch given as normalized views on the model's
+        device, in the precision the model was evaluated in: the views' average."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16,
+                            enabled=self.precision == "bf16"):
+            return predict_log_probs(self.model, views)
+
     def batch_inputs(self, images: torch.Tensor) -> torch.Tensor:
         """The model's input (N, C, S, S) for a uint8 batch (N, C, H, W) of one size."""
         return self.transform(self._cropped(images.to(self.device)))
@@ -115,12 +130,11 @@ class Predictor:
         views = [self.transform.views(c, *self.tta) if tta else [self.transform(c)]
                  for c in chunks]
         stacked = [torch.cat([v[k] for v in views]) for k in range(len(views[0]))]
+        if tta:
+            return torch.cat([self.log_probs([s[i:i + batch_size] for s in stacked])
+                              for i in range(0, len(stacked[0]), batch_size)])
         with torch.autocast(self.device.type, dtype=torch.bfloat16,
                             enabled=self.precision == "bf16"):
-            if tta:
-                return torch.cat([predict_log_probs(self.model, [s[i:i + batch_size]
-                                                                 for s in stacked])
-                                  for i in range(0, len(stacked[0]), batch_size)])
             return torch.cat([self.model(stacked[0][i:i + batch_size])
                               for i in range(0, len(stacked[0]), batch_size)]).float()
 
@@ -128,10 +142,17 @@ class Predictor:
                 tta: bool = False) -> list[list[tuple[str, float]]]:
         """For each image, the ``top_k`` (class name, probability) pairs, most likely first;
         ``tta``: averaged over its test-time views (mirror image, shifts: :attr:`tta`)."""
-        probs = self.logits(images, tta=tta).float().softmax(dim=1)
-        values, indices = probs.topk(min(top_k, probs.shape[1]), dim=1)
-        return [[(self.class_names[i], float(p)) for p, i in zip(vs, ix, strict=True)]
-                for vs, ix in zip(values.tolist(), indices.tolist(), strict=True)]
+        return top_classes(self.logits(images, tta=tta).float().softmax(dim=1),
+                           self.class_names, top_k)
+
+
+def top_classes(probs: torch.Tensor, names: list[str], top_k: int
+                ) -> list[list[tuple[str, float]]]:
+    """For each row of ``probs`` (N, classes), its ``top_k`` (name, probability) pairs, most
+    likely first."""
+    values, indices = probs.topk(min(top_k, probs.shape[1]), dim=1)
+    return [[(names[i], float(p)) for p, i in zip(vs, ix, strict=True)]
+            for vs, ix in zip(values.tolist(), indices.tolist(), strict=True)]
 
 
 def predict_log_probs(model: nn.Module, views: list[torch.Tensor]) -> torch.Tensor:

@@ -99,8 +99,7 @@ def _inputs(predictor: Predictor, split, indices: list[int], batch: int = 256) -
         if isinstance(split, ImageData):
             chunks.append(predictor.batch_inputs(split.images[part]))
         else:
-            chunks += [predictor.transform(predictor.to_uint8(_image(split, i))[None])
-                       for i in part]
+            chunks += [predictor.views(_image(split, i)) for i in part]
     return torch.cat(chunks).float().contiguous().numpy()
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from accelerate import PartialState
 from torch import nn
 
-from finetune.cpu_convs import SmallMapConv2d, is_small
+from finetune.cpu_convs import SmallMapConv2d, conv_calls, is_small
 from finetune.errors import ConfigError, first_line
 from finetune.fields import is_real
 from finetune.files import atomic_write_text
@@ -220,26 +220,10 @@ def bf16_unsafe_convs(model: nn.Module, shape: tuple[int, ...]) -> list[str]:
     """The strided convolutions of ``model`` that see a 1x1 input on batches of ``shape``:
     there oneDNN's bf16 weight gradient (torch 2.14) comes back as uninitialised memory
     (values like 1e36 in the taps that only see padding), silently wrecking the weights."""
-    strided = {m: n for n, m in model.named_modules()
-               if isinstance(m, nn.Conv2d) and m.stride != (1, 1)}
-    bad: list[str] = []
-
-    def hook(module: nn.Module, args: tuple) -> None:
-        # a swapped layer trains a map smaller than its kernel as a matrix product, not oneDNN
-        if tuple(args[0].shape[-2:]) == (1, 1) and not (
-                isinstance(module, SmallMapConv2d) and is_small(module, args[0].shape)):
-            bad.append(strided[module])
-
-    handles = [m.register_forward_pre_hook(hook) for m in strided]
-    was_training = model.training
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, *shape[1:], device=_device(model)))
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    return bad
+    # a swapped layer trains a map smaller than its kernel as a matrix product, not oneDNN
+    return [name for name, conv, seen in conv_calls(model, shape)
+            if conv.stride != (1, 1) and seen[-2:] == (1, 1)
+            and not (isinstance(conv, SmallMapConv2d) and is_small(conv, seen))]
 
 
 def cache_file() -> Path:
