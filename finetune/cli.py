@@ -106,6 +106,30 @@ def _predict(ns: argparse.Namespace) -> None:
         print(f"{str(f):<{width}}  " + "  ".join(f"{c} {p:.3f}" for c, p in r))
 
 
+def _serve(ns: argparse.Namespace) -> None:
+    from importlib.util import find_spec
+
+    for module in ("fastapi", "uvicorn", "multipart"):  # the extra, checked first
+        if find_spec(module) is None:
+            raise ConfigError(f"finetune serve needs {module}: pip install 'finetune[serve]'.")
+    from finetune.serve_limits import Limits
+    from finetune.serving import Settings, serve
+
+    device = ns.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+    limits = Limits(max_request_bytes=int(ns.max_request_mb * 2**20), max_pixels=ns.max_pixels,
+                    max_images=ns.max_images)
+    serve(Settings(ns.model, device, ns.max_batch_size, ns.batch_wait_ms, limits),
+          ns.host, ns.port, ns.workers)
+
+
+def _inspect(ns: argparse.Namespace) -> None:
+    from finetune.mistakes import Options, inspect_run
+
+    options = Options(ns.top, ns.pairs, ns.examples, ns.cams, ns.layer)
+    report = inspect_run(ns.run_dir, ns.out, options, ns.args)
+    print(f"wrote {report} and {report.with_suffix('.html')}")
+
+
 def _push(ns: argparse.Namespace) -> None:
     from finetune.publish import push
 
@@ -329,6 +353,39 @@ def _add_deployment(sub: argparse._SubParsersAction) -> None:
     _overrides(p, "with --int8: data.* overrides (default: the run's own data)")
 
 
+def _add_after_training(sub: argparse._SubParsersAction) -> None:
+    """serve and inspect."""
+    p = _add(sub, "serve", _serve, "an HTTP API and a web page for a model: POST /predict, "
+             "GET /metadata, /health, /openapi.json, and / (drop images on it)")
+    p.add_argument("model", help="run folder or model.safetensors")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 listens on every interface")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=_positive, default=1,
+                   help="server processes, each with its own copy of the model")
+    p.add_argument("--device", default=None, help="default: cuda when there is one, else cpu")
+    p.add_argument("--max-batch-size", type=_positive, default=32,
+                   help="images of concurrent requests run in one model call; 1 turns "
+                        "dynamic batching off")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0,
+                   help="how long a request waits for others to share its model call")
+    p.add_argument("--max-request-mb", type=float, default=20.0, help="largest request body")
+    p.add_argument("--max-pixels", type=_positive, default=40_000_000,
+                   help="largest image (width x height), checked before decoding")
+    p.add_argument("--max-images", type=_positive, default=64, help="images per request")
+    p = _add(sub, "inspect", _inspect, "what a model gets wrong on its test set: top losses, "
+             "most confused pairs, Grad-CAM heatmaps (RUN/inspect/report.html)")
+    p.add_argument("run_dir", help="a run folder")
+    p.add_argument("--out", default=None, help="report folder (default: RUN/inspect)")
+    p.add_argument("--top", type=_positive, default=16, help="top losses shown")
+    p.add_argument("--pairs", type=_positive, default=6, help="confused class pairs")
+    p.add_argument("--examples", type=_positive, default=4, help="images per confused pair")
+    p.add_argument("--cams", type=int, default=4,
+                   help="Grad-CAM over this many correct and this many wrong images (0: none)")
+    p.add_argument("--layer", default=None, help="Grad-CAM's layer (default: the last feature "
+                   "map of at least 3x3 positions)")
+    _overrides(p, "data.* overrides (default: the run's own test data)")
+
+
 def _add_inspection(sub: argparse._SubParsersAction) -> None:
     """The commands that show configs, recipes and models; nothing runs."""
     _overrides(_add(sub, "show", _show, "print the resolved config, nothing run",
@@ -360,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also with test-time augmentation (mirror images), beside the plain")
     _overrides(p, "output_dir=PATH (default RUN_DIR), data.* overrides (other test data)")
     _add_deployment(sub)
+    _add_after_training(sub)
     p = _add(sub, "push", _push, "publish an export folder as a Hugging Face Hub model "
              "repository (model card, weights, configs, metrics)")
     p.add_argument("run_dir", help="a run folder (or its ema/ folder)")

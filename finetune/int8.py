@@ -19,17 +19,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from finetune.config import load_config
-from finetune.data import load_data
-from finetune.data.images import open_image
-from finetune.data.sources import ImageData
-from finetune.errors import ConfigError, DataError, ExportError
+from finetune.errors import ExportError
 from finetune.export import META
 from finetune.files import atomic_write, atomic_write_text
 from finetune.inference import Predictor, load
-from finetune.runs import config_file
+from finetune.run_data import model_inputs, run_data
 
 CALIBRATION = 512  # images whose activation ranges set the int8 scales
 CARD_SECTION = "## ONNX"
@@ -47,7 +42,8 @@ def export_int8(run_dir: str | Path, fp32: Path, out: Path | None = None,
     run_dir = Path(run_dir)
     out = out or fp32.with_suffix(".int8.onnx")
     predictor = load(run_dir)
-    train, test, source = _run_data(run_dir, overrides or [], predictor)
+    train, test, source = run_data(run_dir, overrides or [], predictor, "--int8",
+                                   "calibrate and measure")
     calib = _inputs(predictor, train, _spread(len(train), calibration))
 
     def write(tmp: Path) -> None:
@@ -68,44 +64,14 @@ def export_int8(run_dir: str | Path, fp32: Path, out: Path | None = None,
     return report
 
 
-def _run_data(run_dir: Path, overrides: list[str], predictor: Predictor) -> tuple:
-    saved = config_file(run_dir)
-    if saved is None and not any(o.startswith("data.") for o in overrides):
-        raise ConfigError(f"{run_dir} has no config.yaml to say which data the model was trained "
-                          f"on: pass data.root=... (data.* overrides) to calibrate and measure.")
-    cfg = load_config(([f"recipe={saved}"] if saved else []) + overrides)
-    if cfg.data.streaming:
-        raise ConfigError("--int8 reads the training and test images by index: a streamed "
-                          "dataset (data.streaming=true) cannot; pass data.streaming=false.")
-    train, test, source = load_data(cfg.data)
-    if test.classes != predictor.class_names:
-        raise DataError(f"the run's data has the classes {test.classes}, the model "
-                        f"{predictor.class_names}; point data.* at the data it was trained on.")
-    return train, test, source
-
-
 def _spread(n: int, k: int) -> list[int]:
     """``k`` indices spread evenly over ``range(n)`` (every class of a sorted folder)."""
     k = min(k, n)
     return sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)})
 
 
-def _inputs(predictor: Predictor, split, indices: list[int], batch: int = 256) -> np.ndarray:
-    """The model's inputs (N, C, S, S) float32 for images ``indices`` of ``split``, preprocessed
-    as `finetune predict` preprocesses them."""
-    chunks = []
-    for start in range(0, len(indices), batch):
-        part = indices[start:start + batch]
-        if isinstance(split, ImageData):
-            chunks.append(predictor.batch_inputs(split.images[part]))
-        else:
-            chunks += [predictor.views(_image(split, i)) for i in part]
-    return torch.cat(chunks).float().contiguous().numpy()
-
-
-def _image(split, i: int):
-    raw = split.raw(i)
-    return open_image(raw, split.channels, name=split.name(i)) if isinstance(raw, bytes) else raw
+def _inputs(predictor: Predictor, split, indices: list[int]) -> np.ndarray:
+    return model_inputs(predictor, split, indices).float().contiguous().cpu().numpy()
 
 
 class _Reader:

@@ -157,24 +157,62 @@ def plot_predictions(images: np.ndarray, true: list[str], predicted: list[str],
                      indices: list[int], title: str, path: Path, columns: int = 8) -> Path:
     """A grid of test images (uint8 N, C, H, W) titled with their index, true and predicted
     classes; wrong predictions in red with a red frame."""
+    titles = [f"#{i} {t}\n" + (f"✓ {p}" if t == p else f"✗ {p}")
+              for t, p, i in zip(true, predicted, indices, strict=False)]
+    return plot_grid(images, titles, [t != p for t, p in zip(true, predicted, strict=False)],
+                     title, path, columns)
+
+
+def _show(ax: plt.Axes, image: np.ndarray) -> None:
+    """A uint8 (C, H, W) image on ``ax``, filling the unit square (for overlays)."""
+    picture = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
+    ax.imshow(picture, cmap="gray" if image.shape[0] == 1 else None, vmin=0, vmax=255,
+              extent=(0, 1, 1, 0))
+
+
+def _frame_red(ax: plt.Axes) -> None:
+    ax.axis("on")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_color("red")
+        spine.set_linewidth(2.5)
+
+
+def plot_grid(images: np.ndarray, titles: list[str], red: list[bool], title: str, path: Path,
+              columns: int = 8) -> Path:
+    """A grid of images (uint8 N, C, H, W) with their titles; ``red`` ones framed in red."""
     rows = -(-len(images) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(1.55 * columns, 1.85 * rows + 0.4),
-                             squeeze=False)
+    lines = max((t.count("\n") + 1 for t in titles), default=1)
+    fig, axes = plt.subplots(rows, columns, squeeze=False,
+                             figsize=(1.55 * columns, (1.55 + 0.15 * lines) * rows + 0.4))
     for ax in axes.flat:
         ax.axis("off")
-    for ax, image, t, p, i in zip(axes.flat, images, true, predicted, indices, strict=False):
-        wrong = t != p
-        picture = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
-        ax.imshow(picture, cmap="gray" if image.shape[0] == 1 else None, vmin=0, vmax=255)
-        ax.set_title(f"#{i} {t}\n" + (f"✗ {p}" if wrong else f"✓ {p}"), fontsize=7,
-                     color="red" if wrong else "black")
+    for ax, image, text, wrong in zip(axes.flat, images, titles, red, strict=False):
+        _show(ax, image)
+        ax.set_title(text, fontsize=7, color="red" if wrong else "black")
         if wrong:
-            ax.axis("on")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_color("red")
-                spine.set_linewidth(2.5)
+            _frame_red(ax)
+    fig.suptitle(title, fontsize=9)
+    return save_figure(fig, path)
+
+
+def plot_cams(images: np.ndarray, cams: list[np.ndarray], titles: list[list[str]],
+              red: list[bool], title: str, path: Path) -> Path:
+    """One row per image: the image, then each of its heatmaps (H, W in [0, 1]) over it."""
+    columns = 1 + len(cams)
+    fig, axes = plt.subplots(len(images), columns, figsize=(1.9 * columns, 2.0 * len(images)
+                                                            + 0.4), squeeze=False)
+    for r, image in enumerate(images):
+        for c, ax in enumerate(axes[r]):
+            ax.axis("off")
+            _show(ax, image)
+            if c:
+                ax.imshow(cams[c - 1][r], cmap="jet", alpha=0.45, vmin=0, vmax=1,
+                          extent=(0, 1, 1, 0))
+            ax.set_title(titles[r][c], fontsize=7, color="red" if red[r] and not c else "black")
+        if red[r]:
+            _frame_red(axes[r][0])
     fig.suptitle(title, fontsize=9)
     return save_figure(fig, path)
 

@@ -7,6 +7,7 @@ import base64
 import html
 import json
 import logging
+import os
 import re
 from dataclasses import asdict
 from pathlib import Path
@@ -230,7 +231,16 @@ def figure_blocks(runs: list[Run], summary: Summary, labels: list[str], out: Pat
     else:
         blocks.append(("p", "No image grid: the best run's model or test data could not be "
                        "read here (see the warning printed with the report)."))
-    return blocks
+    return [*blocks, inspect_block(best, out)]
+
+
+def inspect_block(run: Run, out: Path) -> Block:
+    """A link to the run's error analysis (``finetune inspect``), or the command to make it."""
+    page = run.path / "inspect" / "report.html"
+    where = (f"[{page}]({os.path.relpath(page, out)})" if page.is_file()
+             else f"`finetune inspect {run.path}` writes it to {page}")
+    return ("p", "What the best run gets wrong — its top losses, most confused pairs and "
+                 f"Grad-CAM heatmaps: {where}.")
 
 
 def build_report(runs: list[Run], out: str | Path, targets: list[float] | None = None,
@@ -319,8 +329,9 @@ def to_markdown(blocks: list[Block]) -> str:
 
 
 def _inline(text: str) -> str:
-    """Escape, then render the two inline marks the report uses: `code` and **bold**."""
+    """Escape, then render the inline marks the report uses: `code`, **bold**, [a](link)."""
     text = html.escape(text)
+    text = re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", r"<a href='\2'>\1</a>", text)
     text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
     return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", text)
 

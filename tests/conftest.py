@@ -172,6 +172,28 @@ def tiny_args(fmnist_dir: Path, tmp_path: Path) -> list[str]:
             "train.checkpoint=false"]
 
 
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, _fixed_cpu_precision):
+    """One ResNet-18 that learned the fake band task (28 px, 4 epochs), and its test split:
+    shared by the tests of what comes after training (predict, serve, inspect). Read it;
+    write anything new to the test's own folder."""
+    from accelerate.state import AcceleratorState
+
+    from finetune.config import load_config
+    from finetune.data.sources import load_idx
+    from finetune.train import main as train_main
+
+    root = tmp_path_factory.mktemp("trained")
+    data = write_fake_fmnist(root / "fmnist")
+    run = root / "run"
+    train_main(load_config([
+        "recipe=resnet18_scratch_fmnist", f"data.root={data}", "data.image_size=28",
+        "train.epochs=4", "train.batch_size=16", "train.lr=0.01", f"output_dir={run}"]))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    _, test = load_idx(data)
+    return run, test
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _fixed_cpu_precision(tmp_path_factory):
     """train.mixed_precision=auto on a CPU times fp32 against bf16: the tests' numbers must

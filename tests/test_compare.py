@@ -3,6 +3,7 @@ figures from synthetic runs, planning and its refusals, and one real comparison 
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -163,6 +164,13 @@ def test_report_tables_and_figures(two_recipes, tmp_path):
     assert not re.search(r"src=['\"](?!data:)", html)  # self-contained: nothing fetched
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
     assert summary["by_size"]["96"][1]["final_diff"]["mean"] == pytest.approx(0.05)
+    best = max(find_runs([tmp_path / "runs"]), key=lambda r: r.final_acc).path
+    assert f"`finetune inspect {best}` writes it to {best / 'inspect' / 'report.html'}" in md
+    (best / "inspect").mkdir()  # once inspected, the report links its page
+    (best / "inspect" / "report.html").write_text("<html></html>")
+    build_report(find_runs([tmp_path / "runs"]), tmp_path / "report")
+    link = os.path.relpath(best / "inspect" / "report.html", tmp_path / "report")
+    assert f"<a href='{link}'>" in (tmp_path / "report" / "report.html").read_text()
 
 
 def test_sweep_report_has_a_data_efficiency_curve(tmp_path, fmnist_dir):

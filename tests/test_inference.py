@@ -11,28 +11,8 @@ from safetensors.torch import load_file
 
 import finetune
 from finetune.cli import main as cli_main
-from finetune.config import load_config
 from finetune.cpu_convs import SmallMapConv2d
-from finetune.data.sources import load_idx
 from finetune.evaluation import evaluate_run, per_class
-from finetune.train import main as train_main
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A ResNet-18 that learned the fake band task, and its test split."""
-    from accelerate.state import AcceleratorState
-    from conftest import write_fake_fmnist
-
-    root = tmp_path_factory.mktemp("inference")
-    data = write_fake_fmnist(root / "fmnist")
-    run = root / "run"
-    train_main(load_config([
-        "recipe=resnet18_scratch_fmnist", f"data.root={data}", "data.image_size=28",
-        "train.epochs=4", "train.batch_size=16", "train.lr=0.01", f"output_dir={run}"]))
-    AcceleratorState._reset_state(reset_partial_state=True)
-    _, test = load_idx(data)
-    return run, test
 
 
 def test_per_class_by_hand():

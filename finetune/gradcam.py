@@ -1,0 +1,82 @@
+"""Grad-CAM (Selvaraju et al., 2017): where in an image the evidence for a class lies.
+
+The activations A (N, C, h, w) of one layer and the gradient of a class's logit with respect
+to them give each channel a weight (the gradient's spatial mean); the heatmap is
+ReLU(sum_c weight_c * A_c), upsampled to the input's size and scaled to [0, 1] per image.
+
+Written on torch's forward hooks rather than the ``grad-cam`` package: that package needs
+opencv-python (~60 MB) for its resizing and overlays, and hooks are all it does here. They work
+on any model (finetune's own, timm's, torchvision's) without changing it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from finetune.errors import ConfigError
+
+MIN_SIDE = 3  # a 1x1 or 2x2 map cannot say where in the image the evidence is
+
+
+def feature_maps(model: nn.Module, x: torch.Tensor) -> list[tuple[str, tuple[int, ...]]]:
+    """(module name, output shape) of every module whose output is a feature map (N, C, h, w),
+    in the order the modules finished on input ``x``."""
+    seen: list[tuple[str, tuple[int, ...]]] = []
+
+    def record(name: str):
+        def hook(module, inputs, output) -> None:
+            if isinstance(output, torch.Tensor) and output.ndim == 4:
+                seen.append((name, tuple(output.shape)))
+        return hook
+
+    hooks = [m.register_forward_hook(record(name)) for name, m in model.named_modules() if name]
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def target_layer(model: nn.Module, x: torch.Tensor) -> str:
+    """The layer Grad-CAM reads: the last to produce a feature map of at least
+    :data:`MIN_SIDE` x :data:`MIN_SIDE` positions (the last stage of a CNN at its input size;
+    at 28 px, an earlier stage where the last one is 1x1)."""
+    maps = feature_maps(model, x)
+    for name, shape in reversed(maps):
+        if min(shape[-2:]) >= MIN_SIDE and shape[1] > shape[-1]:  # (N, C, h, w), not NHWC
+            return name
+    raise ConfigError(f"no feature map of at least {MIN_SIDE}x{MIN_SIDE} positions in this "
+                      f"model at {tuple(x.shape[-2:])} px for Grad-CAM"
+                      + (f" (maps: {', '.join(f'{n} {s[1:]}' for n, s in maps[-3:])}); pass "
+                         f"--layer NAME" if maps else "; it has no convolutional feature maps "
+                         "(a vision transformer?), so --cams 0"))
+
+
+def grad_cam(model: nn.Module, layer: str, x: torch.Tensor, classes: torch.Tensor
+             ) -> torch.Tensor:
+    """Heatmaps (N, H, W) in [0, 1], the input's size, of class ``classes[i]`` for image
+    ``x[i]``, from the activations of ``model``'s module ``layer``."""
+    try:
+        module = model.get_submodule(layer)
+    except AttributeError:
+        names = [n for n, _ in feature_maps(model, x)]
+        raise ConfigError(f"--layer {layer}: no such module; layers with feature maps: "
+                          f"{', '.join(names[-8:])}") from None
+    store: dict[str, torch.Tensor] = {}
+    handle = module.register_forward_hook(lambda m, i, out: store.__setitem__("a", out))
+    try:
+        with torch.enable_grad():
+            logits = model(x.detach().float().requires_grad_(True))
+            score = logits.float().gather(1, classes.to(logits.device)[:, None]).sum()
+            (grads,) = torch.autograd.grad(score, store["a"])
+    finally:
+        handle.remove()
+    acts = store["a"].detach().float()
+    weights = grads.float().mean(dim=(2, 3), keepdim=True)
+    cam = F.relu((weights * acts).sum(dim=1, keepdim=True))
+    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    return cam / cam.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)
