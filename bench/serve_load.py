@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import io
 import json
+import os
 import platform
 import socket
 import subprocess
@@ -28,6 +29,13 @@ import httpx
 from PIL import Image
 
 from finetune.data.sources import load_idx
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def free_port() -> int:
@@ -110,7 +118,8 @@ def main() -> None:
             proc.terminate()
             proc.wait()
     if args.out:
-        args.out.write_text(json.dumps({"machine": platform.processor() or platform.machine(),
+        args.out.write_text(json.dumps({"machine": cpu_model(), "cores": os.cpu_count(),
+                                        "date": time.strftime("%Y-%m-%d"),
                                         "results": results}, indent=2) + "\n")
 
 

@@ -3,7 +3,9 @@
 One thread owns the model. A request hands it its images' input views and waits on a
 future; the thread takes the first waiting request, then keeps taking requests for up to
 ``max_wait`` seconds while their images fit in ``max_batch``, runs the model once on all of
-them and hands each request its rows. A request is never split (a request larger than
+them and hands each request its rows. It waits only while another request is on its way
+(queued, or announced by :meth:`Batcher.arriving` while its images are decoded): a lone
+request runs at once instead of paying ``max_wait``. A request is never split (a request larger than
 ``max_batch`` runs alone), and only requests with the same number of views (test-time
 augmentation on or off) share a call. ``max_batch=1`` turns batching off: one request per call.
 
@@ -17,8 +19,9 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -47,6 +50,8 @@ class Batcher:
         self._thread = threading.Thread(target=self._loop, name="finetune-batcher",
                                         daemon=True)
         self.calls = 0  # model calls so far (the load test reports images per call)
+        self._arriving = 0  # requests announced (decoding their images), not yet submitted
+        self._lock = threading.Lock()
 
     def start(self) -> None:
         self._thread.start()
@@ -54,6 +59,17 @@ class Batcher:
     def close(self) -> None:
         self._queue.put(_CLOSE)
         self._thread.join()
+
+    @contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Around a request's decoding and :meth:`submit`: the model thread may wait for it."""
+        with self._lock:
+            self._arriving += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._arriving -= 1
 
     def submit(self, views: torch.Tensor) -> Future:
         """Queue N images' views (N, V, C, S, S); the future gets their outputs (N, classes)."""
@@ -70,10 +86,14 @@ class Batcher:
         group, size = [first], len(first)
         deadline = time.monotonic() + self.max_wait
         while size < self.max_batch:
-            try:
-                item = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
+            if self._queue.empty() and not self._arriving:
+                break  # nothing on its way: no reason to wait
+            try:  # short waits: an announced request may turn out to be a bad one
+                item = self._queue.get(timeout=min(max(deadline - time.monotonic(), 0), 1e-3))
             except queue.Empty:
-                break
+                if time.monotonic() >= deadline:
+                    break
+                continue
             if (item is _CLOSE or item.views.shape[1:] != first.views.shape[1:]
                     or size + len(item) > self.max_batch):
                 self._carried = item  # the next call starts with it (or closes)

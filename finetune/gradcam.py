@@ -20,14 +20,14 @@ from finetune.errors import ConfigError
 MIN_SIDE = 3  # a 1x1 or 2x2 map cannot say where in the image the evidence is
 
 
-def feature_maps(model: nn.Module, x: torch.Tensor) -> list[tuple[str, tuple[int, ...]]]:
-    """(module name, output shape) of every module whose output is a feature map (N, C, h, w),
-    in the order the modules finished on input ``x``."""
+def module_outputs(model: nn.Module, x: torch.Tensor) -> list[tuple[str, tuple[int, ...]]]:
+    """(module name, output shape) of every call of a module that returns a tensor, in the
+    order the calls finished, on input ``x``."""
     seen: list[tuple[str, tuple[int, ...]]] = []
 
     def record(name: str):
         def hook(module, inputs, output) -> None:
-            if isinstance(output, torch.Tensor) and output.ndim == 4:
+            if isinstance(output, torch.Tensor):
                 seen.append((name, tuple(output.shape)))
         return hook
 
@@ -42,18 +42,27 @@ def feature_maps(model: nn.Module, x: torch.Tensor) -> list[tuple[str, tuple[int
 
 
 def target_layer(model: nn.Module, x: torch.Tensor) -> str:
-    """The layer Grad-CAM reads: the last to produce a feature map of at least
-    :data:`MIN_SIDE` x :data:`MIN_SIDE` positions (the last stage of a CNN at its input size;
-    at 28 px, an earlier stage where the last one is 1x1)."""
-    maps = feature_maps(model, x)
-    for name, shape in reversed(maps):
-        if min(shape[-2:]) >= MIN_SIDE and shape[1] > shape[-1]:  # (N, C, h, w), not NHWC
+    """The layer Grad-CAM reads: the last module holding a convolution whose output is a
+    feature map (N, C, h, w) of at least :data:`MIN_SIDE` x :data:`MIN_SIDE` positions (the
+    last stage of a CNN at its input size; at 28 px an earlier one, where the last is 1x1).
+    Refused for models that turn their maps into tokens (vision transformers): there the last
+    map is the patch embedding, which says little about the decision."""
+    convolutional = {name for name, m in model.named_modules()
+                     if any(isinstance(sub, nn.Conv2d) for sub in m.modules())}
+    outputs = module_outputs(model, x)
+    for k in range(len(outputs) - 1, -1, -1):
+        name, shape = outputs[k]
+        if len(shape) == 4 and name in convolutional and min(shape[-2:]) >= MIN_SIDE:
+            if any(len(later) == 3 for _, later in outputs[k + 1:]):
+                raise ConfigError(f"this model turns its feature maps into tokens after {name} "
+                                  f"(a vision transformer?): Grad-CAM there says little; pass "
+                                  f"--layer NAME to choose a layer anyway, or --cams 0")
             return name
-    raise ConfigError(f"no feature map of at least {MIN_SIDE}x{MIN_SIDE} positions in this "
-                      f"model at {tuple(x.shape[-2:])} px for Grad-CAM"
-                      + (f" (maps: {', '.join(f'{n} {s[1:]}' for n, s in maps[-3:])}); pass "
-                         f"--layer NAME" if maps else "; it has no convolutional feature maps "
-                         "(a vision transformer?), so --cams 0"))
+    maps = [f"{n} {s[1:]}" for n, s in outputs if len(s) == 4 and n in convolutional]
+    raise ConfigError(f"no convolutional feature map of at least {MIN_SIDE}x{MIN_SIDE} "
+                      f"positions in this model at {tuple(x.shape[-2:])} px for Grad-CAM"
+                      + (f" (the last: {', '.join(maps[-3:])})" if maps else "")
+                      + "; pass --layer NAME, or --cams 0")
 
 
 def grad_cam(model: nn.Module, layer: str, x: torch.Tensor, classes: torch.Tensor
@@ -63,8 +72,8 @@ def grad_cam(model: nn.Module, layer: str, x: torch.Tensor, classes: torch.Tenso
     try:
         module = model.get_submodule(layer)
     except AttributeError:
-        names = [n for n, _ in feature_maps(model, x)]
-        raise ConfigError(f"--layer {layer}: no such module; layers with feature maps: "
+        names = list(dict.fromkeys(n for n, s in module_outputs(model, x) if len(s) == 4))
+        raise ConfigError(f"--layer {layer}: no such module; the last with feature maps: "
                           f"{', '.join(names[-8:])}") from None
     store: dict[str, torch.Tensor] = {}
     handle = module.register_forward_hook(lambda m, i, out: store.__setitem__("a", out))

@@ -211,9 +211,11 @@ def _routes(app: FastAPI, predictor: Predictor, batcher: Batcher, info: dict,
         if not data:
             raise HTTPException(400, "no images in the request: send one or more files")
         top_k, tta = _options(request, body, len(predictor.class_names))
-        views = [await run_in_threadpool(decode, predictor, d, n, limits.max_pixels, tta)
-                 for d, n in zip(data, names, strict=True)]
-        log_probs = await asyncio.wrap_future(batcher.submit(torch.stack(views)))
+        with batcher.arriving():
+            views = [await run_in_threadpool(decode, predictor, d, n, limits.max_pixels, tta)
+                     for d, n in zip(data, names, strict=True)]
+            future = batcher.submit(torch.stack(views))
+        log_probs = await asyncio.wrap_future(future)
         ranked = top_classes(log_probs.exp(), predictor.class_names, top_k)
         return {"model": info["name"], "predictions": [
             {"file": n, "top_k": [{"class": c, "probability": round(p, 6)} for c, p in r]}

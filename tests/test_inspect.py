@@ -76,8 +76,11 @@ def test_gradcam_on_timm_torchvision_and_finetune_models(name):
     assert 0 <= cams.min() and cams.max() <= 1
 
 
-def test_a_model_without_feature_maps_is_one_line():
+@pytest.mark.parametrize("size,needle", [(224, "turns its feature maps into tokens after "
+                                                "patch_embed.proj"),
+                                          (32, "no convolutional feature map of at least 3x3")])
+def test_a_vision_transformer_is_refused_in_one_line(size, needle):
     model = create_model("timm:vit_tiny_patch16_224", num_classes=3, in_chans=3,
-                         image_size=32).eval()
-    with pytest.raises(ConfigError, match="pass --layer NAME"):
-        target_layer(model, torch.randn(1, 3, 32, 32))
+                         image_size=size).eval()
+    with pytest.raises(ConfigError, match=needle):
+        target_layer(model, torch.randn(1, 3, size, size))

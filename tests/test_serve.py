@@ -237,3 +237,25 @@ def test_the_batcher_groups_requests_without_splitting_them():
     [f.result(timeout=10) for f in futures]
     off.close()
     assert calls == [[1], [1], [1]]
+
+
+def test_the_batcher_waits_only_for_requests_on_their_way():
+    calls = []
+
+    def forward(views: list[torch.Tensor]) -> torch.Tensor:
+        calls.append(len(views[0]))
+        return views[0].flatten(1)
+
+    batcher = Batcher(forward, max_batch=8, max_wait=30.0)
+    batcher.start()
+    one = torch.zeros(1, 1, 1, 1, 1)
+    batcher.submit(one).result(timeout=10)  # nothing else on its way: no 30 s wait
+    with batcher.arriving():  # another request is decoding its images
+        with batcher.arriving():
+            first = batcher.submit(one)
+        time.sleep(0.2)
+        assert not first.done()  # it waits for the announced one...
+        second = batcher.submit(one)
+    first.result(timeout=10), second.result(timeout=10)
+    batcher.close()
+    assert calls == [1, 2]  # ...and they share a call
