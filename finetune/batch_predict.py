@@ -7,6 +7,12 @@ flushed before the next: memory stays flat in the number of images, and a job th
 leaves a file whose complete lines are a valid prefix. ``--resume`` checks that prefix against
 the images and continues after it, so the finished file equals an uninterrupted run's. An
 image that cannot be read gets a row with its ``error`` (and the job goes on).
+
+The images may also be a Hugging Face split (``--split``: :class:`HubImages`, rows named
+``split[i]``). Under a launcher (``torchrun``, ``accelerate launch``) each of N processes takes
+every N-th batch on its own device; after each round of N batches process 0 gathers their
+rows and appends them in the images' order, so the file is the one a single process writes
+and a killed job still leaves a valid prefix.
 """
 
 from __future__ import annotations
@@ -15,13 +21,18 @@ import csv
 import io
 import json
 import logging
+import math
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list, gather_object
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from finetune.data.images import open_image
 from finetune.errors import ConfigError, DataError, OutputError
 from finetune.files import write_failure
 from finetune.inference import Predictor, top_classes
@@ -32,18 +43,41 @@ FORMATS = (".csv", ".jsonl")
 ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}
 
 
-class _Images(Dataset):
-    """File ``i`` as the model's input views (V, C, H, W), or the reason it cannot be read."""
+class HubImages:
+    """The images of a Hugging Face split (``data.hub.image_split``), decoded one by one in the
+    model's channel mode, as a sequence ``_Images`` reads like a list of files."""
 
-    def __init__(self, predictor: Predictor, files: list[Path], tta: bool) -> None:
-        self.predictor, self.files, self.tta = predictor, files, tta
+    def __init__(self, rows, spec: str, channels: int) -> None:
+        self.rows, self.spec, self.channels = rows, spec, channels
+        self.column = rows.column_names[0]
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.rows)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, str | None]:
+    def __getitem__(self, i: int):
+        cell = self.rows[i][self.column]
+        if cell is None or not cell.get("bytes"):
+            raise DataError(f"{self.name(i)}: no image in this row")
+        return open_image(cell["bytes"], self.channels, name=self.name(i),
+                          fix="Fix or drop the row.")
+
+    def name(self, i: int) -> str:
+        return f"{self.spec}[{i}]"
+
+
+class _Images(Dataset):
+    """Image ``indices[k]`` of ``images`` (files, or :class:`HubImages`) as the model's input
+    views (V, C, H, W), or the reason it cannot be read."""
+
+    def __init__(self, predictor: Predictor, images, indices: list[int], tta: bool) -> None:
+        self.predictor, self.images, self.indices, self.tta = predictor, images, indices, tta
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor | None, str | None]:
         try:
-            return self.predictor.views(self.files[i], self.tta), None
+            return self.predictor.views(self.images[self.indices[k]], self.tta), None
         except (DataError, OSError, ValueError) as e:
             return None, str(e).splitlines()[0] if str(e) else type(e).__name__
 
@@ -57,18 +91,18 @@ def header(top_k: int) -> list[str]:
                       for kind in ("class", "probability")), "error"]
 
 
-def format_rows(files: list[Path], probs: list[list[tuple[str, float]] | None],
+def format_rows(files: list[str], probs: list[list[tuple[str, float]] | None],
                 errors: list[str | None], suffix: str, top_k: int) -> str:
     """Lines of the output for these images, in the format of ``suffix``."""
     if suffix == ".jsonl":
-        return "".join(json.dumps({"file": str(f), "top_k": None if p is None else [
+        return "".join(json.dumps({"file": f, "top_k": None if p is None else [
             {"class": c, "probability": round(v, 6)} for c, v in p], "error": e}) + "\n"
             for f, p, e in zip(files, probs, errors, strict=True))
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     for f, p, e in zip(files, probs, errors, strict=True):
         cells = [x for c, v in p for x in (c, f"{v:.6f}")] if p else []
-        writer.writerow([str(f), *cells, *[""] * (2 * top_k - len(cells)), e or ""])
+        writer.writerow([f, *cells, *[""] * (2 * top_k - len(cells)), e or ""])
     return text.getvalue()
 
 
@@ -101,7 +135,7 @@ def complete_jsonl(text: str, top_k: int, width: int) -> tuple[list[str], str]:
     return [r["file"] for r in rows], "".join(line + "\n" for line in lines)
 
 
-def start_output(out: Path, files: list[Path], resume: bool, top_k: int, width: int) -> int:
+def start_output(out: Path, files: list[str], resume: bool, top_k: int, width: int) -> int:
     """Checks ``out`` and returns how many images it already holds, its cut last row removed
     (0: a new file, with the CSV header written). ``width``: the classes a row holds."""
     suffix = out.suffix.lower()
@@ -120,7 +154,7 @@ def start_output(out: Path, files: list[Path], resume: bool, top_k: int, width: 
         except (ValueError, KeyError, TypeError, IndexError, csv.Error) as e:
             raise ConfigError(f"--resume: {out} is not a predictions file of this command "
                               f"({e or type(e).__name__}); remove it to start over.") from None
-        if done != [str(f) for f in files[:len(done)]]:
+        if done != files[:len(done)]:
             raise ConfigError(f"--resume: {out} holds predictions for other images than these "
                               f"(in this order); pass the same images, or remove it.")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -132,17 +166,20 @@ def start_output(out: Path, files: list[Path], resume: bool, top_k: int, width: 
     return len(done)
 
 
-def predict_to_file(predictor: Predictor, files: list[Path], out: Path, *, top_k: int = 3,
-                    tta: bool = False, batch_size: int = 64, workers: int = 2,
-                    resume: bool = False) -> dict:
-    """Write ``files``' top-k predictions to ``out``; returns counts (images written now,
+def predict_to_file(predictor: Predictor, images, names: list[str], out: Path, *,
+                    top_k: int = 3, tta: bool = False, batch_size: int = 64, workers: int = 2,
+                    resume: bool = False, state: PartialState | None = None) -> dict:
+    """Write the top-k predictions of ``images`` (files, or :class:`HubImages`), rows named
+    ``names``, to ``out``, on the processes of ``state``; returns counts (images written now,
     already there, unreadable)."""
     if workers < 0:
         raise ConfigError(f"--workers {workers}: a number of DataLoader workers >= 0.")
+    state = state or PartialState()
     try:
-        start = start_output(out, files, resume, top_k,
-                             min(top_k, len(predictor.class_names)))
-        return _stream(predictor, files, out, start, top_k, tta, batch_size, workers)
+        start = _shared_start(out, names, resume, top_k, min(top_k, len(predictor.class_names)),
+                              state)
+        return _stream(predictor, images, names, out, start, top_k, tta, batch_size, workers,
+                       state)
     except OSError as e:  # a full disk, a read-only folder: one line
         reason = write_failure(e)
         if reason is None:
@@ -151,29 +188,63 @@ def predict_to_file(predictor: Predictor, files: list[Path], out: Path, *, top_k
                           f"free space and run the same command with --resume.") from None
 
 
-def _stream(predictor: Predictor, files: list[Path], out: Path, start: int, top_k: int,
-            tta: bool, batch_size: int, workers: int) -> dict:
-    todo = files[start:]
-    loader = DataLoader(_Images(predictor, todo, tta), batch_size=batch_size, num_workers=workers,
-                        collate_fn=_collate, persistent_workers=False)
-    bad, i, suffix = 0, 0, out.suffix.lower()
-    with open(out, "a", newline="", **ENCODING) as f, \
-            tqdm(total=len(files), initial=start, unit="img", desc="predict") as bar:
-        for batch in loader:
-            probs = _top_k(predictor, [v for v, _ in batch if v is not None], top_k)
-            rows = iter(probs)
-            results = [None if v is None else next(rows) for v, _ in batch]
-            errors = [e for _, e in batch]
-            f.write(format_rows(todo[i:i + len(batch)], results, errors, suffix, top_k))
-            f.flush()  # a killed job leaves every finished batch
-            bad += sum(e is not None for e in errors)
-            i += len(batch)
-            bar.update(len(batch))
-        os.fsync(f.fileno())
-    if bad:
+def _shared_start(out: Path, names: list[str], resume: bool, top_k: int, width: int,
+                  state: PartialState) -> int:
+    """:func:`start_output` on process 0, its answer (or refusal) shared with every process."""
+    answer: list = [None]
+    if state.is_main_process:
+        try:
+            answer = [start_output(out, names, resume, top_k, width)]
+        except (ConfigError, OSError) as e:  # every process stops with it, none waits
+            answer = [e]
+    if state.num_processes > 1:
+        broadcast_object_list(answer)
+    if isinstance(answer[0], Exception):
+        raise answer[0]
+    return answer[0]
+
+
+def _stream(predictor: Predictor, images, names: list[str], out: Path, start: int, top_k: int,
+            tta: bool, batch_size: int, workers: int, state: PartialState) -> dict:
+    """Batch ``b`` of the images after ``start`` is predicted by process ``b % N``; round by
+    round, process 0 appends the N batches' rows in order."""
+    rank, world = state.process_index, state.num_processes
+    batches = math.ceil((len(names) - start) / batch_size)
+    mine = [j for b in range(rank, batches, world)
+            for j in range(start + b * batch_size, min(start + (b + 1) * batch_size, len(names)))]
+    loader = iter(DataLoader(_Images(predictor, images, mine, tta), batch_size=batch_size,
+                             num_workers=workers, collate_fn=_collate))
+    bad, suffix, main = 0, out.suffix.lower(), state.is_main_process
+    with (open(out, "a", newline="", **ENCODING) if main else nullcontext()) as f, \
+            tqdm(total=len(names), initial=start, unit="img", desc="predict",
+                 disable=not main) as bar:
+        for first in range(0, batches, world):
+            part = ("", 0)
+            if first + rank < batches:
+                b = start + (first + rank) * batch_size
+                part = _rows(predictor, next(loader), names[b:b + batch_size], suffix, top_k)
+            parts = gather_object([part]) if world > 1 else [part]
+            bad += sum(n for _, n in parts)
+            if main:
+                f.write("".join(text for text, _ in parts))
+                f.flush()  # a killed job leaves every finished round
+                bar.update(min(world * batch_size, len(names) - start - first * batch_size))
+        if main:
+            os.fsync(f.fileno())
+    if bad and main:
         log.warning("%d of %d images could not be read; their rows name the error", bad,
-                    len(todo))
-    return {"written": len(todo), "already": start, "unreadable": bad}
+                    len(names) - start)
+    return {"written": len(names) - start, "already": start, "unreadable": bad}
+
+
+def _rows(predictor: Predictor, batch: list, names: list[str], suffix: str, top_k: int
+          ) -> tuple[str, int]:
+    """One batch's output lines, and how many of its images could not be read."""
+    probs = iter(_top_k(predictor, [v for v, _ in batch if v is not None], top_k))
+    results = [None if v is None else next(probs) for v, _ in batch]
+    errors = [e for _, e in batch]
+    return (format_rows(names, results, errors, suffix, top_k),
+            sum(e is not None for e in errors))
 
 
 @torch.inference_mode()

@@ -74,28 +74,64 @@ def _evaluate(ns: argparse.Namespace) -> None:
     evaluate_run(ns.run_dir, ns.args, tta=ns.tta)
 
 
-def _predict(ns: argparse.Namespace) -> None:
-    import json
+def _prediction_inputs(ns: argparse.Namespace, predictor) -> tuple:
+    """(images, their names): files and folders, or with --split a Hugging Face split."""
+    from finetune.inference import image_files
 
-    from finetune.inference import image_files, load
+    if ns.split is None:
+        if ns.image_column is not None:
+            raise ConfigError("--image-column goes with --split (a Hugging Face dataset).")
+        files = image_files(ns.images)
+        return files, [str(f) for f in files]
+    from finetune.batch_predict import HubImages
+    from finetune.config import DataConfig
+    from finetune.data.hub import image_split
 
-    predictor = load(ns.model)
-    files = image_files(ns.images)
-    if ns.out is not None:
-        from finetune.batch_predict import predict_to_file
+    if len(ns.images) != 1:
+        raise ConfigError(f"--split {ns.split} reads one Hugging Face dataset (a save_to_disk "
+                          f"folder, parquet files or hf:NAME), got {len(ns.images)} arguments.")
+    source = ns.images[0]
+    cfg = (DataConfig(root=None, hf_name=source[3:], image_column=ns.image_column)
+           if source.startswith("hf:") else DataConfig(root=source, image_column=ns.image_column))
+    rows, _ = image_split(cfg, ns.split)
+    images = HubImages(rows, ns.split, predictor.meta["in_chans"])
+    return images, [images.name(i) for i in range(len(images))]
 
-        done = predict_to_file(predictor, files, ns.out, top_k=ns.top_k, tta=ns.tta,
-                               batch_size=ns.batch_size, workers=ns.workers,
-                               resume=ns.resume)
+
+def _predict_to_file(ns: argparse.Namespace) -> None:
+    """predict --out: streamed, resumable, on every process the launcher started."""
+    from finetune.batch_predict import predict_to_file
+    from finetune.inference import load
+    from finetune.speed import start_processes
+
+    state = start_processes()
+    predictor = load(ns.model, device=state.device)
+    images, names = _prediction_inputs(ns, predictor)
+    done = predict_to_file(predictor, images, names, ns.out, top_k=ns.top_k, tta=ns.tta,
+                           batch_size=ns.batch_size, workers=ns.workers, resume=ns.resume,
+                           state=state)
+    if state.is_main_process:
         print(f"wrote {ns.out}: {done['already'] + done['written']} images"
               + (f" ({done['already']} from before, --resume)" if done["already"] else "")
               + (f"; {done['unreadable']} could not be read (see their error column)"
                  if done["unreadable"] else ""))
+
+
+def _predict(ns: argparse.Namespace) -> None:
+    import json
+
+    from finetune.inference import load
+
+    if ns.out is not None:
+        _predict_to_file(ns)
         return
     if ns.resume:
         raise ConfigError("--resume continues a predictions file: pass it with --out FILE.")
+    predictor = load(ns.model)
+    images, files = _prediction_inputs(ns, predictor)
     # Opened as training's evaluation opened its files (a bad one is a one-line DataError).
-    results = predictor.predict(files, top_k=ns.top_k, tta=ns.tta)
+    results = predictor.predict([images[i] for i in range(len(files))], top_k=ns.top_k,
+                                tta=ns.tta)
     if ns.json:
         print(json.dumps([{"file": str(f), "top_k": [{"class": c, "probability": round(p, 6)}
                                                       for c, p in r]}
@@ -330,7 +366,12 @@ def _add_deployment(sub: argparse._SubParsersAction) -> None:
     """The commands that put an export to work: predict and export-onnx."""
     p = _add(sub, "predict", _predict, "top-k classes of images")
     p.add_argument("model", help="run folder or model.safetensors")
-    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("images", nargs="+", help="image files or folders; with --split a Hugging "
+                   "Face dataset: a save_to_disk folder, parquet files, or hf:NAME")
+    p.add_argument("--split", default=None, help="predict this split (or slice, e.g. "
+                   "test[:1000]) of a Hugging Face dataset; rows are named SPLIT[i]")
+    p.add_argument("--image-column", default=None,
+                   help="with --split: the image column (default: the first Image feature)")
     p.add_argument("--top-k", type=_positive, default=3)
     p.add_argument("--tta", action="store_true",
                    help="average each image's probabilities with its mirror image's")

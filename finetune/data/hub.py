@@ -111,6 +111,33 @@ def _split(ds: Any, spec: str, where: str) -> Any:
     return ds[part.splitname].select(range(part.from_, part.to))
 
 
+def image_column(features: dict, cfg: DataConfig, where: str,
+                 option: str = "data.image_column=NAME") -> str:
+    """``data.image_column``, else the first Image feature; ``option`` names the setting."""
+    import datasets
+
+    image = cfg.image_column or next((k for k, f in features.items()
+                                      if isinstance(f, datasets.Image)), None)
+    if image is None or image not in features or not isinstance(features[image], datasets.Image):
+        described = ", ".join(f"{k} ({type(f).__name__})" for k, f in features.items()
+                              if k != ROW)
+        raise DataError(f"{where}: no image column{f' {image!r}' if image else ''}; columns: "
+                        f"{described}. Set {option} (an Image feature).")
+    return image
+
+
+def image_split(cfg: DataConfig, spec: str) -> tuple[Any, str]:
+    """``(rows, where)``: split ``spec`` (a name or a slice) of a Hugging Face dataset with its
+    image column alone, still encoded (a row read is ``{"bytes", "path"}``); no labels needed
+    (``finetune predict --split``)."""
+    import datasets
+
+    ds, where = open_dataset(cfg)
+    rows = _split(ds, spec, where)
+    image = image_column(rows.features, cfg, where, "--image-column NAME")
+    return rows.cast_column(image, datasets.Image(decode=False)).select_columns([image]), where
+
+
 def columns(features: dict, cfg: DataConfig, where: str) -> tuple[str, str]:
     """``(image column, label column)``: ``data.image_column``/``data.label_column``, else the
     first Image feature and the first ClassLabel (or a ``label``/``labels`` column)."""
@@ -119,15 +146,11 @@ def columns(features: dict, cfg: DataConfig, where: str) -> tuple[str, str]:
     def kind(f: Any) -> str:
         return type(f).__name__
 
-    image = cfg.image_column or next((k for k, f in features.items()
-                                      if isinstance(f, datasets.Image)), None)
+    image = image_column(features, cfg, where)
     label = cfg.label_column or next(
         (k for k, f in features.items() if isinstance(f, datasets.ClassLabel)),
         next((k for k in ("label", "labels") if k in features), None))
     described = ", ".join(f"{k} ({kind(f)})" for k, f in features.items() if k != ROW)
-    if image is None or image not in features or not isinstance(features[image], datasets.Image):
-        raise DataError(f"{where}: no image column{f' {image!r}' if image else ''}; columns: "
-                        f"{described}. Set data.image_column=NAME (an Image feature).")
     if label is None or label not in features:
         raise DataError(f"{where}: no label column{f' {label!r}' if label else ''}; columns: "
                         f"{described}. Set data.label_column=NAME.")
