@@ -154,11 +154,11 @@ def _options(request: Request, body: dict, num_classes: int) -> tuple[int, bool]
     """``top_k`` and ``tta`` from the JSON body, else the query, else 5 and false."""
     query = request.query_params
     top_k, tta = body.get("top_k", query.get("top_k", 5)), body.get("tta", query.get("tta", False))
-    try:
-        top_k = int(top_k)
-        assert top_k >= 1 and not isinstance(top_k, bool)
-    except (ValueError, TypeError, AssertionError):
-        raise HTTPException(422, f"top_k must be a positive integer, got {top_k!r}") from None
+    whole = (isinstance(top_k, int) and not isinstance(top_k, bool)  # not 2.5, true, "1e3"
+             or isinstance(top_k, str) and top_k.isascii() and top_k.isdigit())
+    if not whole or int(top_k) < 1:
+        raise HTTPException(422, f"top_k must be a positive integer, got {top_k!r}")
+    top_k = int(top_k)
     if isinstance(tta, str):
         if tta.lower() not in ("true", "false", "1", "0"):
             raise HTTPException(422, f"tta must be true or false, got {tta!r}")

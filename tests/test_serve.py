@@ -125,7 +125,8 @@ def test_concurrent_requests_share_model_calls(server, trained, images):
 
 @pytest.mark.parametrize("case", ["not-an-image", "body-too-large", "chunked-too-large",
                                   "too-many-pixels", "too-many-images", "content-type",
-                                  "unknown-route", "bad-base64", "bad-top-k", "no-images"])
+                                  "unknown-route", "bad-base64", "bad-top-k", "bool-top-k",
+                                  "no-images"])
 def test_bad_requests_are_a_4xx_with_a_json_error(server, images, case):
     png = images[0].read_bytes()
     big = io.BytesIO()
@@ -148,6 +149,8 @@ def test_bad_requests_are_a_4xx_with_a_json_error(server, images, case):
         "unknown-route": ("GET", "/predictions", {}),
         "bad-base64": ("POST", "/predict", {"json": {"images": ["%%%"]}}),
         "bad-top-k": ("POST", "/predict?top_k=zero", {"files": [("files", ("x.png", png))]}),
+        "bool-top-k": ("POST", "/predict", {"json": {"images": [base64.b64encode(png).decode()],
+                                                     "top_k": True}}),
         "no-images": ("POST", "/predict", {"json": {"images": []}}),
     }[case]
     method, path, kwargs = request
@@ -162,6 +165,7 @@ def test_bad_requests_are_a_4xx_with_a_json_error(server, images, case):
         "unknown-route": (404, "no route GET /predictions"),
         "bad-base64": (400, "not valid base64"),
         "bad-top-k": (422, "top_k must be a positive integer"),
+        "bool-top-k": (422, "top_k must be a positive integer, got True"),
         "no-images": (400, "no images"),
     }[case]
     assert response.status_code == status, response.text
