@@ -88,7 +88,11 @@ def decode(predictor: Predictor, data: bytes, name: str, max_pixels: int, tta: b
     try:
         with Image.open(io.BytesIO(data)) as image:
             pixels = image.width * image.height
-    except (OSError, ValueError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:  # over twice PIL's own limit: refused by PIL itself
+        raise HTTPException(413, f"{name}: over {2 * Image.MAX_IMAGE_PIXELS:,} pixels (a "
+                                 f"decompression bomb?), over this server's limit of "
+                                 f"{max_pixels:,} (finetune serve --max-pixels)") from None
+    except (OSError, ValueError):
         pixels = 0  # open_image says why, in its words
     if pixels > max_pixels:
         raise HTTPException(413, f"{name}: {pixels:,} pixels, over this server's limit of "

@@ -7,10 +7,12 @@ import json
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,6 +28,18 @@ from finetune.cli import main as cli_main
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(os.environ.get("FINETUNE_TEST_ARTIFACTS",
                                 Path(__file__).parents[1] / "test-artifacts"))
+
+
+def png_header(side: int) -> bytes:
+    """A PNG that claims ``side`` x ``side`` pixels and holds none (PIL's bomb check fires on
+    its header)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)  # 8-bit grey
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b""))
+            + chunk(b"IEND", b""))
 
 
 def free_port() -> int:
@@ -126,7 +140,7 @@ def test_concurrent_requests_share_model_calls(server, trained, images):
 @pytest.mark.parametrize("case", ["not-an-image", "body-too-large", "chunked-too-large",
                                   "too-many-pixels", "too-many-images", "content-type",
                                   "unknown-route", "bad-base64", "bad-top-k", "bool-top-k",
-                                  "no-images"])
+                                  "no-images", "bomb"])
 def test_bad_requests_are_a_4xx_with_a_json_error(server, images, case):
     png = images[0].read_bytes()
     big = io.BytesIO()
@@ -152,6 +166,7 @@ def test_bad_requests_are_a_4xx_with_a_json_error(server, images, case):
         "bool-top-k": ("POST", "/predict", {"json": {"images": [base64.b64encode(png).decode()],
                                                      "top_k": True}}),
         "no-images": ("POST", "/predict", {"json": {"images": []}}),
+        "bomb": ("POST", "/predict", {"files": [("files", ("bomb.png", png_header(10**5)))]}),
     }[case]
     method, path, kwargs = request
     response = httpx.request(method, server + path, timeout=60, **kwargs)
@@ -167,6 +182,7 @@ def test_bad_requests_are_a_4xx_with_a_json_error(server, images, case):
         "bad-top-k": (422, "top_k must be a positive integer"),
         "bool-top-k": (422, "top_k must be a positive integer, got True"),
         "no-images": (400, "no images"),
+        "bomb": (413, "bomb.png: over 178,956,970 pixels (a decompression bomb?)"),
     }[case]
     assert response.status_code == status, response.text
     assert needle in response.json()["error"]
