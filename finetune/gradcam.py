@@ -72,9 +72,7 @@ def grad_cam(model: nn.Module, layer: str, x: torch.Tensor, classes: torch.Tenso
     try:
         module = model.get_submodule(layer)
     except AttributeError:
-        names = list(dict.fromkeys(n for n, s in module_outputs(model, x) if len(s) == 4))
-        raise ConfigError(f"--layer {layer}: no such module; the last with feature maps: "
-                          f"{', '.join(names[-8:])}") from None
+        raise _not_a_map(model, x, layer, "no such module") from None
     store: dict[str, torch.Tensor] = {}
     handle = module.register_forward_hook(lambda m, i, out: store.__setitem__("a", out))
     try:
@@ -84,8 +82,18 @@ def grad_cam(model: nn.Module, layer: str, x: torch.Tensor, classes: torch.Tenso
             (grads,) = torch.autograd.grad(score, store["a"])
     finally:
         handle.remove()
+    if not isinstance(store.get("a"), torch.Tensor) or store["a"].ndim != 4:
+        shape = tuple(getattr(store.get("a"), "shape", ()))
+        raise _not_a_map(model, x, layer, f"its output {shape or 'is not a tensor'} is not a "
+                                          f"feature map (N, C, h, w)")
     acts = store["a"].detach().float()
     weights = grads.float().mean(dim=(2, 3), keepdim=True)
     cam = F.relu((weights * acts).sum(dim=1, keepdim=True))
     cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     return cam / cam.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)
+
+
+def _not_a_map(model: nn.Module, x: torch.Tensor, layer: str, why: str) -> ConfigError:
+    names = list(dict.fromkeys(n for n, s in module_outputs(model, x) if len(s) == 4))
+    return ConfigError(f"--layer {layer}: {why}; the last modules with feature maps: "
+                       f"{', '.join(names[-8:])}")

@@ -21,6 +21,7 @@ import torch
 
 from finetune import plots
 from finetune.data.sources import ImageData
+from finetune.errors import ConfigError
 from finetune.files import atomic_write_text
 from finetune.gradcam import grad_cam, target_layer
 from finetune.inference import Predictor, load
@@ -51,6 +52,17 @@ class Options:
     examples: int = 4  # images per confused pair
     cams: int = 4  # Grad-CAM: this many correct and this many wrong images
     layer: str | None = None  # Grad-CAM's layer (default: gradcam.target_layer)
+
+    def __post_init__(self) -> None:  # each is a grid of images: a figure, not a data dump
+        for name, most in LIMITS.items():
+            value = getattr(self, name)
+            if not 0 <= value <= most or (value == 0 and name != "cams"):
+                low = 0 if name == "cams" else 1
+                raise ConfigError(f"--{name} {value}: between {low} and {most} (the images of "
+                                  f"a figure); inspect.json and the report list what is shown")
+
+
+LIMITS = {"top": 128, "pairs": 20, "examples": 16, "cams": 16}
 
 
 def score(predictor: Predictor, split, batch: int = 512) -> Scores:
@@ -99,6 +111,8 @@ def inspect_run(run_dir: str | Path, out: str | Path | None = None,
     predictor = load(run_dir, precision=_precision(run_dir))
     _, test, source = run_data(run_dir, overrides or [], predictor, "finetune inspect",
                                "inspect it")
+    if options.cams:  # a bad --layer, or a model Grad-CAM refuses: before anything is written
+        options.layer = _cam_layer(predictor, test, options.layer)
     out.mkdir(parents=True, exist_ok=True)
     scores = score(predictor, test)
     accuracy = float((scores.predicted == scores.labels).float().mean())
@@ -116,6 +130,15 @@ def inspect_run(run_dir: str | Path, out: str | Path | None = None,
     atomic_write_text(out / "report.html", to_html(blocks, out, f"inspect {run_dir.name}"))
     atomic_write_text(out / "inspect.json", json.dumps(record, indent=2) + "\n")
     return out / "report.md"
+
+
+def _cam_layer(predictor: Predictor, test, layer: str | None) -> str:
+    """``--layer``, checked, or the layer :func:`target_layer` picks."""
+    x = model_inputs(predictor, test, [0])
+    if layer is None:
+        return target_layer(predictor.model, x)
+    grad_cam(predictor.model, layer, x, torch.zeros(1, dtype=torch.long))  # raises if unusable
+    return layer
 
 
 def _precision(run_dir: Path) -> str:
@@ -179,7 +202,7 @@ def _cam_blocks(predictor, test, scores: Scores, options: Options, out: Path, re
     if not idx:
         return []
     x = model_inputs(predictor, test, idx)
-    layer = options.layer or target_layer(predictor.model, x)
+    layer = options.layer
     second = scores.log_probs[idx].topk(2, dim=1).indices[:, 1]
     other = torch.where(scores.predicted[idx] == scores.labels[idx], second, scores.labels[idx])
     names = predictor.class_names

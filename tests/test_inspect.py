@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import refused
 
 import finetune
 from finetune.cli import main as cli_main
@@ -84,3 +85,13 @@ def test_a_vision_transformer_is_refused_in_one_line(size, needle):
                          image_size=size).eval()
     with pytest.raises(ConfigError, match=needle):
         target_layer(model, torch.randn(1, 3, size, size))
+
+
+@pytest.mark.parametrize("argv,needle", [(["--top", "100000"], "--top 100000: between 1 and 128"),
+                                         (["--cams", "-1"], "--cams -1: between 0 and 16"),
+                                         (["--layer", "layer9"], "--layer layer9: no such module"),
+                                         (["--layer", "fc"], "is not a feature map")])
+def test_bad_inspect_options_are_one_line(trained, tmp_path, capsys, argv, needle):
+    run, _ = trained
+    refused(capsys, ["inspect", str(run), "--out", str(tmp_path / "i"), *argv], needle)
+    assert not (tmp_path / "i" / "report.html").exists()
