@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from finetune.data.images import open_image
 from finetune.errors import ConfigError, DataError, OutputError
-from finetune.files import write_failure
+from finetune.files import atomic_write_text, write_failure
 from finetune.inference import Predictor, top_classes
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,8 @@ class HubImages:
     def __getitem__(self, i: int):
         cell = self.rows[i][self.column]
         if cell is None or not cell.get("bytes"):
-            raise DataError(f"{self.name(i)}: no image in this row")
+            raise DataError(f"{self.name(i)}: no image in this row; fill or drop it (--out "
+                            f"FILE records it as an error and goes on)")
         return open_image(cell["bytes"], self.channels, name=self.name(i),
                           fix="Fix or drop the row.")
 
@@ -135,7 +136,8 @@ def complete_jsonl(text: str, top_k: int, width: int) -> tuple[list[str], str]:
     return [r["file"] for r in rows], "".join(line + "\n" for line in lines)
 
 
-def start_output(out: Path, files: list[str], resume: bool, top_k: int, width: int) -> int:
+def start_output(out: Path, files: list[str], resume: bool, top_k: int, width: int,
+                 settings: dict | None = None) -> int:
     """Checks ``out`` and returns how many images it already holds, its cut last row removed
     (0: a new file, with the CSV header written). ``width``: the classes a row holds."""
     suffix = out.suffix.lower()
@@ -158,6 +160,8 @@ def start_output(out: Path, files: list[str], resume: bool, top_k: int, width: i
             raise ConfigError(f"--resume: {out} holds predictions for other images than these "
                               f"(in this order); pass the same images, or remove it.")
     out.parent.mkdir(parents=True, exist_ok=True)
+    if settings is not None:
+        check_settings(out, settings, resume)
     with open(out, "r+" if out.exists() else "w", newline="", **ENCODING) as f:
         f.truncate(len(kept.encode(**ENCODING)))  # validated first, then cut
         if suffix == ".csv" and not kept:
@@ -166,18 +170,43 @@ def start_output(out: Path, files: list[str], resume: bool, top_k: int, width: i
     return len(done)
 
 
+def settings_file(out: Path) -> Path:
+    """Beside ``out``: the model and options that wrote it, which ``--resume`` must match."""
+    return out.with_name(out.name + ".settings.json")
+
+
+def check_settings(out: Path, settings: dict, resume: bool) -> None:
+    """On a new file, record ``settings``; on ``--resume``, refuse other ones."""
+    path = settings_file(out)
+    if not resume or not out.exists():
+        atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise ConfigError(f"--resume: {out} has no readable {path.name} beside it to say which "
+                          f"model and options wrote it; remove {out} to start over.") from None
+    differ = [k for k in settings if saved.get(k) != settings[k]]
+    if differ:
+        raise ConfigError(f"--resume: {out} was written with other {', '.join(differ)} "
+                          f"({', '.join(f'{k}={saved.get(k)!r}' for k in differ)}); resume it "
+                          f"with the same model and options, or remove it.")
+
+
 def predict_to_file(predictor: Predictor, images, names: list[str], out: Path, *,
                     top_k: int = 3, tta: bool = False, batch_size: int = 64, workers: int = 2,
-                    resume: bool = False, state: PartialState | None = None) -> dict:
+                    resume: bool = False, state: PartialState | None = None,
+                    model: str = "") -> dict:
     """Write the top-k predictions of ``images`` (files, or :class:`HubImages`), rows named
     ``names``, to ``out``, on the processes of ``state``; returns counts (images written now,
-    already there, unreadable)."""
+    already there, unreadable). ``model``: the weights' SHA-256, which ``--resume`` checks
+    with ``tta``."""
     if workers < 0:
         raise ConfigError(f"--workers {workers}: a number of DataLoader workers >= 0.")
     state = state or PartialState()
     try:
         start = _shared_start(out, names, resume, top_k, min(top_k, len(predictor.class_names)),
-                              state)
+                              state, {"model_sha256": model, "tta": tta})
         return _stream(predictor, images, names, out, start, top_k, tta, batch_size, workers,
                        state)
     except OSError as e:  # a full disk, a read-only folder: one line
@@ -189,12 +218,13 @@ def predict_to_file(predictor: Predictor, images, names: list[str], out: Path, *
 
 
 def _shared_start(out: Path, names: list[str], resume: bool, top_k: int, width: int,
-                  state: PartialState) -> int:
+                  state: PartialState, settings: dict) -> int:
     """:func:`start_output` on process 0, its answer (or refusal) shared with every process."""
     answer: list = [None]
     if state.is_main_process:
         try:
-            answer = [start_output(out, names, resume, top_k, width)]
+            start = start_output(out, names, resume, top_k, width, settings)
+            answer = [start]
         except (ConfigError, OSError) as e:  # every process stops with it, none waits
             answer = [e]
     if state.num_processes > 1:

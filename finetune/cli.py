@@ -85,17 +85,33 @@ def _prediction_inputs(ns: argparse.Namespace, predictor) -> tuple:
         return files, [str(f) for f in files]
     from finetune.batch_predict import HubImages
     from finetune.config import DataConfig
-    from finetune.data.hub import image_split
+    from finetune.data.hub import image_split, local_dataset
 
     if len(ns.images) != 1:
         raise ConfigError(f"--split {ns.split} reads one Hugging Face dataset (a save_to_disk "
                           f"folder, parquet files or hf:NAME), got {len(ns.images)} arguments.")
     source = ns.images[0]
+    if not source.startswith("hf:") and not local_dataset(Path(source)):
+        raise ConfigError(f"{source} is not a Hugging Face dataset (a save_to_disk folder or "
+                          f"parquet files; hf:NAME for the hub): for a folder of images, drop "
+                          f"--split.")
     cfg = (DataConfig(root=None, hf_name=source[3:], image_column=ns.image_column)
            if source.startswith("hf:") else DataConfig(root=source, image_column=ns.image_column))
     rows, _ = image_split(cfg, ns.split)
     images = HubImages(rows, ns.split, predictor.meta["in_chans"])
     return images, [images.name(i) for i in range(len(images))]
+
+
+def _weights_sha256(model: Path) -> str:
+    """The SHA-256 of a model's weights (a run folder's model.safetensors, or the file)."""
+    import hashlib
+
+    weights = model / "model.safetensors" if model.is_dir() else model
+    digest = hashlib.sha256()
+    with open(weights, "rb") as f:
+        while chunk := f.read(2**20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _predict_to_file(ns: argparse.Namespace) -> None:
@@ -109,7 +125,7 @@ def _predict_to_file(ns: argparse.Namespace) -> None:
     images, names = _prediction_inputs(ns, predictor)
     done = predict_to_file(predictor, images, names, ns.out, top_k=ns.top_k, tta=ns.tta,
                            batch_size=ns.batch_size, workers=ns.workers, resume=ns.resume,
-                           state=state)
+                           state=state, model=_weights_sha256(Path(ns.model)))
     if state.is_main_process:
         print(f"wrote {ns.out}: {done['already'] + done['written']} images"
               + (f" ({done['already']} from before, --resume)" if done["already"] else "")
@@ -142,6 +158,24 @@ def _predict(ns: argparse.Namespace) -> None:
         print(f"{str(f):<{width}}  " + "  ".join(f"{c} {p:.3f}" for c, p in r))
 
 
+def _serving_device(name: str | None) -> str:
+    """--device checked: a device torch knows, and one this machine has."""
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name}: not a device torch knows; use cpu, cuda or "
+                          f"cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: this machine has no CUDA GPU; use --device cpu.")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device {name}: serve runs on cpu, cuda or mps.")
+    return str(device)
+
+
 def _serve(ns: argparse.Namespace) -> None:
     from importlib.util import find_spec
 
@@ -151,7 +185,7 @@ def _serve(ns: argparse.Namespace) -> None:
     from finetune.serve_limits import Limits
     from finetune.serving import Settings, serve
 
-    device = ns.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+    device = _serving_device(ns.device)
     limits = Limits(max_request_bytes=int(ns.max_request_mb * 2**20), max_pixels=ns.max_pixels,
                     max_images=ns.max_images)
     serve(Settings(ns.model, device, ns.max_batch_size, ns.batch_wait_ms, limits),
@@ -316,6 +350,27 @@ def _positive(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 1 to 65535, got {value}")
+    return value
+
+
+def _milliseconds(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 60_000:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be 0 to 60000 ms, got {text}")
+    return value
+
+
+def _megabytes(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 2**20:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be more than 0 MB and at most 1 TB, got {text}")
+    return value
+
+
 def _keys(*prefixes: str) -> str:
     keys = [k for k in SCHEMA_KEYS if not prefixes or k.startswith(prefixes)]
     return "config keys (key=value):\n" + describe_keys(keys)
@@ -400,16 +455,17 @@ def _add_after_training(sub: argparse._SubParsersAction) -> None:
              "GET /metadata, /health, /openapi.json, and / (drop images on it)")
     p.add_argument("model", help="run folder or model.safetensors")
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 listens on every interface")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--workers", type=_positive, default=1,
                    help="server processes, each with its own copy of the model")
     p.add_argument("--device", default=None, help="default: cuda when there is one, else cpu")
     p.add_argument("--max-batch-size", type=_positive, default=32,
                    help="images of concurrent requests run in one model call; 1 turns "
                         "dynamic batching off")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0,
+    p.add_argument("--batch-wait-ms", type=_milliseconds, default=5.0,
                    help="how long a request waits for others to share its model call")
-    p.add_argument("--max-request-mb", type=float, default=20.0, help="largest request body")
+    p.add_argument("--max-request-mb", type=_megabytes, default=20.0,
+                   help="largest request body")
     p.add_argument("--max-pixels", type=_positive, default=40_000_000,
                    help="largest image (width x height), checked before decoding")
     p.add_argument("--max-images", type=_positive, default=64, help="images per request")

@@ -13,6 +13,8 @@ Written to ``RUN/inspect/`` (``--out``): ``report.md`` beside its PNGs, a self-c
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,17 +105,47 @@ def shown(predictor: Predictor, split, indices: list[int]) -> np.ndarray:
     return torch.stack([predictor.to_uint8(im) for im in images]).cpu().numpy()
 
 
+OUTPUTS = ("top_losses.png", "confused_pairs.png", "gradcam.png", "inspect.json", "report.html",
+           "report.md")  # report.md last: its presence says the rest is whole
+
+
 def inspect_run(run_dir: str | Path, out: str | Path | None = None,
                 options: Options | None = None, overrides: list[str] | None = None) -> Path:
-    """Write the error analysis of the run in ``run_dir``; return the path of its report.md."""
-    run_dir, options = Path(run_dir), options or Options()
-    out = Path(out) if out else run_dir / "inspect"
-    predictor = load(run_dir, precision=_precision(run_dir))
-    _, test, source = run_data(run_dir, overrides or [], predictor, "finetune inspect",
-                               "inspect it")
+    """Write the error analysis of the run in ``run_dir`` (a run folder or its weights file)
+    into ``out`` (default ``RUN/inspect``); return the path of its report.md. The files are
+    made in a folder beside ``out`` and moved in at the end: a killed run leaves the previous
+    report whole."""
+    run_dir, options, overrides = Path(run_dir), options or Options(), overrides or []
+    folder = run_dir if run_dir.is_dir() else run_dir.parent
+    out = Path(out) if out else folder / "inspect"
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; name a folder for the report.")
+    if other := [o for o in overrides if not o.startswith("data.")]:
+        raise ConfigError(f"finetune inspect takes data.* overrides only (the data it "
+                          f"inspects); got {other[0]}.")
+    predictor = load(run_dir, precision=_precision(folder))
+    _, test, source = run_data(folder, overrides, predictor, "finetune inspect", "inspect it")
     if options.cams:  # a bad --layer, or a model Grad-CAM refuses: before anything is written
         options.layer = _cam_layer(predictor, test, options.layer)
-    out.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        _analyse(predictor, test, source, options, folder, partial)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in OUTPUTS:
+            if (partial / name).exists():
+                os.replace(partial / name, out / name)
+            else:  # not made this time (--cams 0, no mistakes): not left from an earlier run
+                (out / name).unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return out / "report.md"
+
+
+def _analyse(predictor: Predictor, test, source: str, options: Options, run_dir: Path,
+             out: Path) -> None:
+    """Score the test set and write the figures, report and inspect.json into ``out``."""
     scores = score(predictor, test)
     accuracy = float((scores.predicted == scores.labels).float().mean())
     blocks: list[Block] = [
@@ -126,10 +158,9 @@ def inspect_run(run_dir: str | Path, out: str | Path | None = None,
     blocks += _pair_blocks(predictor, test, scores, options, out, record)
     if options.cams:
         blocks += _cam_blocks(predictor, test, scores, options, out, record)
-    atomic_write_text(out / "report.md", to_markdown(blocks))
-    atomic_write_text(out / "report.html", to_html(blocks, out, f"inspect {run_dir.name}"))
     atomic_write_text(out / "inspect.json", json.dumps(record, indent=2) + "\n")
-    return out / "report.md"
+    atomic_write_text(out / "report.html", to_html(blocks, out, f"inspect {run_dir.name}"))
+    atomic_write_text(out / "report.md", to_markdown(blocks))
 
 
 def _cam_layer(predictor: Predictor, test, layer: str | None) -> str:

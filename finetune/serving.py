@@ -32,6 +32,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from finetune.batching import Batcher
 from finetune.data.images import open_image
@@ -89,9 +90,9 @@ def decode(predictor: Predictor, data: bytes, name: str, max_pixels: int, tta: b
         with Image.open(io.BytesIO(data)) as image:
             pixels = image.width * image.height
     except Image.DecompressionBombError:  # over twice PIL's own limit: refused by PIL itself
-        raise HTTPException(413, f"{name}: over {2 * Image.MAX_IMAGE_PIXELS:,} pixels (a "
-                                 f"decompression bomb?), over this server's limit of "
-                                 f"{max_pixels:,} (finetune serve --max-pixels)") from None
+        raise HTTPException(413, f"{name}: over {2 * Image.MAX_IMAGE_PIXELS:,} pixels, which "
+                                 f"PIL itself refuses to open (a decompression bomb?); "
+                                 f"downscale it") from None
     except (OSError, ValueError):
         pixels = 0  # open_image says why, in its words
     if pixels > max_pixels:
@@ -118,8 +119,12 @@ async def _uploads(request: Request, limits: Limits) -> tuple[list[bytes], list[
         files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
         if len(files) > limits.max_images:
             raise _too_many(limits)
+        if not files and "files" in form:
+            raise HTTPException(400, "the part 'files' has no filename, so it is not a file: "
+                                     "send images as files (curl -F files=@image.png)")
+        options = {k: form[k] for k in ("top_k", "tta") if isinstance(form.get(k), str)}
         return ([await f.read() for f in files],
-                [f.filename or f"image {i}" for i, f in enumerate(files)], {})
+                [f.filename or f"image {i}" for i, f in enumerate(files)], options)
     if kind == "application/json":
         return _json_images(await request.body(), limits)
     raise HTTPException(415, f"content type {kind or '(none)'!r}: send images as "
@@ -137,7 +142,7 @@ def _json_images(body: bytes, limits: Limits) -> tuple[list[bytes], list[str], d
         doc = json.loads(body)
         images = doc["images"]
         assert isinstance(images, list) and all(isinstance(i, str) for i in images)
-    except (ValueError, KeyError, TypeError, AssertionError):
+    except (ValueError, KeyError, TypeError, AssertionError, RecursionError):
         raise HTTPException(400, 'the JSON body must be {"images": [BASE64, ...]} (optional '
                                  '"names", "top_k", "tta")') from None
     if len(images) > limits.max_images:
@@ -155,19 +160,20 @@ def _json_images(body: bytes, limits: Limits) -> tuple[list[bytes], list[str], d
 
 
 def _options(request: Request, body: dict, num_classes: int) -> tuple[int, bool]:
-    """``top_k`` and ``tta`` from the JSON body, else the query, else 5 and false."""
+    """``top_k`` and ``tta`` from the body (JSON, or multipart fields), else the query, else 5
+    and false."""
     query = request.query_params
     top_k, tta = body.get("top_k", query.get("top_k", 5)), body.get("tta", query.get("tta", False))
     whole = (isinstance(top_k, int) and not isinstance(top_k, bool)  # not 2.5, true, "1e3"
-             or isinstance(top_k, str) and top_k.isascii() and top_k.isdigit())
+             or isinstance(top_k, str) and top_k.isascii() and top_k.isdigit()
+             and len(top_k) < 10)
     if not whole or int(top_k) < 1:
-        raise HTTPException(422, f"top_k must be a positive integer, got {top_k!r}")
-    top_k = int(top_k)
-    if isinstance(tta, str):
-        if tta.lower() not in ("true", "false", "1", "0"):
-            raise HTTPException(422, f"tta must be true or false, got {tta!r}")
+        raise HTTPException(422, f"top_k must be a positive integer, got {repr(top_k)[:20]}")
+    if isinstance(tta, str) and tta.lower() in ("true", "false", "1", "0"):
         tta = tta.lower() in ("true", "1")
-    return min(top_k, num_classes), bool(tta)
+    if not isinstance(tta, bool):
+        raise HTTPException(422, f"tta must be true or false, got {repr(tta)[:20]}")
+    return min(int(top_k), num_classes), tta
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -196,28 +202,41 @@ def create_app(settings: Settings) -> FastAPI:
 
 def _routes(app: FastAPI, predictor: Predictor, batcher: Batcher, info: dict,
             limits: Limits) -> None:
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    # A small PNG may decode to hundreds of MB (6000 x 6000, 16-bit RGBA): as many decodes at
+    # once as there are cores to run them, not one per waiting request.
+    decoding = asyncio.Semaphore(max(1, min(os.cpu_count() or 1, 8)))
+
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse,
+                   include_in_schema=False)
     def page() -> str:
         return PAGE.read_text(encoding="utf-8")
 
-    @app.get("/health", summary="the server is up and the model loaded")
+    @app.api_route("/health", methods=["GET", "HEAD"],
+                   summary="the server is up and the model loaded")
     def health() -> dict:
         return {"status": "ok", "model_calls": batcher.calls}
 
-    @app.get("/metadata", summary="classes, preprocessing, test metrics and the model card")
+    @app.api_route("/metadata", methods=["GET", "HEAD"],
+                   summary="classes, preprocessing, test metrics and the model card")
     def get_metadata() -> dict:
         return info
 
     @app.post("/predict", summary="top-k classes of one or more images",
               openapi_extra={"requestBody": PREDICT_BODY}, responses=PREDICT_RESPONSES)
     async def predict(request: Request) -> dict:
-        data, names, body = await _uploads(request, limits)
+        try:
+            data, names, body = await _uploads(request, limits)
+        except ClientDisconnect:  # nobody to answer: no traceback in the log either
+            raise HTTPException(400, "the client went away before its request arrived") from None
         if not data:
             raise HTTPException(400, "no images in the request: send one or more files")
         top_k, tta = _options(request, body, len(predictor.class_names))
         with batcher.arriving():
-            views = [await run_in_threadpool(decode, predictor, d, n, limits.max_pixels, tta)
-                     for d, n in zip(data, names, strict=True)]
+            views = []
+            for d, n in zip(data, names, strict=True):
+                async with decoding:  # a bounded number of images in memory at a time
+                    views.append(await run_in_threadpool(decode, predictor, d, n,
+                                                         limits.max_pixels, tta))
             future = batcher.submit(torch.stack(views))
         log_probs = await asyncio.wrap_future(future)
         ranked = top_classes(log_probs.exp(), predictor.class_names, top_k)

@@ -51,6 +51,8 @@ def test_two_processes_write_the_file_one_process_writes(trained, tmp_path):
     cut = tmp_path / "cut.jsonl"
     lines = one.read_text().splitlines(keepends=True)
     cut.write_text("".join(lines[:10]) + lines[10][:15])
+    (tmp_path / "cut.jsonl.settings.json").write_text(
+        (tmp_path / "one.jsonl.settings.json").read_text())
     out = launch_two_cpu_processes("-m", "finetune", "predict", *args, "--out", str(cut),
                                    "--resume")
     assert "(10 from before, --resume)" in out
@@ -98,8 +100,9 @@ def test_a_hugging_face_split_is_predicted_row_by_row(trained, tmp_path, capsys)
 
 @pytest.mark.parametrize("argv,needle", [
     (["--split", "validation"], "split 'validation' is not one of ['test']"),
-    (["--split", "test", "--image-column", "id"], "no image column 'id'"),
     (["--image-column", "picture"], "--image-column goes with --split"),
+    (["--split", "test[5:2]"], "split 'test[5:2]' selects no rows ('test' has 4)"),
+    (["--split", "test", "--image-column", "id"], "column 'id' is Value, not an Image feature"),
 ])
 def test_bad_hugging_face_inputs_are_one_line(trained, tmp_path, capsys, argv, needle):
     run, test = trained
@@ -107,3 +110,11 @@ def test_bad_hugging_face_inputs_are_one_line(trained, tmp_path, capsys, argv, n
     refused(capsys, ["predict", str(run), str(root), *argv, "--out", str(tmp_path / "p.csv")],
             needle)
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_a_folder_of_images_is_not_a_split(trained, tmp_path, capsys):
+    run, test = trained
+    (tmp_path / "images").mkdir()
+    Image.fromarray(test.images[0, 0].numpy()).save(tmp_path / "images" / "a.png")
+    refused(capsys, ["predict", str(run), str(tmp_path / "images"), "--split", "test"],
+            "is not a Hugging Face dataset", "drop --split")

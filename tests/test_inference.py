@@ -230,6 +230,18 @@ def test_a_killed_batch_prediction_resumes_to_the_same_file(trained, tmp_path, m
     cut.write_bytes(whole.read_bytes()[:7])
     assert cli_main(["predict", *args, "--out", str(cut), "--resume"]) == 0
     assert cut.read_bytes() == whole.read_bytes()
+    # resuming with other options or another model, or without the settings, is refused
+    cut.write_bytes(whole.read_bytes()[:300])
+    assert cli_main(["predict", *args, "--out", str(cut), "--resume", "--tta"]) == 2
+    assert "written with other tta (tta=False)" in capsys.readouterr().err
+    settings = tmp_path / f"cut{suffix}.settings.json"
+    settings.write_text(settings.read_text().replace('"model_sha256": "', '"model_sha256": "0'))
+    assert cli_main(["predict", *args, "--out", str(cut), "--resume"]) == 2
+    assert "written with other model_sha256" in capsys.readouterr().err
+    settings.unlink()
+    assert cli_main(["predict", *args, "--out", str(cut), "--resume"]) == 2
+    assert f"no readable cut{suffix}.settings.json beside it" in capsys.readouterr().err
+    assert cut.read_bytes() == whole.read_bytes()[:300]  # untouched by every refusal
 
 
 def test_batch_prediction_resumes_names_that_quote_or_are_not_utf8(trained, tmp_path, capsys):
@@ -245,6 +257,7 @@ def test_batch_prediction_resumes_names_that_quote_or_are_not_utf8(trained, tmp_
     data = whole.read_bytes()
     assert b"caf\xe9.png" in data and data.count(b"\n") == 8  # header, 6 rows, 1 in a name
     inside = data.index(b"\nc.png")  # killed in the quoted new line, and every 120 bytes
+    shutil.copy(tmp_path / "whole.csv.settings.json", tmp_path / "cut.csv.settings.json")
     for keep in sorted({*range(0, len(data), 120), *range(inside - 2, inside + 3)}):
         cut.write_bytes(data[:keep])
         assert cli_main(["predict", *args, "--out", str(cut), "--resume"]) == 0, keep

@@ -140,7 +140,8 @@ def test_concurrent_requests_share_model_calls(server, trained, images):
 @pytest.mark.parametrize("case", ["not-an-image", "body-too-large", "chunked-too-large",
                                   "too-many-pixels", "too-many-images", "content-type",
                                   "unknown-route", "bad-base64", "bad-top-k", "bool-top-k",
-                                  "no-images", "bomb"])
+                                  "no-images", "bomb", "nested-json", "huge-top-k",
+                                  "no-filename", "form-tta"])
 def test_bad_requests_are_a_4xx_with_a_json_error(server, images, case):
     png = images[0].read_bytes()
     big = io.BytesIO()
@@ -167,6 +168,14 @@ def test_bad_requests_are_a_4xx_with_a_json_error(server, images, case):
                                                      "top_k": True}}),
         "no-images": ("POST", "/predict", {"json": {"images": []}}),
         "bomb": ("POST", "/predict", {"files": [("files", ("bomb.png", png_header(10**5)))]}),
+        "nested-json": ("POST", "/predict", {
+            "content": b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b', "images": []}',
+            "headers": {"content-type": "application/json"}}),
+        "huge-top-k": ("POST", "/predict?top_k=" + "9" * 5000,
+                       {"files": [("files", ("x.png", png))]}),
+        "no-filename": ("POST", "/predict", {"files": [("files", (None, png))]}),
+        "form-tta": ("POST", "/predict", {"files": [("files", ("x.png", png))],
+                                          "data": {"tta": "banana"}}),
     }[case]
     method, path, kwargs = request
     response = httpx.request(method, server + path, timeout=60, **kwargs)
@@ -182,7 +191,11 @@ def test_bad_requests_are_a_4xx_with_a_json_error(server, images, case):
         "bad-top-k": (422, "top_k must be a positive integer"),
         "bool-top-k": (422, "top_k must be a positive integer, got True"),
         "no-images": (400, "no images"),
-        "bomb": (413, "bomb.png: over 178,956,970 pixels (a decompression bomb?)"),
+        "bomb": (413, "bomb.png: over 178,956,970 pixels, which PIL itself refuses"),
+        "nested-json": (400, 'the JSON body must be {"images"'),
+        "huge-top-k": (422, "top_k must be a positive integer, got '99999"),
+        "no-filename": (400, "the part 'files' has no filename"),
+        "form-tta": (422, "tta must be true or false, got 'banana'"),
     }[case]
     assert response.status_code == status, response.text
     assert needle in response.json()["error"]
@@ -200,6 +213,8 @@ def test_metadata_and_openapi(server, trained):
     body = schema["paths"]["/predict"]["post"]["requestBody"]["content"]
     assert set(body) == {"multipart/form-data", "application/json"}
     assert {"/health", "/metadata"} <= set(schema["paths"])
+    assert all(httpx.head(f"{server}{path}").status_code == 200
+               for path in ("/", "/health", "/metadata"))
     page = httpx.get(server).text
     assert "<script" in page and "http:" not in page and "https:" not in page  # all local
 

@@ -64,7 +64,14 @@ def _builder(cfg: DataConfig, root: Path | None) -> tuple[str, str | None, dict]
     return cfg.hf_name, cfg.hf_config, {"data_dir": str(root)}
 
 
-def open_dataset(cfg: DataConfig) -> tuple[Any, str]:
+def local_dataset(root: Path) -> bool:
+    """A folder or file ``datasets`` reads without a builder name: ``save_to_disk`` output or
+    parquet files."""
+    return (_saved(root) or root.suffix == ".parquet"
+            or root.is_dir() and any(root.rglob("*.parquet")))
+
+
+def open_dataset(cfg: DataConfig, all_splits: bool = True) -> tuple[Any, str]:
     """``(DatasetDict, description)`` for ``data.root`` (a ``save_to_disk`` folder, parquet
     files, or a folder for the ``data.hf_name`` builder) or ``data.hf_name`` on the hub."""
     import datasets
@@ -73,7 +80,7 @@ def open_dataset(cfg: DataConfig) -> tuple[Any, str]:
     try:
         if root is not None and not root.exists():
             raise DataError(f"data.root={cfg.root} does not exist.")
-        if _saved(root) and (empty := _empty_saved_split(root)) is not None:
+        if all_splits and _saved(root) and (empty := _empty_saved_split(root)) is not None:
             raise DataError(f"data.root={cfg.root}: split '{empty}' has no rows (it was saved "
                             f"empty); add rows to it, or save the dataset without it.")
         if _saved(root):
@@ -108,6 +115,9 @@ def _split(ds: Any, spec: str, where: str) -> Any:
     if len(parts) != 1:
         raise DataError(f"{where}: split '{spec}' names {len(parts)} splits; name one.")
     part = parts[0]
+    if part.to <= part.from_:
+        raise DataError(f"{where}: split '{spec}' selects no rows ('{part.splitname}' has "
+                        f"{len(ds[part.splitname])}); choose a slice that holds some.")
     return ds[part.splitname].select(range(part.from_, part.to))
 
 
@@ -118,7 +128,11 @@ def image_column(features: dict, cfg: DataConfig, where: str,
 
     image = cfg.image_column or next((k for k, f in features.items()
                                       if isinstance(f, datasets.Image)), None)
-    if image is None or image not in features or not isinstance(features[image], datasets.Image):
+    if image in features and not isinstance(features[image], datasets.Image):
+        raise DataError(f"{where}: column {image!r} is {type(features[image]).__name__}, not "
+                        f"an Image feature (file paths or bytes are cast to one with "
+                        f"dataset.cast_column({image!r}, datasets.Image())).")
+    if image is None or image not in features:
         described = ", ".join(f"{k} ({type(f).__name__})" for k, f in features.items()
                               if k != ROW)
         raise DataError(f"{where}: no image column{f' {image!r}' if image else ''}; columns: "
@@ -132,7 +146,7 @@ def image_split(cfg: DataConfig, spec: str) -> tuple[Any, str]:
     (``finetune predict --split``)."""
     import datasets
 
-    ds, where = open_dataset(cfg)
+    ds, where = open_dataset(cfg, all_splits=False)  # an empty other split does not matter
     rows = _split(ds, spec, where)
     image = image_column(rows.features, cfg, where, "--image-column NAME")
     return rows.cast_column(image, datasets.Image(decode=False)).select_columns([image]), where
