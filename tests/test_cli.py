@@ -14,13 +14,18 @@ from finetune.cli import build_parser, main
 from finetune.runs import read_metrics
 
 COMMANDS = ["train", "evaluate", "predict", "compare", "report", "lr-find", "export-onnx",
-            "push", "show", "recipes", "models", "show-model", "sweep"]
+            "push", "show", "recipes", "models", "show-model", "sweep", "serve", "inspect"]
 # What each command's help must name: its own arguments and, where it takes them, config keys.
 EXPECTED = {
     "train": ["key=value", "train.lr", "data.root", "finetune.freeze", "[sgd|adamw]",
               "[full|linear|knn|lp_ft|lora]", "finetune.lora_rank", "finetune.cache_dir"],
     "evaluate": ["run_dir", "data.root", "data.image_size", "--tta"],
-    "predict": ["model", "images", "--top-k", "--json", "--tta"],
+    "predict": ["model", "images", "--top-k", "--json", "--tta", "--out", "--resume",
+                "--split", "--image-column"],
+    "serve": ["model", "--host", "--port", "--workers", "--max-batch-size", "--batch-wait-ms",
+              "--max-request-mb", "--max-pixels", "--max-images", "--device"],
+    "inspect": ["run_dir", "--out", "--top", "--pairs", "--examples", "--cams", "--layer",
+                "data.*"],
     "push": ["run_dir", "repo_id", "--private", "--revision"],
     "compare": ["recipe=A,B", "seeds=", "targets=", "launcher=", "RUN_DIR", "train.epochs"],
     "report": ["run_dir", "output_dir=DIR"],
