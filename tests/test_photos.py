@@ -222,7 +222,7 @@ def test_hugging_face_splits_columns_and_holdout(tmp_path):
     assert len(sliced) == 40
     with pytest.raises(DataError, match="no label column 'nope'.*fine_label \\(ClassLabel\\)"):
         load_data(DataConfig(source="hf", root=str(root), label_column="nope"))
-    with pytest.raises(DataError, match="no image column 'note'"):
+    with pytest.raises(DataError, match="column 'note' is Value, not an Image feature"):
         load_data(DataConfig(source="hf", root=str(root), image_column="note"))
     with pytest.raises(DataError, match="split 'validation' is not one of \\['train'\\]"):
         load_data(DataConfig(source="hf", root=str(root), test_split="validation"))
