@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from finetune.data.images import open_image
 from finetune.errors import ConfigError, DataError, OutputError
-from finetune.files import atomic_write_text, write_failure
+from finetune.files import atomic_write_text, sha256_file, write_failure
 from finetune.inference import Predictor, top_classes
 
 log = logging.getLogger(__name__)
@@ -196,17 +196,17 @@ def check_settings(out: Path, settings: dict, resume: bool) -> None:
 def predict_to_file(predictor: Predictor, images, names: list[str], out: Path, *,
                     top_k: int = 3, tta: bool = False, batch_size: int = 64, workers: int = 2,
                     resume: bool = False, state: PartialState | None = None,
-                    model: str = "") -> dict:
+                    weights: Path | None = None) -> dict:
     """Write the top-k predictions of ``images`` (files, or :class:`HubImages`), rows named
     ``names``, to ``out``, on the processes of ``state``; returns counts (images written now,
-    already there, unreadable). ``model``: the weights' SHA-256, which ``--resume`` checks
-    with ``tta``."""
+    already there, unreadable). ``weights`` (a run folder or its weights file): their SHA-256
+    is recorded beside ``out`` with ``tta``, which ``--resume`` checks."""
     if workers < 0:
         raise ConfigError(f"--workers {workers}: a number of DataLoader workers >= 0.")
     state = state or PartialState()
     try:
         start = _shared_start(out, names, resume, top_k, min(top_k, len(predictor.class_names)),
-                              state, {"model_sha256": model, "tta": tta})
+                              state, weights, tta)
         return _stream(predictor, images, names, out, start, top_k, tta, batch_size, workers,
                        state)
     except OSError as e:  # a full disk, a read-only folder: one line
@@ -218,13 +218,15 @@ def predict_to_file(predictor: Predictor, images, names: list[str], out: Path, *
 
 
 def _shared_start(out: Path, names: list[str], resume: bool, top_k: int, width: int,
-                  state: PartialState, settings: dict) -> int:
-    """:func:`start_output` on process 0, its answer (or refusal) shared with every process."""
+                  state: PartialState, weights: Path | None, tta: bool) -> int:
+    """:func:`start_output` on process 0 (which alone hashes the weights), its answer (or
+    refusal) shared with every process."""
     answer: list = [None]
     if state.is_main_process:
         try:
-            start = start_output(out, names, resume, top_k, width, settings)
-            answer = [start]
+            settings = None if weights is None else {"model_sha256": sha256_file(
+                weights / "model.safetensors" if weights.is_dir() else weights), "tta": tta}
+            answer = [start_output(out, names, resume, top_k, width, settings)]
         except (ConfigError, OSError) as e:  # every process stops with it, none waits
             answer = [e]
     if state.num_processes > 1:

@@ -15,7 +15,6 @@ safetensors, and Accelerate's files and the loop positions are read with
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -32,7 +31,7 @@ from accelerate.utils.other import load as accelerate_load
 from safetensors.torch import load_file, save_file
 
 from finetune.errors import CheckpointError, ConfigError, TrainingError, first_line
-from finetune.files import output_error
+from finetune.files import output_error, sha256_file
 
 if TYPE_CHECKING:
     from timm.utils import ModelEmaV3
@@ -83,18 +82,10 @@ def find_checkpoint(resume: str, out: Path) -> Path | None:
     return path
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _seal(folder: Path, processes: int) -> None:
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     manifest = {"processes": processes,
-                "files": {str(p.relative_to(folder)): _sha256(p) for p in files}}
+                "files": {str(p.relative_to(folder)): sha256_file(p) for p in files}}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
 
 
@@ -112,7 +103,7 @@ def verify(path: Path) -> dict:
     present = {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()} - {MANIFEST}
     missing, extra = sorted(set(files) - present), sorted(present - set(files))
     changed = [name for name, digest in sorted(files.items())
-               if not missing and _sha256(path / name) != digest]
+               if not missing and sha256_file(path / name) != digest]
     if missing:
         raise CheckpointError(f"checkpoint {path} is missing {missing[0]}")
     if extra:

@@ -102,18 +102,6 @@ def _prediction_inputs(ns: argparse.Namespace, predictor) -> tuple:
     return images, [images.name(i) for i in range(len(images))]
 
 
-def _weights_sha256(model: Path) -> str:
-    """The SHA-256 of a model's weights (a run folder's model.safetensors, or the file)."""
-    import hashlib
-
-    weights = model / "model.safetensors" if model.is_dir() else model
-    digest = hashlib.sha256()
-    with open(weights, "rb") as f:
-        while chunk := f.read(2**20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _predict_to_file(ns: argparse.Namespace) -> None:
     """predict --out: streamed, resumable, on every process the launcher started."""
     from finetune.batch_predict import predict_to_file
@@ -125,7 +113,7 @@ def _predict_to_file(ns: argparse.Namespace) -> None:
     images, names = _prediction_inputs(ns, predictor)
     done = predict_to_file(predictor, images, names, ns.out, top_k=ns.top_k, tta=ns.tta,
                            batch_size=ns.batch_size, workers=ns.workers, resume=ns.resume,
-                           state=state, model=_weights_sha256(Path(ns.model)))
+                           state=state, weights=Path(ns.model))
     if state.is_main_process:
         print(f"wrote {ns.out}: {done['already'] + done['written']} images"
               + (f" ({done['already']} from before, --resume)" if done["already"] else "")

@@ -29,6 +29,7 @@ from finetune.gradcam import grad_cam, target_layer
 from finetune.inference import Predictor, load
 from finetune.report import Block, to_html, to_markdown
 from finetune.run_data import model_inputs, run_data, split_image
+from finetune.runs import METRICS, read_metrics
 
 
 @dataclass
@@ -174,9 +175,9 @@ def _cam_layer(predictor: Predictor, test, layer: str | None) -> str:
 
 def _precision(run_dir: Path) -> str:
     """The precision the run was evaluated in (its last metrics record), else fp32."""
-    metrics = run_dir / "metrics.jsonl"
-    lines = metrics.read_text().splitlines() if metrics.is_file() else []
-    return json.loads(lines[-1]).get("mixed_precision", "fp32") if lines else "fp32"
+    if not (run_dir / METRICS).is_file():  # an export copied without its records
+        return "fp32"
+    return read_metrics(run_dir)[-1].get("mixed_precision", "fp32")
 
 
 def _top_loss_blocks(predictor, test, scores: Scores, options: Options, out: Path,
