@@ -2,6 +2,7 @@
 
     python bench/photos.py make DIR [--images 2000]      # generated camera-sized JPEGs
     python bench/photos.py run DIR [--image-size 128] [--steps 40] [--json FILE]
+        [--model resnet18] [--precision fp32] [--sides stream,reference] [--workers 2]
 
 ``make`` writes a photo-like ImageFolder tree (10 classes; 1,600-3,200 px on the long side;
 3:2, 4:3, 16:9, portrait and landscape; smooth colour fields, a class-specific shape, grain),
@@ -9,12 +10,17 @@ nothing of which is committed. ``run`` trains ResNet-18 from scratch on it at --
 once with ``finetune train`` (``data.placement=auto``, which streams these) and once with the
 reference loop a user would write (``torchvision.datasets.ImageFolder`` + ``DataLoader``, the
 same RandomResizedCrop + flip + normalize, the same workers, model, precision, memory layout,
-optimizer and batch), each in its own process, and reports for each:
+optimizer and batch), each in its own process, and reports for each side:
 
 - seconds from the process's start to its first training step;
 - training images/s over --steps steps after the first 5;
 - peak resident memory of the main process, and of it plus its DataLoader workers (sampled
   every 0.1 s; shared pages count once per process, so the sum overstates).
+
+Sides: ``stream`` (finetune, ``data.placement=auto``, which streams camera-sized photos),
+``device`` (finetune, ``data.placement=device``: every photo decoded once, resized and
+center-cropped, before the first step, then batches indexed and augmented on the device; what
+a GPU gets from holding the data) and ``reference``. On a GPU each timed step waits for it.
 """
 
 from __future__ import annotations
@@ -108,8 +114,15 @@ def _result(times: list[float], batch: int, memory: PeakMemory, skip: int = 5) -
             "peak_rss_with_workers_gb": round(memory.total / 2**30, 2)}
 
 
-def run_finetune(root: Path, image_size: int, batch: int, steps: int, workers: int) -> dict:
-    """``finetune train`` on the folder, stopped after ``steps`` steps."""
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # a GPU step is done when the device is, not when it returns
+
+
+def run_finetune(root: Path, a: argparse.Namespace, placement: str) -> dict:
+    """``finetune train`` on the folder, stopped after ``a.steps`` steps."""
     memory = PeakMemory()
     memory.start()
     import finetune.train as train
@@ -122,25 +135,28 @@ def run_finetune(root: Path, image_size: int, batch: int, steps: int, workers: i
 
     def timed_step(*args, **kwargs):
         out = real_step(*args, **kwargs)
-        times.append(time.perf_counter())  # on a CPU the step is done when it returns
-        if len(times) == steps + 6:
+        _sync()
+        times.append(time.perf_counter())
+        if len(times) == a.steps + 6:
             raise Done
         return out
 
     train.train_step = timed_step
     cfg = load_config(["recipe=resnet18_scratch_fmnist", f"data.root={root}",
-                       f"data.image_size={image_size}", f"train.batch_size={batch}",
-                       f"data.workers={workers}", "data.hflip=true", "data.normalize=imagenet",
-                       "train.mixed_precision=fp32", "train.epochs=1", "train.checkpoint=false",
+                       f"model.name={a.model}", f"data.image_size={a.image_size}",
+                       f"train.batch_size={a.batch_size}", f"data.workers={a.workers}",
+                       f"data.placement={placement}", "data.hflip=true",
+                       "data.normalize=imagenet", f"train.mixed_precision={a.precision}",
+                       "train.epochs=1000", "train.checkpoint=false",  # stopped by Done
                        f"output_dir={root.parent / 'bench-run'}", "overwrite=true"])
     try:
         train.main(cfg)
     except Done:
         pass
-    return _result(times, batch, memory)
+    return _result(times, a.batch_size, memory)
 
 
-def run_reference(root: Path, image_size: int, batch: int, steps: int, workers: int) -> dict:
+def run_reference(root: Path, a: argparse.Namespace) -> dict:
     """The loop a user writes: ImageFolder + DataLoader + the same transforms and model."""
     memory = PeakMemory()
     memory.start()
@@ -153,27 +169,48 @@ def run_reference(root: Path, image_size: int, batch: int, steps: int, workers: 
     from finetune.models import create_model
 
     torch.manual_seed(0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    image_size, batch, steps, workers = a.image_size, a.batch_size, a.steps, a.workers
     transform = v2.Compose([v2.RandomResizedCrop(image_size, antialias=True),
                             v2.RandomHorizontalFlip(), v2.PILToTensor(),
                             v2.ToDtype(torch.float32, scale=True),
                             v2.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
     data = datasets.ImageFolder(str(root), transform=transform)
     loader = DataLoader(data, batch_size=batch, shuffle=True, num_workers=workers,
-                        drop_last=True, persistent_workers=workers > 0)
-    model = create_model("resnet18", num_classes=len(data.classes), in_chans=3,
-                         image_size=image_size).to(memory_format=torch.channels_last)
+                        drop_last=True, persistent_workers=workers > 0,
+                        pin_memory=device.type == "cuda")
+    model = create_model(a.model, num_classes=len(data.classes), in_chans=3,
+                         image_size=image_size).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     model.train()
     times = []
+    dtype = {"fp32": None, "bf16": torch.bfloat16}[a.precision]
     for x, y in loader:
-        loss = F.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)), y)
+        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = F.cross_entropy(model(x), y.to(device, non_blocking=True))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        _sync()
         times.append(time.perf_counter())
         if len(times) == steps + 6:
             break
     return _result(times, batch, memory)
+
+
+def _one_side(a: argparse.Namespace) -> dict:
+    if a.only == "stream":
+        return run_finetune(a.root, a, "auto")
+    elif a.only == "device":
+        return run_finetune(a.root, a, "device")
+    elif a.only == "reference":
+        return run_reference(a.root, a)
+    else:
+        raise ValueError(f"unknown side {a.only!r}; valid: {', '.join(SIDES)}")
+
+
+SIDES = ("stream", "device", "reference")
 
 
 def main() -> None:
@@ -184,34 +221,42 @@ def main() -> None:
     m.add_argument("--images", type=int, default=2000)
     r = sub.add_parser("run")
     r.add_argument("root", type=Path)
+    r.add_argument("--model", default="resnet18")
     r.add_argument("--image-size", type=int, default=128)
     r.add_argument("--batch-size", type=int, default=32)
     r.add_argument("--steps", type=int, default=40)
     r.add_argument("--workers", type=int, default=2)
+    r.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    r.add_argument("--sides", default="stream,reference", help=f"of {', '.join(SIDES)}")
     r.add_argument("--json", type=Path)
-    r.add_argument("--only", choices=["finetune", "reference"])  # one side, in this process
+    r.add_argument("--only", choices=SIDES)  # one side, in this process
     a = p.parse_args()
     if a.cmd == "make":
         make(a.root, a.images)
         return
     if a.only:
-        fn = run_finetune if a.only == "finetune" else run_reference
-        print(json.dumps(fn(a.root, a.image_size, a.batch_size, a.steps, a.workers)))
+        print(json.dumps(_one_side(a)))
         return
-    results = {"images": sum(1 for _ in a.root.rglob("*.jpg")), "image_size": a.image_size,
-               "batch_size": a.batch_size, "workers": a.workers, "cpus": os.cpu_count()}
-    for side in ("finetune", "reference"):  # each in a fresh process: memory and start-up
+    sides = a.sides.split(",")
+    if not sides or set(sides) - set(SIDES):
+        p.error(f"--sides {a.sides!r}: choose from {', '.join(SIDES)}")
+    results = {"images": sum(1 for _ in a.root.rglob("*.jpg")), "model": a.model,
+               "image_size": a.image_size, "batch_size": a.batch_size,
+               "precision": a.precision, "workers": a.workers, "cpus": os.cpu_count()}
+    for side in sides:  # each in a fresh process: memory and start-up
         out = subprocess.run([sys.executable, __file__, "run", str(a.root), "--only", side,
-                              "--image-size", str(a.image_size), "--batch-size",
-                              str(a.batch_size), "--steps", str(a.steps), "--workers",
-                              str(a.workers)], capture_output=True, text=True,
+                              "--model", a.model, "--image-size", str(a.image_size),
+                              "--batch-size", str(a.batch_size), "--steps", str(a.steps),
+                              "--workers", str(a.workers), "--precision", a.precision],
+                             capture_output=True, text=True,
                              env={**os.environ, "TQDM_DISABLE": "1"})
         if out.returncode:
             sys.exit(f"{side} failed:\n{out.stderr[-3000:]}")
         results[side] = json.loads(out.stdout.strip().splitlines()[-1])
         print(side, results[side], flush=True)
-    results["speed_ratio"] = round(results["finetune"]["images_per_s"]
-                                   / results["reference"]["images_per_s"], 2)
+    if "reference" in results and "stream" in results:
+        results["speed_ratio"] = round(results["stream"]["images_per_s"]
+                                       / results["reference"]["images_per_s"], 2)
     print(json.dumps(results, indent=2))
     if a.json:
         a.json.write_text(json.dumps(results, indent=2) + "\n")
