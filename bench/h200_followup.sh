@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Second H200 call: the fast recipe with CUDA graphs, and profiles of where a step's time goes
-# at 64 and 224 px (see BENCHMARKS.md). Same set-up as bench/h200.sh.
+# at 64 and 224 px (see BENCHMARKS.md). Same set-up as bench/gpu_check.sh.
 set -uo pipefail
 BUDGET=${BUDGET:-270} LOG=log2.txt
 source bench/setup_device.sh

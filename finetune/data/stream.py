@@ -70,9 +70,9 @@ class TrainBatches(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(batch_seed(self.seed, epoch, step,
                                                                   self.rank))
-            images = [or_skip(lambda i=i: self.samples.open(i, self.need), self.skip_bad)
-                      for i in idx]
-            images = [None if im is None else self.transform(im) for im in images]
+            # one photo decoded at a time: a worker holds one full-size image, not a batch's
+            images = [or_skip(lambda i=i: self.transform(self.samples.open(i, self.need)),
+                              self.skip_bad) for i in idx]
         return stacked(images, [int(self.samples.labels[i]) for i in idx], idx, epoch, step)
 
 
