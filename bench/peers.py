@@ -73,8 +73,8 @@ from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
-import psutil
 import torch
+from photos import PeakMemory  # bench/photos.py: the process tree's peak RSS
 from PIL import Image
 
 from finetune.config import ConfigError
@@ -315,7 +315,10 @@ def run_peer(peer: str, cmd: list[str], out: Path) -> dict:
     with open(out / "peer.log", "w") as log:
         launched = time.time()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        peak, own = watch_memory(proc)
+        memory = PeakMemory(proc.pid)
+        memory.start()
+        proc.wait()
+        memory.join()
         wall = time.time() - launched
     if proc.returncode != 0:
         tail = (out / "peer.log").read_text(errors="replace").splitlines()[-15:]
@@ -323,29 +326,8 @@ def run_peer(peer: str, cmd: list[str], out: Path) -> dict:
               + "\n".join(tail), flush=True)
     found = read_events(events)
     records = epoch_records(peer, out, found)
-    row = summarize(peer, records, found, launched, peak, wall, proc.returncode)
-    return {**row, "peak_rss_main_mib": round(own / 2**20)}
-
-
-def watch_memory(proc: subprocess.Popen) -> tuple[int, int]:
-    """The peaks, sampled every 0.1 s until ``proc`` exits, of its tree's summed RSS and of its
-    own RSS. (PSS would not count shared pages once per process, but reading it costs ~10 ms
-    a process on this kernel: too much beside a training on two cores.)"""
-    root, peak, own = psutil.Process(proc.pid), 0, 0
-    while proc.poll() is None:
-        sizes = []
-        try:
-            tree = [root, *root.children(recursive=True)]
-        except psutil.Error:
-            tree = []
-        for p in tree:
-            try:
-                sizes.append(p.memory_info().rss)
-            except psutil.Error:  # exited between the listing and the reading
-                sizes.append(0)
-        peak, own = max(peak, sum(sizes)), max(own, sizes[0] if sizes else 0)
-        time.sleep(0.1)
-    return peak, own
+    row = summarize(peer, records, found, launched, memory.total, wall, proc.returncode)
+    return {**row, "peak_rss_main_mib": round(memory.main / 2**20)}
 
 
 def read_events(path: Path) -> list[dict]:
