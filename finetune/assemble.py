@@ -20,7 +20,7 @@ from torch import nn
 
 from finetune.config import UNTRAINED, Config, DataConfig
 from finetune.cpu_convs import swap_small_map_convs
-from finetune.data import ImageData, Samples, load_data, validation_split
+from finetune.data import ImageData, Samples, fold_split, load_data, validation_split
 from finetune.data.hub import StreamedSplit, streamed_head
 from finetune.data.images import (
     DEFAULT_CROP_PCT,
@@ -221,11 +221,13 @@ def _load(cfg: Config, state: PartialState
         fetched = (fetch_state_dict(cfg.model.name, cfg.model.weights)
                    if cfg.model.pretrained else None)
         train_data, test_data, source = load_data(cfg.data)
-    val_data = None
-    if cfg.data.val_split:  # carved from the training images: early stopping never sees test
-        train_data, val_data = validation_split(train_data, cfg.data.val_split,
-                                                cfg.data.split_seed,
-                                                allow_empty=cfg.data.allow_empty_classes)
+    val_data, d = None, cfg.data
+    if d.folds:  # cross-validation: the held-out fold is the validation split
+        train_data, val_data = fold_split(train_data, d.folds, d.fold, d.split_seed,
+                                          allow_empty=d.allow_empty_classes)
+    elif d.val_split:  # carved from the training images: early stopping never sees test
+        train_data, val_data = validation_split(train_data, d.val_split, d.split_seed,
+                                                allow_empty=d.allow_empty_classes)
     if len(train_data) < cfg.train.batch_size and cfg.finetune.method not in UNTRAINED:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} exceeds the "
                           f"{len(train_data)} training images; lower train.batch_size or raise "

@@ -223,6 +223,14 @@ def _compare(ns: argparse.Namespace) -> None:
     print(f"wrote {report} and {report.with_suffix('.html')}")
 
 
+def _cv(ns: argparse.Namespace) -> None:
+    import shlex
+
+    from finetune.cv import main as cv_main
+
+    cv_main(ns.args, "finetune cv " + " ".join(map(shlex.quote, ns.args)))
+
+
 def _sweep(ns: argparse.Namespace) -> None:
     import shlex
 
@@ -405,6 +413,16 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     _overrides(p, "models=, seeds=, output_dir=, [MODEL:]key=value")
 
 
+def _add_search(sub: argparse._SubParsersAction) -> None:
+    """cv and tune: many trainings of one recipe."""
+    _overrides(_add(sub, "cv", _cv, "k-fold cross-validation: a run per fold, every metric "
+                    "as mean ± 95 % interval, out-of-fold probabilities (oof.jsonl)",
+                    "finetune cv recipe=NAME [folds=5] [output_dir=DIR] "
+                    "[launcher=\"accelerate launch ...\"] [key=value ...]\n  Running the same "
+                    "command again keeps finished folds and resumes the others.", _keys()),
+               "recipe=, folds=, output_dir=, launcher=, config overrides")
+
+
 def _add_deployment(sub: argparse._SubParsersAction) -> None:
     """The commands that put an export to work: predict and export-onnx."""
     p = _add(sub, "predict", _predict, "top-k classes of images")
@@ -519,6 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
                "recipe=A,B, seeds=, targets=, output_dir=, launcher=, [RECIPE:]key=value; "
                "or run folders")
     _add_sweep(sub)
+    _add_search(sub)
     p = _add(sub, "report", _report, "the report of one finished run (plots, report.md/.html)")
     p.add_argument("run_dir")
     _overrides(p, "output_dir=DIR (default RUN_DIR/report)")

@@ -12,12 +12,12 @@ from __future__ import annotations
 import logging
 import math
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from finetune import children
 from finetune.config import Config, flat_config, load_config, show_value, split_options
 from finetune.errors import ConfigError, TrainingError
 from finetune.runs import CONFIG, Run, finished_run, read_run, time_to_accuracy
@@ -311,7 +311,7 @@ def plan_comparison(args: list[str]) -> Plan:
     seeds = parse_seeds(options["seeds"]) if "seeds" in options else [0, 1, 2]
     targets = float_list("targets", options["targets"]) if "targets" in options else None
     out = Path(options["output_dir"]) if "output_dir" in options else None
-    launcher = shlex.split(options["launcher"]) if "launcher" in options else None
+    launcher = parse_launcher(options["launcher"]) if "launcher" in options else None
     sizes, methods, common, own = _split_overrides(rest)
     if len(recipes) < 1:
         raise ConfigError("usage: finetune compare recipe=A,B [seeds=3] [key=value ...] "
@@ -365,9 +365,19 @@ def check_budget(configs: dict[str, Config]) -> None:
 def run_comparison(plan: Plan) -> list[Run]:
     """Train every planned run not finished yet, one process each; return all runs."""
     total = len(plan.runs)
+    jobs = [(f"[{i}/{total}] {recipe} seed {seed}" + (f" on {size} images" if size else ""),
+             folder, run_args)
+            for i, (recipe, seed, size, folder, run_args) in enumerate(plan.runs, start=1)]
+    return train_runs(plan.launcher, jobs, "compare")
+
+
+def train_runs(launcher: list[str], jobs: list[tuple[str, Path, list[str]]], command: str
+               ) -> list[Run]:
+    """Train each job ``(what, run folder, its arguments)`` through ``launcher``, one process
+    at a time: a finished run is kept, a started one resumed (``resume=auto``). ``command``
+    (compare, cv) words the error of a failed run."""
     runs = []
-    for i, (recipe, seed, size, folder, run_args) in enumerate(plan.runs, start=1):
-        what = f"[{i}/{total}] {recipe} seed {seed}" + (f" on {size} images" if size else "")
+    for what, folder, run_args in jobs:
         run = finished_run(folder)
         if run is not None:
             print(f"{what}: finished earlier, kept ({folder})", flush=True)
@@ -375,19 +385,26 @@ def run_comparison(plan: Plan) -> list[Run]:
             continue
         folder.mkdir(parents=True, exist_ok=True)
         resume = ["resume=auto"] if (folder / CONFIG).is_file() else []
-        cmd = [*plan.launcher, *run_args, *resume]
         print(f"{what}: training -> {folder}", flush=True)
         start = time.perf_counter()
-        with open(folder / "train.log", "a") as logfile:
-            code = subprocess.call(cmd, stdout=logfile, stderr=subprocess.STDOUT)
+        code = children.run([*launcher, *run_args, *resume], folder / "train.log")
         if code != 0:
             tail = (folder / "train.log").read_text().splitlines()[-15:]
             raise TrainingError(f"{what} failed (exit {code}); its log {folder / 'train.log'} "
-                                f"ends with:\n  " + "\n  ".join(tail) + "\nFix it and run the "
-                                "same compare command again: finished runs are kept.")
+                                f"ends with:\n  " + "\n  ".join(tail) + f"\nFix it and run the "
+                                f"same {command} command again: finished runs are kept.")
         run = read_run(folder)
         print(f"{what}: test accuracy {run.final_acc:.4f} (best {run.best_acc:.4f}), "
               f"{run.train_seconds:.1f} s of training, {time.perf_counter() - start:.0f} s "
               f"in all", flush=True)
         runs.append(run)
     return runs
+
+
+def parse_launcher(value: str) -> list[str]:
+    """``launcher="accelerate launch --num_processes 8"`` as arguments."""
+    try:
+        return shlex.split(value)
+    except ValueError as e:
+        raise ConfigError(f"launcher={value}: {e} (quote the launcher once, e.g. "
+                          f"launcher=\"accelerate launch --num_processes 2\").") from None

@@ -118,6 +118,11 @@ class DataConfig:
     # Fraction of the training images held out (a seeded, per-class draw) as a validation split,
     # evaluated every epoch; early stopping watches it, never the test set.
     val_split: float = 0.0
+    # k-fold cross-validation (`finetune cv` sets these): the training images, after
+    # data.classes and data.train_limit, fall into data.folds stratified folds drawn with
+    # data.split_seed, and fold data.fold is held out as the validation split (0: off).
+    folds: int = 0
+    fold: int = 0
     # shuffle: each epoch a seeded permutation of the training images; balanced: as many
     # draws, with replacement, each class equally likely (seeded by train.seed and the epoch:
     # the same on every process and after a resume). Not with data.streaming.
@@ -297,8 +302,8 @@ POSITIVE = ("data.image_size", "data.train_limit", "data.eval_limit", "model.in_
             "finetune.head_lr_mult", "finetune.feature_views", "finetune.knn_k",
             "finetune.knn_temperature", "finetune.lora_rank", "finetune.lora_alpha",
             "finetune.layer_decay")
-NON_NEGATIVE = ("data.crop_pad", "data.workers", "data.split_seed", "train.checkpoint_every",
-                "train.seed", "train.lr",
+NON_NEGATIVE = ("data.crop_pad", "data.workers", "data.split_seed", "data.folds", "data.fold",
+                "train.checkpoint_every", "train.seed", "train.lr",
                 "train.momentum", "train.weight_decay", "train.warmup_epochs",
                 "train.label_smoothing", "train.clip_grad_norm", "train.early_stopping",
                 "data.mixup", "data.cutmix", "train.step_gamma")
@@ -519,9 +524,10 @@ def validate(cfg: Config) -> None:
     for key in FRACTION:
         if get(key) is not None and not 0 <= get(key) < 1:
             raise ConfigError(f"'{key}' must be in [0, 1), got {get(key)}.")
-    if cfg.train.early_stopping and not cfg.data.val_split:
+    if cfg.train.early_stopping and not (cfg.data.val_split or cfg.data.folds):
         raise ConfigError("train.early_stopping needs a validation split: set data.val_split "
                           "(e.g. 0.1); it never watches the test set.")
+    _check_folds(cfg.data)
     if cfg.train.batch_size % cfg.train.accumulate:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} must divide into "
                           f"train.accumulate={cfg.train.accumulate} equal slices.")
@@ -607,6 +613,30 @@ def _check_method(cfg: Config) -> None:
         raise ConfigError("finetune.feature_views > 1 augments resident images; a stream "
                           "(data.streaming=true) is cached with its evaluation transform only: "
                           "set finetune.feature_views=1.")
+
+
+MAX_FOLDS = 100  # more folds than this is leave-few-out, a run per handful of images
+
+
+def _check_folds(d: DataConfig) -> None:
+    """data.folds and data.fold: which fold of k is the validation split."""
+    if not d.folds:
+        if d.fold:
+            raise ConfigError(f"data.fold={d.fold} needs data.folds=K (the number of folds).")
+        return
+    if not 2 <= d.folds <= MAX_FOLDS:
+        raise ConfigError(f"data.folds={d.folds}: cross-validation needs 2 to {MAX_FOLDS} "
+                          f"folds (1 fold holds nothing out); e.g. folds=5.")
+    if d.fold >= d.folds:
+        raise ConfigError(f"data.fold={d.fold} is not a fold of data.folds={d.folds} "
+                          f"(0..{d.folds - 1}).")
+    if d.val_split:
+        raise ConfigError(f"data.folds={d.folds} holds out fold data.fold as the validation "
+                          f"split, so data.val_split={d.val_split} would hold out a second "
+                          f"one; drop data.val_split.")
+    if d.streaming:
+        raise ConfigError("data.folds cannot split a stream (data.streaming=true) into folds; "
+                          "use data.streaming=false.")
 
 
 def _check_transforms(d: DataConfig) -> None:

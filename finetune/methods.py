@@ -56,7 +56,7 @@ def feature_key(cfg: Config, parts: Parts, split: str, data, precision: str, wei
             "weights": weights, "data": parts.source, "images": data_digest(data),
             "count": len(data), "classes": list(data.classes),
             "limits": [d.train_limit, d.eval_limit, d.split_seed, d.val_split,
-                       list(d.classes) if d.classes else None],
+                       list(d.classes) if d.classes else None, d.folds, d.fold],
             "transform": {"image_size": d.image_size, "in_chans": parts.in_chans,
                           "mean": list(parts.mean), "std": list(parts.std),
                           "crop_pct": parts.crop_pct, "interpolation": parts.interpolation,

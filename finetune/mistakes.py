@@ -124,7 +124,7 @@ def inspect_run(run_dir: str | Path, out: str | Path | None = None,
     if other := [o for o in overrides if not o.startswith("data.")]:
         raise ConfigError(f"finetune inspect takes data.* overrides only (the data it "
                           f"inspects); got {other[0]}.")
-    predictor = load(run_dir, precision=_precision(folder))
+    predictor = load(run_dir, precision=recorded_precision(folder))
     _, test, source = run_data(folder, overrides, predictor, "finetune inspect", "inspect it")
     if options.cams:  # a bad --layer, or a model Grad-CAM refuses: before anything is written
         options.layer = _cam_layer(predictor, test, options.layer)
@@ -173,7 +173,7 @@ def _cam_layer(predictor: Predictor, test, layer: str | None) -> str:
     return layer
 
 
-def _precision(run_dir: Path) -> str:
+def recorded_precision(run_dir: Path) -> str:
     """The precision the run was evaluated in (its last metrics record), else fp32."""
     if not (run_dir / METRICS).is_file():  # an export copied without its records
         return "fp32"

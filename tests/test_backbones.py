@@ -178,6 +178,9 @@ def test_a_timm_folder_and_its_config(timm_weights, tmp_path):
 def test_unavailable_weights_stop_with_the_fix(tmp_path, monkeypatch, timm_weights):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    # huggingface_hub read the variables at import: without these it retries the network
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(WeightsError, match="test_vit.r160_in1k.*model.weights=PATH"):
         build_model(ModelConfig(name="timm:test_vit", pretrained=True), num_classes=10,
                     in_chans=1, image_size=32)

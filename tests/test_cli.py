@@ -14,7 +14,8 @@ from finetune.cli import build_parser, main
 from finetune.runs import read_metrics
 
 COMMANDS = ["train", "evaluate", "predict", "compare", "report", "lr-find", "export-onnx",
-            "push", "show", "recipes", "models", "show-model", "sweep", "serve", "inspect"]
+            "push", "show", "recipes", "models", "show-model", "sweep", "serve", "inspect",
+            "cv"]
 # What each command's help must name: its own arguments and, where it takes them, config keys.
 EXPECTED = {
     "train": ["key=value", "train.lr", "data.root", "finetune.freeze", "[sgd|adamw]",
@@ -35,6 +36,7 @@ EXPECTED = {
     "recipes": ["--help"],
     "models": ["pattern", "timm:convnext*"],
     "show-model": ["model.name", "data.image_size"],
+    "cv": ["folds=", "output_dir=", "launcher=", "keeps finished folds", "train.epochs"],
     "sweep": ["models=", "seeds=", "--train-best", "MODEL:key=value", "train.epochs"],
 }
 

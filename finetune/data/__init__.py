@@ -20,13 +20,14 @@ from finetune.data.sources import (
     DEFAULT_IDX_DIRS,
     ImageData,
     find_idx_dir,
+    fold_ids,
     holdout_mask,
     load_idx,
     load_imagefolder,
     stratified_mask,
 )
 
-__all__ = ["DataError", "ImageData", "Samples", "load_data", "validation_split"]
+__all__ = ["DataError", "ImageData", "Samples", "fold_split", "load_data", "validation_split"]
 Split = ImageData | Samples
 log = logging.getLogger(__name__)
 
@@ -162,6 +163,21 @@ def validation_split(data: Split, fraction: float, seed: int, allow_empty: bool 
                         f"training; both need some.")
     train = data.subset(~held)
     empty_classes(train, allow_empty, "", f" after data.val_split={fraction}")
+    return train, data.subset(held)
+
+
+def fold_split(data: Split, folds: int, fold: int, seed: int, allow_empty: bool = False
+               ) -> tuple[Split, Split]:
+    """``(train, val)`` of k-fold cross-validation: fold ``fold`` of ``folds`` stratified,
+    seeded folds (:func:`fold_ids`) held out, the others trained on; both keep the images'
+    order."""
+    held = fold_ids(data.labels, len(data.classes), folds, seed) == fold
+    if not held.any() or held.all():
+        raise DataError(f"data.folds={folds} of {len(data)} training images leaves fold {fold} "
+                        f"{int(held.sum())} images and training {int((~held).sum())}; both "
+                        f"need some: lower data.folds.")
+    train = data.subset(~held)
+    empty_classes(train, allow_empty, "", f" outside fold {fold} of data.folds={folds}")
     return train, data.subset(held)
 
 

@@ -161,9 +161,11 @@ def columns(features: dict, cfg: DataConfig, where: str) -> tuple[str, str]:
         return type(f).__name__
 
     image = image_column(features, cfg, where)
+    tags = (k for k, f in features.items()  # a multi-label column, to be refused by name
+            if isinstance(getattr(f, "feature", None), datasets.ClassLabel))
     label = cfg.label_column or next(
         (k for k, f in features.items() if isinstance(f, datasets.ClassLabel)),
-        next((k for k in ("label", "labels") if k in features), None))
+        next((k for k in ("label", "labels") if k in features), next(tags, None)))
     described = ", ".join(f"{k} ({kind(f)})" for k, f in features.items() if k != ROW)
     if label is None or label not in features:
         raise DataError(f"{where}: no label column{f' {label!r}' if label else ''}; columns: "
@@ -190,6 +192,22 @@ def _no_missing(values: list, where: str, spec: str) -> None:
                         f"data.train_split / data.test_split.")
 
 
+def _one_label_per_row(feature: Any, label: str, where: str) -> None:
+    """Refuse a list-valued label column (``Sequence(ClassLabel)``: several tags per image),
+    which would otherwise train as one class per combination of tags."""
+    import datasets
+
+    inner = getattr(feature, "feature", None)
+    if isinstance(feature, datasets.Sequence | list) or \
+            type(feature).__name__ in ("Sequence", "List", "LargeList"):
+        names = getattr(inner if not isinstance(feature, list) else feature[0], "names", None)
+        tags = f" of the tags {names[:8]}" if names else ""
+        raise DataError(f"{where}: label column '{label}' holds a list{tags} per image "
+                        f"(multi-label data); finetune trains one label per image (softmax) "
+                        f"and does not train multi-label data yet. Give one label per image, "
+                        f"or choose a single-label column with data.label_column=NAME.")
+
+
 def _labels(split: Any, label: str, classes: list[str] | None, where: str, spec: str
             ) -> tuple[torch.Tensor, list[str]]:
     """Integer labels and class names: a ClassLabel's own names, else the sorted distinct
@@ -197,6 +215,7 @@ def _labels(split: Any, label: str, classes: list[str] | None, where: str, spec:
     import datasets
 
     feature = split.features[label]
+    _one_label_per_row(feature, label, where)
     values = split[label]
     _no_missing(values, where, spec)
     if isinstance(feature, datasets.ClassLabel):
@@ -383,6 +402,7 @@ def load_hub_streaming(cfg: DataConfig) -> tuple[StreamedSplit, StreamedSplit, s
             raise DataError(f"{where}: split '{spec}' does not declare its features; name "
                             f"them in the dataset card or use data.streaming=false.")
         image, label = columns(features, cfg, where)
+        _one_label_per_row(features[label], label, where)
         if not isinstance(features[label], datasets.ClassLabel):
             raise DataError(f"{where}: streaming needs a ClassLabel label column (the class "
                             f"names must be known before the first row); '{label}' is "

@@ -197,6 +197,21 @@ def holdout_mask(labels: torch.Tensor, num_classes: int, fraction: float, seed: 
     return held
 
 
+def fold_ids(labels: torch.Tensor, num_classes: int, folds: int, seed: int) -> torch.Tensor:
+    """Each sample's fold (0..folds-1): every class dealt round-robin in a seeded order, each
+    class starting where the last one stopped, so that folds differ by at most one sample
+    overall and per class."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.empty(len(labels), dtype=torch.long)
+    labels, start = labels.cpu(), 0
+    for k in range(num_classes):
+        members = torch.nonzero(labels == k).flatten()
+        order = members[torch.randperm(len(members), generator=gen)]
+        ids[order] = (start + torch.arange(len(order))) % folds
+        start = (start + len(order)) % folds
+    return ids
+
+
 def stratified_mask(labels: torch.Tensor, num_classes: int, n: int, seed: int) -> torch.Tensor:
     """A mask keeping ``n`` samples, the same fraction of every class (largest remainders
     round), drawn with ``seed``: a limit on a class-sorted source keeps every class."""
