@@ -231,6 +231,14 @@ def _cv(ns: argparse.Namespace) -> None:
     cv_main(ns.args, "finetune cv " + " ".join(map(shlex.quote, ns.args)))
 
 
+def _tune(ns: argparse.Namespace) -> None:
+    import shlex
+
+    from finetune.tune import main as tune_main
+
+    tune_main(ns.args, "finetune tune " + " ".join(map(shlex.quote, ns.args)))
+
+
 def _sweep(ns: argparse.Namespace) -> None:
     import shlex
 
@@ -413,6 +421,20 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     _overrides(p, "models=, seeds=, output_dir=, [MODEL:]key=value")
 
 
+TUNE_HELP = (
+    "finetune tune recipe=NAME 'KEY=FORM(...)' ... [n_trials=20] [timeout=S] "
+    "[pruner=median|hyperband|none] [metric=val_acc] [seed=0] [parallel=1] [output_dir=DIR] "
+    "[launcher=\"...\"] [key=value ...]\n\n"
+    "  KEY=FORM     a searched config key: loguniform(a,b), uniform(a,b), int(a,b) or\n"
+    "               choice(a,b,...), e.g. 'train.lr=loguniform(1e-3,1)' (quote the parentheses)\n"
+    "  n_trials=    trials the study holds finished (complete or pruned); default 20\n"
+    "  timeout=     seconds of this command after which no trial starts (running ones end)\n"
+    "  metric=      a val_* metric (needs data.val_split); the test split is never searched\n"
+    "  parallel=    trials at once, one per GPU (CUDA_VISIBLE_DEVICES)\n"
+    "  output_dir=  default runs/tune/<recipe>; study.db there: the same command resumes\n"
+    "Trial 0 is the recipe's own settings. Writes DIR/best.yaml, tune.md, tune.json, plots.")
+
+
 def _add_search(sub: argparse._SubParsersAction) -> None:
     """cv and tune: many trainings of one recipe."""
     _overrides(_add(sub, "cv", _cv, "k-fold cross-validation: a run per fold, every metric "
@@ -421,6 +443,11 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
                     "[launcher=\"accelerate launch ...\"] [key=value ...]\n  Running the same "
                     "command again keeps finished folds and resumes the others.", _keys()),
                "recipe=, folds=, output_dir=, launcher=, config overrides")
+    _overrides(_add(sub, "tune", _tune, "hyperparameter search with Optuna (the [tune] "
+                    "extra): pruned on the validation split, resumable, the best trial as a "
+                    "recipe", TUNE_HELP, _keys()),
+               "recipe=, KEY=FORM(...), n_trials=, timeout=, pruner=, metric=, seed=, "
+               "parallel=, output_dir=, launcher=, config overrides")
 
 
 def _add_deployment(sub: argparse._SubParsersAction) -> None:

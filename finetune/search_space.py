@@ -1,0 +1,173 @@
+"""The search space of ``finetune tune``: ``key=loguniform(1e-4,1e-1)``, ``uniform(a,b)``,
+``int(a,b)`` or ``choice(a,b,c)`` on any config key, parsed and checked against the config
+schema (every bound and choice must make a valid config) before any trial runs."""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from finetune.config import SCHEMA_KEYS, load_config, parse_overrides, show_value
+from finetune.errors import ConfigError, did_you_mean
+
+KINDS = ("loguniform", "uniform", "int", "choice")
+# Other libraries' names for them: refused by name rather than taken as a plain value.
+ALIASES = ("log_uniform", "loguniform_float", "randint", "categorical", "float", "qloguniform",
+           "quniform", "grid_search", "choices", "integer")
+_FORM = re.compile(r"^\s*([A-Za-z_]+)\((.*)\)\s*$", re.S)
+# Keys that decide which images train, validate and test: searching them would compare
+# trials on different validation images (or on the test split).
+NOT_SEARCHED = ("data.root", "data.source", "data.hf_name", "data.hf_config",
+                "data.train_split", "data.test_split", "data.image_column",
+                "data.label_column", "data.train_limit", "data.eval_limit", "data.split_seed",
+                "data.classes", "data.val_split", "data.folds", "data.fold", "data.streaming",
+                "output_dir", "resume", "overwrite", "recipe", "description")
+
+
+@dataclass(frozen=True)
+class Dimension:
+    key: str
+    kind: str  # one of KINDS
+    low: float | int | None = None
+    high: float | int | None = None
+    choices: tuple = ()
+
+    def distribution(self):
+        """The Optuna distribution this dimension samples from."""
+        from optuna.distributions import (
+            CategoricalDistribution,
+            FloatDistribution,
+            IntDistribution,
+        )
+
+        if self.kind == "loguniform":
+            return FloatDistribution(self.low, self.high, log=True)
+        elif self.kind == "uniform":
+            return FloatDistribution(self.low, self.high)
+        elif self.kind == "int":
+            return IntDistribution(self.low, self.high)
+        elif self.kind == "choice":
+            return CategoricalDistribution(self.choices)
+        else:
+            raise ValueError(f"unknown kind {self.kind!r}; valid: {', '.join(KINDS)}")
+
+    def describe(self) -> str:
+        """As written on the command line, e.g. ``loguniform(0.0001,0.1)``."""
+        if self.kind == "choice":
+            return f"choice({','.join(map(str, self.choices))})"
+        elif self.kind in ("loguniform", "uniform", "int"):
+            return f"{self.kind}({self.low},{self.high})"
+        else:
+            raise ValueError(f"unknown kind {self.kind!r}; valid: {', '.join(KINDS)}")
+
+    def contains(self, value: Any) -> bool:
+        """Whether ``value`` (a config's) is a point of this dimension."""
+        if self.kind == "choice":
+            return value in self.choices
+        return (isinstance(value, int | float) and not isinstance(value, bool)
+                and self.low <= value <= self.high
+                and (self.kind != "int" or float(value).is_integer()))
+
+    def corners(self) -> list:
+        """The values that bound the space: checked as configs before any trial runs."""
+        return list(self.choices) if self.kind == "choice" else [self.low, self.high]
+
+
+def _scalar(text: str) -> Any:
+    """A choice as a config value: an integer, a number, true/false, else a string."""
+    text = text.strip().strip("'\"")
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def _number(key: str, text: str, kind: str) -> float:
+    try:
+        value = int(text) if kind == "int" else float(text)
+    except ValueError:
+        what = "an integer" if kind == "int" else "a number"
+        raise ConfigError(f"{key}={kind}(...): '{text.strip()}' is not {what}.") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{key}={kind}(...): the bounds must be finite, got {text.strip()}.")
+    return value
+
+
+def parse_dimension(key: str, value: str) -> Dimension | None:
+    """``key=kind(args)`` as a :class:`Dimension`; None for a plain override (no form)."""
+    match = _FORM.match(value)
+    if match is None or match.group(1) not in KINDS:
+        name = match.group(1) if match else ""
+        if name and (difflib.get_close_matches(name, KINDS, cutoff=0.7) or name in ALIASES):
+            raise ConfigError(f"{key}={value}: unknown search form '{name}'; valid: "
+                              f"{', '.join(f'{k}(...)' for k in KINDS)}.")
+        return None
+    kind, args = match.group(1), [a for a in match.group(2).split(",")]
+    if kind == "choice":
+        choices = [_scalar(a) for a in args if a.strip()]
+        if len(choices) < 2:
+            raise ConfigError(f"{key}={value}: choice(...) needs at least two values.")
+        typed = [(type(c), c) for c in choices]  # True is not 1
+        twice = [show_value(c) for i, c in enumerate(choices) if typed[i] in typed[:i]]
+        if twice:
+            raise ConfigError(f"{key}={value}: choice(...) lists {twice[0]} twice.")
+        return Dimension(key, kind, choices=tuple(choices))
+    if len(args) != 2:
+        raise ConfigError(f"{key}={value}: {kind}(low,high) takes two bounds, got "
+                          f"{len(args)}.")
+    low, high = (_number(key, a, kind) for a in args)
+    if low >= high:
+        raise ConfigError(f"{key}={value}: the low bound must be below the high one.")
+    if kind == "loguniform" and low <= 0:
+        raise ConfigError(f"{key}={value}: a log range needs bounds > 0 (got {low}); use "
+                          f"uniform(...) for a range from 0.")
+    return Dimension(key, kind, low, high)
+
+
+def split_space(args: list[str]) -> tuple[list[Dimension], list[str]]:
+    """``(dimensions, plain overrides)`` of ``key=value`` arguments."""
+    dims, fixed = [], []
+    for arg in parse_overrides(args):
+        key, _, value = arg.partition("=")
+        dim = parse_dimension(key, value)
+        if dim is None:
+            fixed.append(arg)
+        elif any(d.key == key for d in dims):
+            raise ConfigError(f"{key} is searched twice; give it one range.")
+        else:
+            dims.append(dim)
+    return dims, fixed
+
+
+def check_space(dims: list[Dimension], base: list[str]) -> None:
+    """Every dimension a config key that may be searched, and every bound or choice a valid
+    config on top of ``base`` (the recipe and fixed overrides)."""
+    from finetune.assemble import check_model
+
+    if not dims:
+        raise ConfigError("nothing to search: give at least one key=loguniform(a,b), "
+                          "uniform(a,b), int(a,b) or choice(a,b,...).")
+    for dim in dims:
+        if dim.key in NOT_SEARCHED:
+            raise ConfigError(f"{dim.key} cannot be searched: trials must train, validate and "
+                              f"test on the same images (and write where the search says); "
+                              f"set it once for all trials, e.g. {dim.key}=VALUE.")
+        if dim.key not in SCHEMA_KEYS:
+            raise ConfigError(f"unknown config key '{dim.key}' in the search space."
+                              f"{did_you_mean(dim.key, SCHEMA_KEYS)} Keys: `finetune show`.")
+        for value in dim.corners():
+            try:  # the config, and the model it names (built on the meta device: shapes only)
+                check_model(load_config([*base, f"{dim.key}={show_value(value)}"]))
+            except ConfigError as e:
+                raise ConfigError(f"{dim.key}={dim.describe()}: {value} does not make a valid "
+                                  f"config: {e}") from None
+
+
+def as_override(key: str, value: Any) -> str:
+    """A sampled value as a command-line override."""
+    return f"{key}={show_value(value)}"
