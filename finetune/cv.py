@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,8 +73,10 @@ def plan_cv(args: list[str]) -> CvPlan:
         raise ConfigError(f"{set_here[0]}: finetune cv sets it for every fold (the held-out "
                           f"fold is the validation split); use folds=K and output_dir=DIR.")
     recipe, folds = options["recipe"], parse_folds(options.get("folds", "5"))
-    out = Path(options.get("output_dir") or Path("runs") / "cv" / Path(recipe).stem
-               / time.strftime("%Y%m%d-%H%M%S"))
+    out = Path(options.get("output_dir") or Path("runs") / "cv" / Path(recipe).stem)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir={out} is a file, not a folder; pass another "
+                          f"output_dir=DIR.")
     launcher = parse_launcher(options["launcher"]) if "launcher" in options else [sys.executable]
     launcher = [*launcher, str(Path(__file__).with_name("run.py"))]
     plan = CvPlan(recipe, folds, out, launcher, [], [])
@@ -88,6 +89,9 @@ def plan_cv(args: list[str]) -> CvPlan:
             if load_config([f"recipe={recipe}", *rest]).data.val_split:
                 log.info("the recipe's data.val_split is replaced by the held-out fold")
             check_model(cfg)  # the same model for every fold; resolves data.image_size
+            if cfg.data.train_limit and cfg.data.train_limit < 2 * folds:
+                raise ConfigError(f"folds={folds} of data.train_limit={cfg.data.train_limit} "
+                                  f"images leaves folds of under two images; lower folds.")
         cfg.data.image_size = plan.configs[0].data.image_size if fold else cfg.data.image_size
         if (folder / CONFIG).is_file():  # a fold started earlier must be this fold
             check_same_run(folder, cfg)

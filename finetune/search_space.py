@@ -66,14 +66,22 @@ class Dimension:
     def contains(self, value: Any) -> bool:
         """Whether ``value`` (a config's) is a point of this dimension."""
         if self.kind == "choice":
-            return value in self.choices
-        return (isinstance(value, int | float) and not isinstance(value, bool)
-                and self.low <= value <= self.high
-                and (self.kind != "int" or float(value).is_integer()))
+            return any(type(value) is type(c) and value == c for c in self.choices)
+        elif self.kind in ("loguniform", "uniform", "int"):
+            return (isinstance(value, int | float) and not isinstance(value, bool)
+                    and self.low <= value <= self.high
+                    and (self.kind != "int" or float(value).is_integer()))
+        else:
+            raise ValueError(f"unknown kind {self.kind!r}; valid: {', '.join(KINDS)}")
 
     def corners(self) -> list:
         """The values that bound the space: checked as configs before any trial runs."""
-        return list(self.choices) if self.kind == "choice" else [self.low, self.high]
+        if self.kind == "choice":
+            return list(self.choices)
+        elif self.kind in ("loguniform", "uniform", "int"):
+            return [self.low, self.high]
+        else:
+            raise ValueError(f"unknown kind {self.kind!r}; valid: {', '.join(KINDS)}")
 
 
 def _scalar(text: str) -> Any:
@@ -141,6 +149,9 @@ def split_space(args: list[str]) -> tuple[list[Dimension], list[str]]:
             raise ConfigError(f"{key} is searched twice; give it one range.")
         else:
             dims.append(dim)
+    both = sorted({d.key for d in dims} & {a.partition("=")[0] for a in fixed})
+    if both:
+        raise ConfigError(f"{both[0]} is given a value and a range; search it or fix it.")
     return dims, fixed
 
 

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune import children
-from finetune.errors import FinetuneError, TrainingError
-from finetune.runs import CONFIG, METRICS, read_metrics, read_run
+from finetune.config import load_config
+from finetune.errors import ConfigError, FinetuneError, TrainingError
+from finetune.runs import CONFIG, METRICS, finished_run, lock_run, read_metrics
 
 MAX_FAILURES = 3  # failed trials in a row that stop the search: the recipe itself is broken
 POLL_SECONDS = 1.0
@@ -25,6 +26,7 @@ class Running:
     folder: Path
     slot: int
     baseline: bool
+    epochs: int  # planned: no pruning at the last one (the trial has finished by then)
     reported: set = field(default_factory=set)  # epochs reported to the trial
     pruned_at: int | None = None
 
@@ -59,7 +61,10 @@ def launch(spec, trial, slot: int, frozen=None) -> Running:
     resumed = frozen is not None
     folder = trial_folder(spec.out, trial.number)
     folder.mkdir(parents=True, exist_ok=True)
-    params = dict(trial.params) if resumed else suggest(trial, spec)
+    if resumed:  # the killed search's child may still be saving its checkpoint
+        wait_unlocked(folder)
+    params = suggest(trial, spec)  # a resumed trial's stored values, drawn where missing
+    epochs = load_config(spec.trial_args(params, folder)).train.epochs
     trial.set_user_attr("run", folder.name)
     resume = ["resume=auto"] if (folder / CONFIG).is_file() else []
     env = dict(os.environ)
@@ -73,8 +78,43 @@ def launch(spec, trial, slot: int, frozen=None) -> Running:
     what = " (the recipe's own settings)" if baseline else ""
     print(f"trial {trial.number}{what}"
           f"{' resumed' if resumed else ''}: {shown} -> {folder}", flush=True)
-    return Running(trial, child, folder, slot, baseline,
+    return Running(trial, child, folder, slot, baseline, epochs,
                    set(frozen.intermediate_values) if resumed else set())
+
+
+def wait_unlocked(folder: Path, seconds: float = 600) -> None:
+    """Wait until no process holds the run folder's lock."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with lock_run(folder):
+                return
+        except ConfigError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def settled(spec, study, optuna, frozen) -> bool:
+    """Tell the study about a trial the killed search left RUNNING that had ended already
+    (pruned, or finished before its result was told); whether it was."""
+    folder = trial_folder(spec.out, frozen.number)
+    if frozen.user_attrs.get("pruned_at") is not None:
+        study.tell(frozen.number, state=optuna.trial.TrialState.PRUNED)
+    elif (run := finished_run(folder)) is not None:
+        study.tell(frozen.number, final_value(run, spec.metric))
+    else:
+        return False
+    print(f"trial {frozen.number}: ended before the search was stopped, told", flush=True)
+    return True
+
+
+def final_value(run, metric: str) -> float:
+    value = run.final.get(metric)
+    if value is None:
+        raise TrainingError(f"{run.path / METRICS}: no {metric} in the exported epoch's record "
+                            f"(val_top5_acc needs more than 5 classes); choose another metric=.")
+    return value
 
 
 def report_epochs(r: Running, metric: str, prune: bool = True) -> None:
@@ -90,8 +130,9 @@ def report_epochs(r: Running, metric: str, prune: bool = True) -> None:
             continue
         r.trial.report(record[metric], epoch)
         r.reported.add(epoch)
-        if prune and not r.baseline and r.trial.should_prune():
+        if prune and not r.baseline and epoch < r.epochs and r.trial.should_prune():
             r.pruned_at = epoch
+            r.trial.set_user_attr("pruned_at", epoch)  # told PRUNED if the search is killed
             if r.child.poll() is None:
                 r.child.send_signal(children.signal.SIGTERM)
 
@@ -100,13 +141,13 @@ def finish(r: Running, code: int, study, optuna, metric: str) -> bool:
     """Tell the study how the trial ended; whether it failed."""
     states = optuna.trial.TrialState
     number = r.trial.number
-    if r.pruned_at is not None:
+    run = finished_run(r.folder) if code == 0 else None
+    if r.pruned_at is not None and run is None:
         study.tell(r.trial, state=states.PRUNED)
         print(f"trial {number}: pruned after epoch {r.pruned_at}", flush=True)
         return False
-    if code == 0:
-        run = read_run(r.folder)
-        value = run.final[metric]
+    if run is not None:  # (also one that ended before the pruner's SIGTERM reached it)
+        value = final_value(run, metric)
         study.tell(r.trial, value)
         print(f"trial {number}: {metric} {value:.4f} after {len(run.records)} epochs",
               flush=True)
@@ -134,6 +175,8 @@ def run_trials(spec, study, optuna) -> None:
             for slot in sorted(set(range(len(spec.devices))) - {r.slot for r in running}):
                 more = finished() + len(running) < spec.n_trials and not (
                     spec.timeout and time.monotonic() - start > spec.timeout)
+                while waiting and settled(spec, study, optuna, waiting[0]):
+                    waiting.pop(0)
                 if waiting:
                     frozen = waiting.pop(0)
                     running.append(launch(spec, optuna.trial.Trial(study, frozen._trial_id),

@@ -145,7 +145,8 @@ def plan_tune(args: list[str]) -> TuneSpec:
     if pruner not in PRUNERS:
         raise ConfigError(f"pruner={pruner}; valid: {', '.join(PRUNERS)}.")
     flat = flat_config(cfg)
-    epochs = max([cfg.train.epochs] + [d.high for d in dims if d.key == "train.epochs"])
+    epochs = max([cfg.train.epochs, *(c for d in dims if d.key == "train.epochs"
+                                      for c in d.corners())])
     out = Path(options.get("output_dir") or Path("runs") / "tune" / Path(options["recipe"]).stem)
     launcher = parse_launcher(options["launcher"]) if "launcher" in options else [sys.executable]
     spec = TuneSpec(

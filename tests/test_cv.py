@@ -132,3 +132,12 @@ def test_cv_end_to_end(tmp_path, capsys):
     assert capsys.readouterr().out.count("finished earlier, kept") == 2
     refused(capsys, [*argv[:-1], "train.lr=0.02", f"output_dir={out}"],
             "cannot resume the run in", "train.lr=0.02 (was 0.01)")
+
+
+def test_cv_output_and_fold_count_refusals(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        plan_cv(["recipe=resnet18_scratch_fmnist", f"output_dir={tmp_path / 'file'}"])
+    with pytest.raises(ConfigError, match="folds of under two images"):
+        plan_cv(["recipe=resnet18_scratch_fmnist", "folds=10", "data.train_limit=15",
+                 f"output_dir={tmp_path / 'cv'}"])
