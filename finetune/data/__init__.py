@@ -157,13 +157,8 @@ def validation_split(data: Split, fraction: float, seed: int, allow_empty: bool 
     Both keep the original order of their images. ``allow_empty``: a class left without
     training images is a warning, not an error (``data.allow_empty_classes``)."""
     held = holdout_mask(data.labels, len(data.classes), fraction, seed)
-    if not held.any() or held.all():
-        raise DataError(f"data.val_split={fraction} of {len(data)} training images leaves "
-                        f"{int(held.sum())} for validation and {int((~held).sum())} for "
-                        f"training; both need some.")
-    train = data.subset(~held)
-    empty_classes(train, allow_empty, "", f" after data.val_split={fraction}")
-    return train, data.subset(held)
+    return _held_out(data, held, allow_empty, f"data.val_split={fraction}",
+                     f" after data.val_split={fraction}")
 
 
 def fold_split(data: Split, folds: int, fold: int, seed: int, allow_empty: bool = False
@@ -172,12 +167,19 @@ def fold_split(data: Split, folds: int, fold: int, seed: int, allow_empty: bool 
     seeded folds (:func:`fold_ids`) held out, the others trained on; both keep the images'
     order."""
     held = fold_ids(data.labels, len(data.classes), folds, seed) == fold
+    return _held_out(data, held, allow_empty, f"data.folds={folds} (fold {fold})",
+                     f" outside fold {fold} of data.folds={folds}")
+
+
+def _held_out(data: Split, held: torch.Tensor, allow_empty: bool, what: str, after: str
+              ) -> tuple[Split, Split]:
+    """``(train, held out)`` by the mask ``held``; both need images, and every class training
+    images (else an error, or with ``allow_empty`` a warning)."""
     if not held.any() or held.all():
-        raise DataError(f"data.folds={folds} of {len(data)} training images leaves fold {fold} "
-                        f"{int(held.sum())} images and training {int((~held).sum())}; both "
-                        f"need some: lower data.folds.")
+        raise DataError(f"{what} of {len(data)} training images leaves {int(held.sum())} held "
+                        f"out and {int((~held).sum())} for training; both need some.")
     train = data.subset(~held)
-    empty_classes(train, allow_empty, "", f" outside fold {fold} of data.folds={folds}")
+    empty_classes(train, allow_empty, "", after)
     return train, data.subset(held)
 
 
