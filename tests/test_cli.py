@@ -15,7 +15,7 @@ from finetune.runs import read_metrics
 
 COMMANDS = ["train", "evaluate", "predict", "compare", "report", "lr-find", "export-onnx",
             "push", "show", "recipes", "models", "show-model", "sweep", "serve", "inspect",
-            "cv"]
+            "cv", "tune"]
 # What each command's help must name: its own arguments and, where it takes them, config keys.
 EXPECTED = {
     "train": ["key=value", "train.lr", "data.root", "finetune.freeze", "[sgd|adamw]",
@@ -36,6 +36,7 @@ EXPECTED = {
     "recipes": ["--help"],
     "models": ["pattern", "timm:convnext*"],
     "show-model": ["model.name", "data.image_size"],
+    "tune": ["loguniform(a,b)", "n_trials=", "pruner=", "metric=", "parallel=", "best.yaml"],
     "cv": ["folds=", "output_dir=", "launcher=", "keeps finished folds", "train.epochs"],
     "sweep": ["models=", "seeds=", "--train-best", "MODEL:key=value", "train.epochs"],
 }
