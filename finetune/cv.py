@@ -121,8 +121,9 @@ def out_of_fold(plan: CvPlan, runs: list[Run]) -> list[dict]:
 
     train, ids = fold_members(plan.configs[0])
     rows: list[dict | None] = [None] * len(train)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where the folds were trained
     for fold, run in enumerate(runs):
-        predictor = load(run.path, precision=recorded_precision(run.path))
+        predictor = load(run.path, device, precision=recorded_precision(run.path))
         if predictor.class_names != list(train.classes):
             raise DataError(f"{run.path}: the model's classes {predictor.class_names[:10]} are "
                             f"not the data's {list(train.classes)[:10]}; was the data changed?")
