@@ -196,7 +196,6 @@ def _push(ns: argparse.Namespace) -> None:
 
 
 def _compare(ns: argparse.Namespace) -> None:
-    import shlex
     import time
 
     from finetune.compare import float_list, plan_comparison, run_comparison
@@ -206,7 +205,7 @@ def _compare(ns: argparse.Namespace) -> None:
     if any(a.startswith("recipe=") for a in ns.args):
         plan = plan_comparison(ns.args)
         runs = run_comparison(plan)
-        command = "finetune compare " + " ".join(map(shlex.quote, ns.args))
+        command = _command_line(ns)
         report = build_report(runs, plan.out / "report", plan.targets, command)
     else:
         paths = [a for a in ns.args if "=" not in a]
@@ -223,28 +222,30 @@ def _compare(ns: argparse.Namespace) -> None:
     print(f"wrote {report} and {report.with_suffix('.html')}")
 
 
-def _cv(ns: argparse.Namespace) -> None:
+def _command_line(ns: argparse.Namespace) -> str:
+    """The command as typed (shell-quoted), for the reports that repeat it."""
     import shlex
 
+    return f"finetune {ns.command} " + " ".join(map(shlex.quote, ns.args))
+
+
+def _cv(ns: argparse.Namespace) -> None:
     from finetune.cv import main as cv_main
 
-    cv_main(ns.args, "finetune cv " + " ".join(map(shlex.quote, ns.args)))
+    cv_main(ns.args, _command_line(ns))
 
 
 def _tune(ns: argparse.Namespace) -> None:
-    import shlex
-
     from finetune.tune import main as tune_main
 
-    tune_main(ns.args, "finetune tune " + " ".join(map(shlex.quote, ns.args)))
+    tune_main(ns.args, _command_line(ns))
 
 
 def _sweep(ns: argparse.Namespace) -> None:
-    import shlex
 
     from finetune.sweep import main as sweep_main
 
-    command = "finetune sweep " + " ".join(map(shlex.quote, ns.args)) + (
+    command = _command_line(ns) + (
         f" --train-best {ns.train_best}" if ns.train_best else "")
     sweep_main(ns.args, ns.train_best, command)
 

@@ -164,7 +164,9 @@ def run_trials(spec, study, optuna) -> None:
     or pruned) or ``timeout`` has passed; interrupted, the running trials are stopped and
     stay RUNNING in the study, to be taken up by the next run of the command."""
     states = optuna.trial.TrialState
-    waiting = [t for t in study.get_trials(deepcopy=False) if t.state == states.RUNNING]
+    # Trials a killed search left running: told if they had ended, else taken up first.
+    waiting = [t for t in study.get_trials(deepcopy=False, states=(states.RUNNING,))
+               if not settled(spec, study, optuna, t)]
     start, failures, running = time.monotonic(), 0, []
 
     def finished() -> int:
@@ -175,8 +177,6 @@ def run_trials(spec, study, optuna) -> None:
             for slot in sorted(set(range(len(spec.devices))) - {r.slot for r in running}):
                 more = finished() + len(running) < spec.n_trials and not (
                     spec.timeout and time.monotonic() - start > spec.timeout)
-                while waiting and settled(spec, study, optuna, waiting[0]):
-                    waiting.pop(0)
                 if waiting:
                     frozen = waiting.pop(0)
                     running.append(launch(spec, optuna.trial.Trial(study, frozen._trial_id),

@@ -195,12 +195,9 @@ def _no_missing(values: list, where: str, spec: str) -> None:
 def _one_label_per_row(feature: Any, label: str, where: str) -> None:
     """Refuse a list-valued label column (``Sequence(ClassLabel)``: several tags per image),
     which would otherwise train as one class per combination of tags."""
-    import datasets
-
-    inner = getattr(feature, "feature", None)
-    if isinstance(feature, datasets.Sequence | list) or \
-            type(feature).__name__ in ("Sequence", "List", "LargeList"):
-        names = getattr(inner if not isinstance(feature, list) else feature[0], "names", None)
+    if isinstance(feature, list) or type(feature).__name__ in ("Sequence", "List", "LargeList"):
+        inner = feature[0] if isinstance(feature, list) else getattr(feature, "feature", None)
+        names = getattr(inner, "names", None)
         tags = f" of the tags {names[:8]}" if names else ""
         raise DataError(f"{where}: label column '{label}' holds a list{tags} per image "
                         f"(multi-label data); finetune trains one label per image (softmax) "
