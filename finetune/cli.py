@@ -106,14 +106,14 @@ def _predict_to_file(ns: argparse.Namespace) -> None:
     """predict --out: streamed, resumable, on every process the launcher started."""
     from finetune.batch_predict import predict_to_file
     from finetune.inference import load
-    from finetune.speed import start_processes
+    from finetune.speed import joined_processes
 
-    state = start_processes()
-    predictor = load(ns.model, device=state.device)
-    images, names = _prediction_inputs(ns, predictor)
-    done = predict_to_file(predictor, images, names, ns.out, top_k=ns.top_k, tta=ns.tta,
-                           batch_size=ns.batch_size, workers=ns.workers, resume=ns.resume,
-                           state=state, weights=Path(ns.model))
+    with joined_processes() as state:
+        predictor = load(ns.model, device=state.device)
+        images, names = _prediction_inputs(ns, predictor)
+        done = predict_to_file(predictor, images, names, ns.out, top_k=ns.top_k, tta=ns.tta,
+                               batch_size=ns.batch_size, workers=ns.workers, resume=ns.resume,
+                               state=state, weights=Path(ns.model))
     if state.is_main_process:
         print(f"wrote {ns.out}: {done['already'] + done['written']} images"
               + (f" ({done['already']} from before, --resume)" if done["already"] else "")

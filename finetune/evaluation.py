@@ -34,7 +34,7 @@ from finetune.runs import (
     lock_run,
     read_metrics,
 )
-from finetune.speed import make_accelerator, start_processes
+from finetune.speed import joined_processes, make_accelerator
 
 
 @torch.inference_mode()
@@ -191,8 +191,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str], tta: bool = False) -
                           f"folder of its own.")
     saved = config_file(run_dir)
     cfg = load_config(([f"recipe={saved}"] if saved else []) + overrides)
-    state = start_processes()
-    with contextlib.ExitStack() as held:
+    with joined_processes() as state, contextlib.ExitStack() as held:
         _hold_lock(held, saved.parent if saved else run_dir, state.is_main_process)
         result, meta, accelerator = _measure(run_dir, cfg, overrides, state, tta)
         if accelerator.is_main_process:

@@ -4,10 +4,12 @@ for it."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
 import time
+from collections.abc import Iterator
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -36,6 +38,19 @@ def start_processes() -> PartialState:
     process_log.info(describe_process(state))
     use_cpu_cores(state)
     return state
+
+
+@contextlib.contextmanager
+def joined_processes() -> Iterator[PartialState]:
+    """:func:`start_processes` for a command that does not train: at its end every process waits
+    for the others and the group is left. A gloo process that exits while its peer still
+    writes can abort at exit ("terminate called without an active exception")."""
+    state = start_processes()
+    try:
+        yield state
+        state.wait_for_everyone()
+    finally:
+        state.destroy_process_group()
 
 
 def make_accelerator(precision: str, accumulate: int = 1) -> Accelerator:

@@ -54,7 +54,7 @@ from finetune.models.backbones import check_backbone_name, list_backbones, sourc
 from finetune.plots import colour, plt, save_figure
 from finetune.report import Block, pct, to_html, to_markdown
 from finetune.runs import CONFIG
-from finetune.speed import start_processes
+from finetune.speed import joined_processes
 from finetune.stats import Estimate, mean_ci
 from finetune.train import main as train_main
 
@@ -242,21 +242,21 @@ def safe_name(name: str) -> str:
 def run_sweep(sweep: Sweep) -> list[dict]:
     """Every model's row: kept from an earlier call when it finished with these settings,
     else measured now (and written)."""
-    state = start_processes()
-    rows = []
-    total = len(sweep.candidates)
-    for i, c in enumerate(sweep.candidates, start=1):
-        path = sweep.out / MODELS / f"{safe_name(c.name)}.json"
-        row = kept_row(path, c, sweep.seeds)
-        if row is not None:
-            print(f"[{i}/{total}] {c.name}: measured earlier, kept ({path})", flush=True)
+    with joined_processes() as state:
+        rows = []
+        total = len(sweep.candidates)
+        for i, c in enumerate(sweep.candidates, start=1):
+            path = sweep.out / MODELS / f"{safe_name(c.name)}.json"
+            row = kept_row(path, c, sweep.seeds)
+            if row is not None:
+                print(f"[{i}/{total}] {c.name}: measured earlier, kept ({path})", flush=True)
+                rows.append(row)
+                continue
+            print(f"[{i}/{total}] {c.name}: measuring", flush=True)
+            row = measured(c, sweep, state)
+            atomic_write_text(path, json.dumps(row, indent=2) + "\n")
+            print(f"[{i}/{total}] {c.name}: {row_line(row)}", flush=True)
             rows.append(row)
-            continue
-        print(f"[{i}/{total}] {c.name}: measuring", flush=True)
-        row = measured(c, sweep, state)
-        atomic_write_text(path, json.dumps(row, indent=2) + "\n")
-        print(f"[{i}/{total}] {c.name}: {row_line(row)}", flush=True)
-        rows.append(row)
     return rows
 
 
