@@ -18,9 +18,16 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 from torch import nn
 
-from finetune.config import UNTRAINED, Config, DataConfig
+from finetune.config import UNTRAINED, Config, DataConfig, check_multilabel
 from finetune.cpu_convs import swap_small_map_convs
-from finetune.data import ImageData, Samples, fold_split, load_data, validation_split
+from finetune.data import (
+    ImageData,
+    Samples,
+    fold_split,
+    is_multilabel,
+    load_data,
+    validation_split,
+)
 from finetune.data.hub import StreamedSplit, streamed_head
 from finetune.data.images import (
     DEFAULT_CROP_PCT,
@@ -210,7 +217,8 @@ class Parts:
                           pretrained_cfg=getattr(unwrap(self.model), "pretrained_cfg", {}),
                           augment={"hflip": cfg.data.hflip,
                                    "crop_pad": cfg.data.crop_pad if self.placement != "stream"
-                                   else 0})
+                                   else 0},
+                          task="multilabel" if is_multilabel(self.train_data) else "single")
 
 
 def _load(cfg: Config, state: PartialState
@@ -221,6 +229,8 @@ def _load(cfg: Config, state: PartialState
         fetched = (fetch_state_dict(cfg.model.name, cfg.model.weights)
                    if cfg.model.pretrained else None)
         train_data, test_data, source = load_data(cfg.data)
+    if is_multilabel(train_data):  # data.task=auto found tags: what they cannot go with
+        check_multilabel(cfg)
     val_data, d = None, cfg.data
     if d.folds:  # cross-validation: the held-out fold is the validation split
         train_data, val_data = fold_split(train_data, d.folds, d.fold, d.split_seed,

@@ -15,9 +15,17 @@ from finetune.metrics import per_class
 
 CARD = "README.md"
 SCORES = ("acc", "top5_acc", "balanced_acc", "macro_f1", "ece")  # test_* keys of a record
+MULTILABEL_SCORES = ("map", "f1_micro", "f1_macro", "acc")
+# A score's metric type on the Hub, and its config (how it averages)
+METRIC_TYPES = {"acc": ("accuracy", None), "top5_acc": ("top-5 accuracy", None),
+                "balanced_acc": ("balanced accuracy", None), "macro_f1": ("f1", "macro"),
+                "ece": ("expected calibration error", None),
+                "map": ("mean average precision", "macro"), "f1_micro": ("f1", "micro"),
+                "f1_macro": ("f1", "macro")}
 # What a Hub repository of a run holds (not its checkpoints).
 PUBLISHED = ["README.md", "model.safetensors", "model.json", "config.json", "config.yaml",
              "metrics.jsonl", "evaluation.json", "confusion.png", "reliability.png",
+             "pr_curves.png",
              "model.onnx", "model.int8.onnx", "adapter/adapter_config.json",
              "adapter/adapter_model.safetensors", "knn.safetensors"]
 
@@ -44,19 +52,20 @@ def _metadata(meta: dict, scores: dict, cfg: Config, name: str, timm: bool) -> d
         base = source.removeprefix("timm:")
         base = base if "/" in base else f"timm/{base}"
     dataset = cfg.data.hf_name if cfg.data.source == "hf" else None
-    names = {"acc": "accuracy", "top5_acc": "top-5 accuracy", "balanced_acc": "balanced accuracy",
-             "macro_f1": "f1", "ece": "expected calibration error"}
+    multilabel = meta.get("task") == "multilabel"
+    types = {**METRIC_TYPES, "acc": ("exact match", None)} if multilabel else METRIC_TYPES
     results = [EvalResult(task_type="image-classification", dataset_type=dataset or "custom",
                           dataset_name=dataset or meta["data"], dataset_split="test",
-                          metric_type=names[k], metric_name=k, metric_value=round(v, 6),
-                          metric_config="macro" if k == "macro_f1" else None)
+                          metric_type=types[k][0], metric_name=k, metric_value=round(v, 6),
+                          metric_config=types[k][1])
                for k, v in scores.items()]
     return ModelCardData(
         model_name=name, library_name="timm" if timm else "pytorch",
         **_license(cfg_p.get("license") if meta.get("pretrained") else None),
         base_model=base,
         datasets=[dataset] if dataset else None,
-        tags=["image-classification", "finetune", *(["timm"] if timm else [])],
+        tags=["image-classification", *(["multi-label-classification"] if multilabel else []),
+              "finetune", *(["timm"] if timm else [])],
         pipeline_tag="image-classification", eval_results=results,
         metrics=["accuracy", "f1"]).to_dict()
 
@@ -84,7 +93,8 @@ def model_card(meta: dict, record: dict, cfg: Config, name: str, timm: bool) -> 
     metrics.jsonl line), ``timm``: whether timm's ``config.json`` is beside it."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    scores = {k: record[f"test_{k}"] for k in SCORES if f"test_{k}" in record}
+    keys = MULTILABEL_SCORES if meta.get("task") == "multilabel" else SCORES
+    scores = {k: record[f"test_{k}"] for k in keys if f"test_{k}" in record}
     data = ModelCardData(**_metadata(meta, scores, cfg, name, timm))
     tuned = overrides(cfg)
     trained = (f"`finetune train recipe={cfg.recipe}" + "".join(f" {o}" for o in tuned) + "`"
@@ -146,6 +156,8 @@ def _method_note(meta: dict, record: dict) -> str:
 
 
 def _per_class_table(record: dict, class_names: list[str]) -> str:
+    if "per_class" in record:  # multi-label
+        return _tag_table(record, class_names)
     if "confusion" not in record:  # the weight average's card: no confusion matrix kept
         return ""
     rows = "\n".join(f"| {r['class']} | {r['recall']:.4f} | {r['precision']:.4f} | "
@@ -156,6 +168,25 @@ Per class (accuracy is the class's recall):
 
 | class | accuracy | precision | F1 | images |
 | --- | --- | --- | --- | --- |
+{rows}
+"""
+
+
+def _tag_table(record: dict, class_names: list[str]) -> str:
+    """Multi-label: each tag's average precision, and F1, precision and recall at 0.5."""
+    def ap(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    rows = "\n".join(f"| {name} | {ap(r['ap'])} | {r['f1']:.4f} | {r['precision']:.4f} | "
+                     f"{r['recall']:.4f} | {r['support']} |"
+                     for name, r in zip(class_names, record["per_class"], strict=True))
+    return f"""
+Multi-label: `acc` is the exact match ratio (every tag right); per tag its average precision
+and, at a probability of 0.5, F1, precision and recall (`finetune evaluate` scores the tuned
+thresholds of `model.json`):
+
+| tag | AP | F1 | precision | recall | images |
+| --- | --- | --- | --- | --- | --- |
 {rows}
 """
 

@@ -105,11 +105,11 @@ def _prediction_inputs(ns: argparse.Namespace, predictor) -> tuple:
 def _predict_to_file(ns: argparse.Namespace) -> None:
     """predict --out: streamed, resumable, on every process the launcher started."""
     from finetune.batch_predict import predict_to_file
-    from finetune.inference import load
+    from finetune.inference import load, single_label
     from finetune.speed import joined_processes
 
     with joined_processes() as state:
-        predictor = load(ns.model, device=state.device)
+        predictor = single_label(load(ns.model, device=state.device), "predict --out")
         images, names = _prediction_inputs(ns, predictor)
         done = predict_to_file(predictor, images, names, ns.out, top_k=ns.top_k, tta=ns.tta,
                                batch_size=ns.batch_size, workers=ns.workers, resume=ns.resume,
@@ -137,8 +137,9 @@ def _predict(ns: argparse.Namespace) -> None:
     results = predictor.predict([images[i] for i in range(len(files))], top_k=ns.top_k,
                                 tta=ns.tta)
     if ns.json:
-        print(json.dumps([{"file": str(f), "top_k": [{"class": c, "probability": round(p, 6)}
-                                                      for c, p in r]}
+        key = "labels" if predictor.multilabel else "top_k"  # tags over their thresholds
+        print(json.dumps([{"file": str(f), key: [{"class": c, "probability": round(p, 6)}
+                                                 for c, p in r]}
                           for f, r in zip(files, results, strict=True)], indent=2))
         return
     width = max(len(str(f)) for f in files)

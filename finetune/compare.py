@@ -158,7 +158,8 @@ class Summary:
         return sorted(self.by_size)
 
 
-OTHER_METRICS = ("test_top5_acc", "test_balanced_acc", "test_macro_f1", "test_ece")
+OTHER_METRICS = ("test_top5_acc", "test_balanced_acc", "test_macro_f1", "test_ece",
+                 "test_map", "test_f1_micro", "test_f1_macro")  # the last three: multi-label
 
 
 def count_parameters(meta: dict) -> int:

@@ -132,6 +132,10 @@ class DataConfig:
     # a warning, and the model never sees that class (nor does data.sampler=balanced or
     # train.class_weights=balanced: its test scores then measure an untrained class).
     allow_empty_classes: bool = False
+    # single: one class per image (softmax); multilabel: any number of tags per image (a
+    # sigmoid per class, finetune.data.tags); auto: multilabel when the labels are lists (a
+    # Hugging Face Sequence(ClassLabel) column, a folder with a labels.csv), else single.
+    task: str = "auto"
 
 
 @dataclass
@@ -155,6 +159,10 @@ class TrainConfig:
     # Weights of the classes in the training loss: none, balanced (n / (k * count of the class),
     # scikit-learn's), or one number per class [w0,w1,...].
     class_weights: Any = "none"
+    # Multi-label: the weight of each tag's positives in its binary cross-entropy (none: 1,
+    # balanced: its negatives / positives among the training images, as BCEWithLogitsLoss's
+    # pos_weight; a tag no image has gets 1).
+    pos_weight: str = "none"
     # Clip the global gradient norm to this value before each step (0: off).
     clip_grad_norm: float = 0.0
     # Gradient accumulation: each step's batch (batch_size, still the global batch per step)
@@ -291,6 +299,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.mixed_precision": ("auto", "fp32", "bf16", "fp16"),
     "data.placement": ("auto", "device", "host", "stream"),
     "data.sampler": ("shuffle", "balanced"),
+    "data.task": ("auto", "single", "multilabel"),
+    "train.pos_weight": ("none", "balanced"),
     "data.auto_augment": ("none", "trivial", "randaugment", "autoaugment", "colorjitter"),
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune",
                            "max-autotune-no-cudagraphs"),
@@ -539,6 +549,8 @@ def validate(cfg: Config) -> None:
     _check_transforms(cfg.data)
     _check_balance(cfg)
     _check_method(cfg)
+    if cfg.data.task == "multilabel":
+        check_multilabel(cfg)
     if cfg.data.source == "imagefolder" and not cfg.data.root:
         raise ConfigError("data.source=imagefolder needs data.root=PATH "
                           "(a folder with one subfolder of images per class).")
@@ -613,6 +625,26 @@ def _check_method(cfg: Config) -> None:
         raise ConfigError("finetune.feature_views > 1 augments resident images; a stream "
                           "(data.streaming=true) is cached with its evaluation transform only: "
                           "set finetune.feature_views=1.")
+
+
+def check_multilabel(cfg: Config) -> None:
+    """What multi-label training (data.task=multilabel, or auto on list-valued labels) does
+    not take: each refused with the reason."""
+    if cfg.data.streaming:
+        raise ConfigError("multi-label data is read held, not streamed: its tags decide "
+                          "stratified splits and pos_weight up front; use data.streaming=false.")
+    if cfg.data.sampler == "balanced":
+        raise ConfigError("data.sampler=balanced draws images by their one class; a multi-label "
+                          "image has several: use data.sampler=shuffle (and train.pos_weight="
+                          "balanced for rare tags).")
+    if cfg.train.class_weights != "none":
+        raise ConfigError("train.class_weights weighs a softmax's classes; multi-label training "
+                          "has a sigmoid per tag: use train.pos_weight=balanced instead.")
+    if cfg.finetune.method in ("linear", "knn", "lp_ft"):
+        raise ConfigError(f"finetune.method={cfg.finetune.method} fits a softmax probe (or votes "
+                          f"a class) on cached features, one class per image; multi-label data "
+                          f"needs a head trained with a sigmoid per tag: use finetune.method="
+                          f"full or lora.")
 
 
 MAX_FOLDS = 100  # more folds than this is leave-few-out, a run per handful of images

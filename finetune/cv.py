@@ -131,13 +131,21 @@ def out_of_fold(plan: CvPlan, runs: list[Run]) -> list[dict]:
         scores = score(predictor, train.subset(ids == fold))
         probs = scores.log_probs.exp()
         for j, i in enumerate(held):
-            row = {"index": i, "fold": fold, "label": int(scores.labels[j]),
-                   "predicted": int(scores.predicted[j]),
+            row = {"index": i, "fold": fold, **_labelled(predictor, scores.labels[j], probs[j]),
                    "probs": [float(f"{p:.6g}") for p in probs[j].tolist()]}
             if not isinstance(train, ImageData):
                 row["image"] = train.name(i)
             rows[i] = row
     return rows  # every image is in exactly one fold: no None left
+
+
+def _labelled(predictor, label, probs) -> dict:
+    """An out-of-fold row's truth and prediction: the class and the most likely one, or
+    (multi-label) the tags and those over their thresholds."""
+    if predictor.multilabel:
+        return {"labels": label.nonzero().flatten().tolist(),
+                "predicted": (probs >= predictor.thresholds).nonzero().flatten().tolist()}
+    return {"label": int(label), "predicted": int(probs.argmax())}
 
 
 def fold_row(fold: int, run: Run) -> dict:
@@ -160,8 +168,19 @@ def summarize(rows: list[dict], oof: list[dict]) -> dict:
     for key in keys:
         estimate = mean_ci([r[key] for r in rows])
         means[key] = {"mean": estimate.mean, "ci95": estimate.half_width}
-    correct = sum(r["label"] == r["predicted"] for r in oof)
-    return {"metrics": means, "oof_accuracy": correct / len(oof), "oof_images": len(oof)}
+    correct = sum(r.get("label", r.get("labels")) == r["predicted"] for r in oof)
+    out = {"metrics": means, "oof_accuracy": correct / len(oof), "oof_images": len(oof)}
+    if "labels" in oof[0]:  # multi-label: the accuracy is the exact match; and the pooled mAP
+        import torch
+
+        from finetune.multilabel_metrics import average_precision, mean_average_precision
+
+        probs = torch.tensor([r["probs"] for r in oof])
+        targets = torch.zeros_like(probs)
+        for n, r in enumerate(oof):
+            targets[n, r["labels"]] = 1
+        out["oof_map"] = mean_average_precision(average_precision(probs, targets))
+    return out
 
 
 def _shown(key: str, value: float, half: float | None = None) -> str:
@@ -216,7 +235,7 @@ def run_cv(plan: CvPlan, command: str) -> dict:
 def main(args: list[str], command: str) -> dict:
     plan = plan_cv(args)
     result = run_cv(plan, command)
-    for key in ("val_acc", "val_loss", "test_acc"):
+    for key in ("val_map", "val_acc", "val_loss", "test_map", "test_acc"):
         if key in result["summary"]["metrics"]:
             m = result["summary"]["metrics"][key]
             print(f"{key}: {_shown(key, m['mean'], m['ci95'])} over {plan.folds} folds")

@@ -16,18 +16,21 @@ from accelerate.utils import broadcast_object_list
 from torch import nn
 
 from finetune.config import load_config, split_options
-from finetune.data import DataError, ImageData, load_data
+from finetune.data import DataError, ImageData, is_multilabel, load_data
 from finetune.data.hub import StreamedSplit
 from finetune.data.loader import BatchTransform, Data, eval_batches, prepared_eval_loader
 from finetune.errors import ConfigError, OutputError, TrainingError
 from finetune.files import atomic_write_text, write_failure
 from finetune.inference import load, predict_log_probs
 from finetune.metrics import CALIBRATION_BINS, calibration_counts, per_class, summary
+from finetune.multilabel import evaluate_multilabel, gathered_scores, score
+from finetune.multilabel_metrics import pr_curves
 from finetune.precision import resolve_mixed_precision
 from finetune.runs import (
     CONFUSION,
     EVALUATION,
     METRICS,
+    PR_CURVES,
     RELIABILITY,
     config_file,
     held_run,
@@ -48,6 +51,8 @@ def evaluate(model: nn.Module, data: Data, transform: BatchTransform, loader,
     counted as seen but not scored: ``test_skipped``. ``tta``: ``(mirror, shift)``, the
     probabilities averaged over each image's test-time views (:meth:`BatchTransform.views`).
     """
+    if is_multilabel(data):  # a sigmoid per class: mAP and F1 (finetune.multilabel)
+        return evaluate_multilabel(model, data, transform, loader, accelerator, tta)
     model.eval()
     k = len(data.classes)
     dev = accelerator.device
@@ -154,11 +159,15 @@ def _eval_loader(data: Data, predictor, cfg, accelerator: Accelerator) -> tuple:
 def prefixed(prefix: str, result: dict) -> dict:
     """``test_acc`` -> ``val_acc`` etc.: another split's or model's numbers beside the test's."""
     return {f"{prefix}_{k.removeprefix('test_')}": v for k, v in result.items()
-            if k not in ("confusion", "calibration")}
+            if k not in ("confusion", "calibration", "per_class")}
 
 
 def accuracy_line(result: dict) -> str:
     """What `finetune train` ends with and `finetune evaluate` prints: the same line."""
+    if "test_map" in result:  # multi-label
+        return (f"test mAP {result['test_map']:.4f}, micro F1 {result['test_f1_micro']:.4f}, "
+                f"exact match {result['test_acc']:.4f} "
+                f"({result['test_correct']}/{result['test_total']})")
     return (f"test accuracy {result['test_acc']:.4f} "
             f"({result['test_correct']}/{result['test_total']})")
 
@@ -197,8 +206,10 @@ def evaluate_run(run_dir: str | Path, overrides: list[str], tta: bool = False) -
         if accelerator.is_main_process:
             _print_evaluation(result, meta["class_names"], accelerator.print)
             _write_evaluation(result, meta, out, run_dir)
-            accelerator.print(f"wrote {out / EVALUATION}, {out / CONFUSION} and "
-                              f"{out / RELIABILITY}")
+            figures = ([PR_CURVES] if meta.get("task") == "multilabel"
+                       else [CONFUSION, RELIABILITY])
+            accelerator.print(f"wrote {out / EVALUATION} and "
+                              + " and ".join(str(out / f) for f in figures))
     return result
 
 
@@ -236,22 +247,51 @@ def _measure(run_dir: Path, cfg, overrides: list[str], state, tta: bool) -> tupl
         raise DataError(f"the test data's classes {test_data.classes} differ from the model's "
                         f"{meta['class_names']}")
     loader, test_data = _eval_loader(test_data, predictor, cfg, accelerator)
+    if predictor.multilabel:
+        result = _measure_tags(predictor, test_data, loader, accelerator, tta)
+        return {**result, "data": source}, meta, accelerator
     with accelerator.autocast():
         result = evaluate(predictor.model, test_data, predictor.transform, loader, accelerator)
         if tta:
             with_tta = evaluate(predictor.model, test_data, predictor.transform, loader,
                                 accelerator, tta=predictor.tta)
             result["tta"] = {k.removeprefix("test_"): v for k, v in with_tta.items()
-                             if k not in ("confusion", "calibration")}
+                             if k not in ("confusion", "calibration", "per_class")}
     result["per_class"] = per_class(result["confusion"], meta["class_names"])
     result["data"] = source
     return result, meta, accelerator
 
 
+def _measure_tags(predictor, data, loader, accelerator: Accelerator, tta: bool) -> dict:
+    """A multi-label model's test numbers at its thresholds (``model.json``), with F1 at 0.5
+    each beside them (``at_0.5``), and ``tta`` alike."""
+    if not is_multilabel(data):
+        raise DataError("the model is multi-label (a sigmoid per class) but the test data has "
+                        "one label per image; evaluate it on tagged data (data.task=auto).")
+    with accelerator.autocast():
+        probs, targets, skipped = gathered_scores(predictor.model, data, predictor.transform,
+                                                  loader, accelerator)
+        result = score(probs, targets, predictor.thresholds, skipped)
+        result["at_0.5"] = {k.removeprefix("test_"): v for k, v in score(probs, targets).items()
+                            if k.startswith("test_f1") or k == "test_acc"}
+        if tta:
+            with_tta = evaluate_multilabel(predictor.model, data, predictor.transform, loader,
+                                           accelerator, predictor.tta, predictor.thresholds)
+            result["tta"] = {k.removeprefix("test_"): v for k, v in with_tta.items()
+                             if k != "per_class"}
+    result["thresholds"] = predictor.meta["thresholds"]
+    result["pr_curves"] = pr_curves(probs, targets)
+    return result
+
+
 def _write_evaluation(result: dict, meta: dict, out: Path, run_dir: Path) -> None:
     """evaluation.json, confusion.png and reliability.png into ``out``; a folder that cannot
     take them is one line saying where else to write them (the metrics are printed)."""
-    from finetune.plots import plot_confusion, plot_reliability  # matplotlib: only for figures
+    from finetune.plots import (  # matplotlib: only for figures
+        plot_confusion,
+        plot_pr_curves,
+        plot_reliability,
+    )
 
     reason = _unwritable(out)
     if reason:
@@ -259,6 +299,11 @@ def _write_evaluation(result: dict, meta: dict, out: Path, run_dir: Path) -> Non
                           f"are printed above. Write them elsewhere with `finetune evaluate "
                           f"{run_dir} output_dir=PATH`.")
     atomic_write_text(out / EVALUATION, json.dumps(result, indent=2) + "\n")
+    if "test_map" in result:  # multi-label: no confusion matrix, no softmax to calibrate
+        plot_pr_curves(result["pr_curves"], meta["class_names"],
+                       [row["ap"] for row in result["per_class"]], out / PR_CURVES,
+                       f"{meta['architecture']}: mAP {result['test_map']:.4f}")
+        return
     plot_confusion(result["confusion"], meta["class_names"], out / CONFUSION,
                    f"{meta['architecture']}: accuracy {result['test_acc']:.4f}")
     plot_reliability(result["calibration"], out / RELIABILITY,
@@ -289,7 +334,29 @@ def metrics_table(result: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def _print_tags(result: dict, class_names: list[str], show) -> None:
+    """A multi-label evaluation: the scores at the tuned thresholds (at 0.5 and with TTA
+    beside them), then each tag's AP, threshold, F1, precision and recall."""
+    show(f"{accuracy_line(result)} on {result['data']}")
+    tta, plain = result.get("tta", {}), result["at_0.5"]
+    for name, key in (("mAP", "map"), ("micro F1", "f1_micro"), ("macro F1", "f1_macro"),
+                      ("exact match", "acc"), ("loss", "loss")):
+        extra = (f"   at 0.5 {plain[key]:.4f}" if key in plain else "") + (
+            f"   with TTA {tta[key]:.4f}" if key in tta else "")
+        show(f"{name:<28}{result[f'test_{key}']:.4f}{extra}")
+    width = max(len(name) for name in class_names + ["tag"])
+    show(f"{'tag':<{width}}      AP  threshold      f1  precision  recall  support")
+    for name, row, cut in zip(class_names, result["per_class"], result["thresholds"],
+                              strict=True):
+        ap = "     -" if row["ap"] is None else f"{row['ap']:6.4f}"
+        show(f"{name:<{width}}  {ap}  {cut:9.4f}  {row['f1']:6.4f}  {row['precision']:9.4f}  "
+             f"{row['recall']:6.4f}  {row['support']:7d}")
+
+
 def _print_evaluation(result: dict, class_names: list[str], show) -> None:
+    if "test_map" in result:
+        _print_tags(result, class_names, show)
+        return
     show(f"{accuracy_line(result)} on {result['data']}")
     tta = result.get("tta", {})
     keys = ["acc", "top5_acc", "balanced_acc", "macro_f1", "ece", "loss"]

@@ -52,14 +52,16 @@ def model_meta(*, architecture: str, class_names: list[str], in_chans: int, imag
                norm: str, mean: tuple[float, ...], std: tuple[float, ...], crop_pct: float,
                interpolation: str, resample: str, recipe: str | None, pretrained: str | None,
                data: str, train_images: int, test_images: int,
-               pretrained_cfg: dict | None = None, augment: dict | None = None) -> dict:
+               pretrained_cfg: dict | None = None, augment: dict | None = None,
+               task: str = "single") -> dict:
     """``model.json``'s content: what rebuilds and feeds the model (``REQUIRED_META``; the
     evaluation transform is: shorter side to ``floor(image_size / crop_pct)`` with
     ``interpolation``, center crop, then ``(x / 255 - mean) / std``; ``resample`` says whether
     images were resized one at a time ("image") or, square, as float batches ("batch")), and
     where it came from: the weights and the backbone's own ``pretrained_cfg`` (timm's or
-    torchvision's, e.g. the mean, std and crop its ImageNet weights were made with)."""
-    return {"architecture": architecture, "num_classes": len(class_names),
+    torchvision's, e.g. the mean, std and crop its ImageNet weights were made with). ``task``:
+    single (softmax) or multilabel (a sigmoid per class; training adds its ``thresholds``)."""
+    return {"architecture": architecture, "task": task, "num_classes": len(class_names),
             "in_chans": in_chans, "image_size": image_size, "norm": norm, "mean": list(mean),
             "std": list(std), "crop_pct": crop_pct, "interpolation": interpolation,
             "resize": math.floor(image_size / crop_pct), "resample": resample,
@@ -126,6 +128,9 @@ def timm_config(meta: dict, model: nn.Module) -> dict:
             "classifier": classifier_name(model),
         },
         "label_names": list(meta["class_names"]),
+        # transformers' name for a sigmoid per class (timm reads past it)
+        **({"problem_type": "multi_label_classification"}
+           if meta.get("task") == "multilabel" else {}),
     }
 
 
@@ -152,6 +157,9 @@ def _read_json(meta_file: Path) -> dict:
     if missing:
         raise ExportError(f"{meta_file}: missing fields {missing}; {DAMAGED}")
     check_fields(meta_file, meta, META_CHECKS, ExportError, DAMAGED)
+    if meta.get("task") == "multilabel" and "thresholds" not in meta:
+        raise ExportError(f"{meta_file}: a multi-label model without 'thresholds' (one "
+                          f"probability per class); {DAMAGED}")
     return meta
 
 
@@ -204,6 +212,9 @@ META_CHECKS = {
     "lora": mapping,
     "knn": {"k": integer(1), "temperature": number(0, 1e6, lo_open=True), "features": integer(1)},
     "finetune_version": text("a version"),
+    "task": one_of(("single", "multilabel")),
+    "thresholds": numbers(0, 1, lambda meta: meta["num_classes"], "class: num_classes"),
+    "thresholds_from": text("where the thresholds came from"),
 }
 
 
@@ -298,8 +309,8 @@ def _misfit(model: nn.Module, state: dict[str, torch.Tensor], meta: dict) -> str
 def export_onnx(path: str | Path, out: str | Path | None = None, opset: int = 18) -> Path:
     """Write ``model.onnx`` (input ``input`` (batch, C, H, W) already normalized, output
     ``logits``) with a dynamic batch dimension and the preprocessing in its metadata
-    (``image_size``, ``crop_pct``, ``resize``, ``interpolation``, ``mean``, ``std``); returns
-    its path."""
+    (``image_size``, ``crop_pct``, ``resize``, ``interpolation``, ``mean``, ``std``; and
+    ``task``, with a multi-label model's ``thresholds``); returns its path."""
     try:
         import onnxscript  # noqa: F401  (torch's ONNX exporter needs it)
     except ImportError:
@@ -321,8 +332,9 @@ def export_onnx(path: str | Path, out: str | Path | None = None, opset: int = 18
                           verbose=False)
         # The preprocessing the input needs travels inside the file, as model.json has it.
         graph = onnx.load(str(tmp))
+        # task and thresholds: a multi-label model's logits go through a sigmoid each
         for key in ("image_size", "crop_pct", "resize", "interpolation", "mean", "std",
-                    "in_chans", "class_names"):
+                    "in_chans", "class_names", "task", "thresholds"):
             if key in meta:
                 graph.metadata_props.add(key=key, value=json.dumps(meta[key]))
         onnx.save(graph, str(tmp))

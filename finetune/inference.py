@@ -21,7 +21,9 @@ from torch import nn
 from finetune.data.images import eval_resize, eval_transform, open_image, pil_to_uint8, to_mode
 from finetune.data.loader import BatchTransform
 from finetune.data.sources import IMAGE_SUFFIXES
+from finetune.errors import ConfigError
 from finetune.export import load_model
+from finetune.multilabel import sigmoid_probs
 
 
 @dataclass
@@ -34,6 +36,17 @@ class Predictor:
     meta: dict
     # "bf16": run under bf16 autocast on the model's device, as a bf16 run was evaluated.
     precision: str = "fp32"
+
+    @property
+    def multilabel(self) -> bool:
+        """A sigmoid per class (``model.json``'s task): an image may have any of the tags."""
+        return self.meta.get("task") == "multilabel"
+
+    @property
+    def thresholds(self) -> torch.Tensor:
+        """Multi-label: the probability over which each tag is predicted (``model.json``,
+        checked when it was read)."""
+        return torch.tensor(self.meta["thresholds"], dtype=torch.float64)
 
     @property
     def crop_pct(self) -> float:
@@ -109,7 +122,18 @@ class Predictor:
         device, in the precision the model was evaluated in: the views' average."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16,
                             enabled=self.precision == "bf16"):
+            if self.multilabel:  # each tag's own probability: sigmoids averaged
+                return sigmoid_probs(self.model, views).log()
             return predict_log_probs(self.model, views)
+
+    def probabilities(self, images: torch.Tensor | list[str | Path | Image.Image | torch.Tensor],
+                      tta: bool = False) -> torch.Tensor:
+        """Probabilities (N, num_classes) of :meth:`logits`' images: a softmax over the
+        classes, or (multi-label) each tag's sigmoid."""
+        out = self.logits(images, tta=tta).float()
+        if tta:  # already the log of the views' averaged probabilities
+            return out.exp()
+        return out.sigmoid() if self.multilabel else out.softmax(dim=1)
 
     def batch_inputs(self, images: torch.Tensor) -> torch.Tensor:
         """The model's input (N, C, S, S) for a uint8 batch (N, C, H, W) of one size."""
@@ -141,9 +165,12 @@ class Predictor:
     def predict(self, images: list[str | Path | Image.Image | torch.Tensor], top_k: int = 5,
                 tta: bool = False) -> list[list[tuple[str, float]]]:
         """For each image, the ``top_k`` (class name, probability) pairs, most likely first;
+        a multi-label model's: every tag over its threshold (``top_k`` does not apply).
         ``tta``: averaged over its test-time views (mirror image, shifts: :attr:`tta`)."""
-        return top_classes(self.logits(images, tta=tta).float().softmax(dim=1),
-                           self.class_names, top_k)
+        probs = self.probabilities(images, tta)
+        if self.multilabel:
+            return tags_over(probs, self.class_names, self.thresholds)
+        return top_classes(probs, self.class_names, top_k)
 
 
 def top_classes(probs: torch.Tensor, names: list[str], top_k: int
@@ -153,6 +180,27 @@ def top_classes(probs: torch.Tensor, names: list[str], top_k: int
     values, indices = probs.topk(min(top_k, probs.shape[1]), dim=1)
     return [[(names[i], float(p)) for p, i in zip(vs, ix, strict=True)]
             for vs, ix in zip(values.tolist(), indices.tolist(), strict=True)]
+
+
+def single_label(predictor: Predictor, what: str) -> Predictor:
+    """``predictor``, unless it is multi-label, which ``what`` (a command that reads one
+    class per image from a softmax) refuses with one line."""
+    if predictor.multilabel:
+        raise ConfigError(f"{what} reads one class per image (a softmax); this model is "
+                          f"multi-label (a sigmoid per tag: model.json's task): finetune "
+                          f"predict and finetune evaluate score its tags.")
+    return predictor
+
+
+def tags_over(probs: torch.Tensor, names: list[str], thresholds: torch.Tensor
+              ) -> list[list[tuple[str, float]]]:
+    """For each row of ``probs`` (N, classes), the (name, probability) pairs of the tags at or
+    over their threshold, most likely first (an empty list: no tag)."""
+    out = []
+    for row in probs.float().cpu():
+        order = torch.argsort(row, descending=True, stable=True).tolist()
+        out.append([(names[i], float(row[i])) for i in order if row[i] >= thresholds[i]])
+    return out
 
 
 def predict_log_probs(model: nn.Module, views: list[torch.Tensor]) -> torch.Tensor:

@@ -23,7 +23,7 @@ import numpy as np
 from finetune.errors import ExportError
 from finetune.export import META
 from finetune.files import atomic_write, atomic_write_text
-from finetune.inference import Predictor, load
+from finetune.inference import Predictor, load, single_label
 from finetune.run_data import model_inputs, run_data
 
 CALIBRATION = 512  # images whose activation ranges set the int8 scales
@@ -41,7 +41,7 @@ def export_int8(run_dir: str | Path, fp32: Path, out: Path | None = None,
         raise ExportError("--int8 needs onnxruntime: pip install 'finetune[onnx]'.") from None
     run_dir = Path(run_dir)
     out = out or fp32.with_suffix(".int8.onnx")
-    predictor = load(run_dir)
+    predictor = single_label(load(run_dir), "--int8 (its accuracy check)")
     train, test, source = run_data(run_dir, overrides or [], predictor, "--int8",
                                    "calibrate and measure")
     calib = _inputs(predictor, train, _spread(len(train), calibration))

@@ -26,7 +26,7 @@ from finetune.data.sources import ImageData
 from finetune.errors import ConfigError
 from finetune.files import atomic_write_text
 from finetune.gradcam import grad_cam, target_layer
-from finetune.inference import Predictor, load
+from finetune.inference import Predictor, load, single_label
 from finetune.report import Block, to_html, to_markdown
 from finetune.run_data import model_inputs, run_data, split_image
 from finetune.runs import METRICS, read_metrics
@@ -124,7 +124,8 @@ def inspect_run(run_dir: str | Path, out: str | Path | None = None,
     if other := [o for o in overrides if not o.startswith("data.")]:
         raise ConfigError(f"finetune inspect takes data.* overrides only (the data it "
                           f"inspects); got {other[0]}.")
-    predictor = load(run_dir, precision=recorded_precision(folder))
+    predictor = single_label(load(run_dir, precision=recorded_precision(folder)),
+                             "finetune inspect")
     _, test, source = run_data(folder, overrides, predictor, "finetune inspect", "inspect it")
     if options.cams:  # a bad --layer, or a model Grad-CAM refuses: before anything is written
         options.layer = _cam_layer(predictor, test, options.layer)

@@ -1,7 +1,8 @@
 """Mixup and CutMix on the device, one mixing draw per batch (timm's batch mode).
 
 A batch is mixed with itself reversed: image ``i`` with image ``n-1-i``, and its target becomes
-``lam * onehot(y_i) + (1 - lam) * onehot(y_{n-1-i})`` (label smoothing applied to both). The
+``lam * onehot(y_i) + (1 - lam) * onehot(y_{n-1-i})`` (label smoothing applied to both; a
+multi-label image's multi-hot row takes the place of the one-hot one). The
 draws (lam, which of the two, the CutMix box) come from a host generator seeded by run seed,
 epoch and step: they need no device sync and repeat exactly on resume.
 """
@@ -32,8 +33,12 @@ def mix_params(alpha_mixup: float, alpha_cutmix: float, switch: float, size: int
 
 
 def soft_targets(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
-    """One-hot targets with label smoothing (as ``F.cross_entropy(label_smoothing=)`` uses)."""
+    """One-hot targets with label smoothing (as ``F.cross_entropy(label_smoothing=)`` uses);
+    multi-hot labels (N, classes) smoothed alike, each 1 to ``1 - s + s/k``, each 0 to ``s/k``
+    (timm's BinaryCrossEntropy)."""
     off = smoothing / num_classes
+    if labels.ndim == 2:
+        return labels.float() * (1 - smoothing) + off
     out = torch.full((len(labels), num_classes), off, device=labels.device)
     return out.scatter_(1, labels[:, None], 1 - smoothing + off)
 

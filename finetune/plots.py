@@ -237,6 +237,23 @@ def plot_confusion(confusion: list[list[int]], class_names: list[str], path: Pat
     return save_figure(fig, path, dpi=120)
 
 
+def plot_pr_curves(curves: list[dict | None], class_names: list[str], ap: list[float | None],
+                   path: Path, title: str) -> Path:
+    """Multi-label: each tag's precision-recall curve, its average precision in the legend."""
+    fig, ax = plt.subplots(figsize=(6, 5), dpi=120)
+    for curve, name, value in zip(curves, class_names, ap, strict=True):
+        if curve is not None:  # a tag without positives in the test split has no curve
+            ax.step(curve["recall"], curve["precision"], where="post", linewidth=1.2,
+                    label=f"{name} (AP {value:.3f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="lower left")
+    return save_figure(fig, path, dpi=120)
+
+
 def plot_reliability(calibration: list[list[float]], path: Path, title: str) -> Path:
     """Reliability diagram: per confidence bin, the accuracy against the mean confidence (a
     calibrated model follows the diagonal), and how many samples each bin holds."""

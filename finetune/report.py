@@ -55,7 +55,8 @@ def accuracy_table(rows: list, baseline: str, many_seeds: bool) -> Block:
 def metrics_table(rows: list) -> Block | None:
     """The final epoch's other test metrics per recipe (where every run recorded them)."""
     names = {"test_top5_acc": "top-5 acc %", "test_balanced_acc": "balanced acc %",
-             "test_macro_f1": "macro F1 %", "test_ece": "calibration error (ECE) %"}
+             "test_macro_f1": "macro F1 %", "test_ece": "calibration error (ECE) %",
+             "test_map": "mAP %", "test_f1_micro": "micro F1 %", "test_f1_macro": "macro F1 %"}
     keys = [k for k in names if all(k in r.metrics for r in rows)]
     if not keys:
         return None
@@ -161,11 +162,12 @@ def predictions(run: Run, shown: int = 24, errors: int = 16, scanned: int = 1024
     the first ``errors`` misclassified ones among the first ``scanned`` after them; None if the
     test data cannot be read."""
     from finetune.data import load_data
-    from finetune.inference import load
+    from finetune.inference import load, single_label
 
     try:
         _, test, _ = load_data(run.config.data)
-        predictor = load(run.path, precision=run.records[-1].get("mixed_precision", "fp32"))
+        predictor = single_label(load(run.path, precision=run.records[-1].get(
+            "mixed_precision", "fp32")), "the report's grid of mistakes")
         images, labels = test_head(test, scanned, predictor)
     except FinetuneError as e:
         log.warning("no image grid: %s", e)

@@ -47,6 +47,7 @@ ADAPTER = "adapter"
 EVALUATION = "evaluation.json"
 CONFUSION = "confusion.png"
 RELIABILITY = "reliability.png"
+PR_CURVES = "pr_curves.png"  # multi-label evaluations
 LOCK = ".lock"
 
 
@@ -326,12 +327,20 @@ def metrics_before(out: Path, epoch: int) -> list[dict]:
 # --- what a run exports ----------------------------------------------------------------------
 
 def early_stopping(records: list[dict], patience: int) -> tuple[int | None, bool]:
-    """(the epoch with the best validation accuracy, whether to stop now): stop once
+    """(the epoch with the best validation accuracy (mAP: :func:`watched`), whether to stop
+    now): stop once
     ``patience`` epochs have passed without improving on it. (None, False) when off."""
     if not patience:
         return None, False
-    best = max(records, key=lambda r: (r["val_acc"], -r["epoch"]))["epoch"]
+    key = watched(records[-1])
+    best = max(records, key=lambda r: (r[key], -r["epoch"]))["epoch"]
     return best, records[-1]["epoch"] - best >= patience
+
+
+def watched(record: dict) -> str:
+    """The validation number early stopping watches: the mAP of multi-label data (its exact
+    match ratio is too coarse to rank epochs), else the accuracy."""
+    return "val_map" if "val_map" in record else "val_acc"
 
 
 def keep_best(model: nn.Module, out: Path) -> None:
@@ -346,8 +355,9 @@ def export_run(out: Path, model: nn.Module, meta: dict, records: list[dict], bes
     gets its model card (README.md): a Hub model repository."""
     if best is not None:
         model.load_state_dict(load_file(out / BEST))
+        key = watched(records[best - 1])
         meta = {**meta, "early_stopping": {"best_epoch": best, "epochs_run": len(records),
-                                           "val_acc": records[best - 1]["val_acc"]}}
+                                           key: records[best - 1][key]}}
     record = records[-1] if best is None else records[best - 1]
     if cfg.finetune.method == "lora":
         meta = {**meta, "lora": lora_summary(model)}

@@ -37,7 +37,7 @@ from starlette.requests import ClientDisconnect
 from finetune.batching import Batcher
 from finetune.data.images import open_image
 from finetune.errors import DataError, FinetuneError
-from finetune.inference import Predictor, load, top_classes
+from finetune.inference import Predictor, load, single_label, top_classes
 from finetune.serve_limits import BodyLimit, Limits, error_response
 
 PAGE = Path(__file__).with_name("web") / "index.html"
@@ -178,7 +178,7 @@ def _options(request: Request, body: dict, num_classes: int) -> tuple[int, bool]
 
 def create_app(settings: Settings) -> FastAPI:
     """The application: the model loaded once, its batcher running while the app lives."""
-    predictor = load(settings.run, device=settings.device)
+    predictor = single_label(load(settings.run, device=settings.device), "finetune serve")
     batcher = Batcher(lambda views: predictor.log_probs(views), settings.max_batch,
                       settings.batch_wait_ms / 1000)
     info = metadata(predictor, Path(settings.run))

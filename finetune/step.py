@@ -21,7 +21,7 @@ from torch import nn
 
 from finetune.config import Config
 from finetune.errors import ConfigError
-from finetune.mixing import mix_batch, mix_params
+from finetune.mixing import mix_batch, mix_params, soft_targets
 
 if TYPE_CHECKING:
     from timm.utils import ModelEmaV3
@@ -41,16 +41,23 @@ class StepOptions:
     mix_switch: float = 0.5
     # The loss's per-class weights, on the device (None: all 1).
     class_weights: torch.Tensor | None = field(default=None, compare=False)
+    # Multi-label: a sigmoid per class (binary cross-entropy on multi-hot targets), each
+    # class's positives weighted by pos_weight (None: 1).
+    multilabel: bool = False
+    pos_weight: torch.Tensor | None = field(default=None, compare=False)
 
     @classmethod
     def from_config(cls, cfg: Config, num_classes: int, labels: torch.Tensor | None = None,
                     device: torch.device | None = None) -> StepOptions:
         """The step's options; ``labels`` (the training labels) for balanced class weights."""
         t, d = cfg.train, cfg.data
-        weights = class_weights(t.class_weights, num_classes, labels)
+        multilabel = labels is not None and labels.ndim == 2
+        weights = None if multilabel else class_weights(t.class_weights, num_classes, labels)
+        positive = pos_weight(t.pos_weight, labels) if multilabel else None
         return cls(num_classes, t.seed, t.accumulate, t.clip_grad_norm, t.label_smoothing,
                    d.mixup, d.cutmix, d.mix_switch,
-                   None if weights is None else weights.to(device))
+                   None if weights is None else weights.to(device), multilabel,
+                   None if positive is None else positive.to(device))
 
     @property
     def mixing(self) -> bool:
@@ -79,6 +86,18 @@ def class_weights(setting: str | list[float], num_classes: int,
     return torch.tensor([float(w) for w in setting])
 
 
+def pos_weight(setting: str, labels: torch.Tensor) -> torch.Tensor | None:
+    """``train.pos_weight`` for multi-hot ``labels``: balanced gives each class its negatives
+    over its positives (1 for a class no image has), none gives None."""
+    if setting == "none":
+        return None
+    if setting == "balanced":
+        positives = labels.cpu().double().sum(0)
+        ratio = (len(labels) - positives) / positives.clamp_min(1)
+        return torch.where(positives > 0, ratio, 1.0).float()
+    raise ConfigError(f"invalid train.pos_weight={setting!r}; valid: none, balanced.")
+
+
 def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
                            weights: torch.Tensor | None, smoothing: float) -> torch.Tensor:
     """Cross-entropy, class-weighted as torch weights hard targets (the sum divided by the
@@ -88,6 +107,14 @@ def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
         return F.cross_entropy(logits, target, weight=weights, label_smoothing=smoothing)
     return (F.cross_entropy(logits, target, weight=weights, reduction="sum")
             / (target.float() @ weights).sum())
+
+
+def hits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Correct predictions in a batch: the top class, or (multi-hot labels) every tag right at
+    the sigmoid's 0.5 (exact match)."""
+    if labels.ndim == 2:
+        return ((logits > 0) == labels.bool()).all(1).sum()
+    return (logits.argmax(1) == labels).sum()
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, accelerator: Accelerator,
@@ -103,7 +130,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, accelerator: 
         mix = mix_params(opts.mixup, opts.cutmix, opts.mix_switch, x.shape[-1], opts.seed,
                          epoch, step)
         x, target = mix_batch(x, y, opts.num_classes, opts.label_smoothing, *mix)
-    smoothing = 0.0 if opts.mixing else opts.label_smoothing
+    elif opts.multilabel:  # float targets, label smoothing included
+        target = soft_targets(y, opts.num_classes, opts.label_smoothing)
+    smoothing = 0.0 if opts.mixing or opts.multilabel else opts.label_smoothing
     loss_sum = torch.zeros((), device=x.device)
     correct = torch.zeros((), dtype=torch.long, device=x.device)
     # The augmented batch is sliced, so accumulation changes memory, not the data.
@@ -112,7 +141,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, accelerator: 
         with accelerator.accumulate(model):
             torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: last outputs are done
             logits = model(xs)
-            loss = weighted_cross_entropy(logits, ts, opts.class_weights, smoothing)
+            loss = (F.binary_cross_entropy_with_logits(logits, ts, pos_weight=opts.pos_weight)
+                    if opts.multilabel
+                    else weighted_cross_entropy(logits, ts, opts.class_weights, smoothing))
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 for p in thawing:
@@ -122,7 +153,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, accelerator: 
             optimizer.step()  # with accumulation: a no-op until the last slice
             optimizer.zero_grad(set_to_none=True)
         loss_sum += loss.detach() / opts.accumulate
-        correct += (logits.argmax(1) == ys).sum()
+        correct += hits(logits, ys)
     if scheduler is not None:
         scheduler.step()
     if ema is not None:

@@ -119,10 +119,11 @@ def log_run_figures(accelerator: Accelerator, out: Path, records: list[dict],
     from finetune.plots import plot_confusion, plot_training_loss
 
     folder = out / TRACKERS_DIR
-    figures = {"confusion_matrix": plot_confusion(
-                   records[-1]["confusion"], class_names, folder / "confusion.png",
-                   f"test accuracy {records[-1]['test_acc']:.4f}"),
-               "loss": plot_training_loss(records, folder / "loss.png")}
+    figures = {"loss": plot_training_loss(records, folder / "loss.png")}
+    if "confusion" in records[-1]:  # single-label (multi-label: mAP among the scalars)
+        figures["confusion_matrix"] = plot_confusion(
+            records[-1]["confusion"], class_names, folder / "confusion.png",
+            f"test accuracy {records[-1]['test_acc']:.4f}")
     log_figures(accelerator, figures, step)
 
 

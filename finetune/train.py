@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from finetune import tracking
@@ -24,9 +25,11 @@ from finetune.checkpoint import LoopState, check_finite, restore, save_checkpoin
 from finetune.config import UNTRAINED, Config
 from finetune.evaluation import accuracy_line, evaluate, prefixed
 from finetune.methods import first_phase, run_cached
+from finetune.multilabel import validation_thresholds
 from finetune.optim import enter_epoch
 from finetune.precise_bn import check_batches, norms_that_train, refresh_bn
 from finetune.runs import (
+    BEST,
     early_stopping,
     export_run,
     keep_best,
@@ -146,9 +149,11 @@ def after_epoch(cfg: Config, parts: Parts, t: Training, accelerator: Accelerator
                 epoch_time=round(train_time, 3),
                 eval_time=round(time.perf_counter() - start - train_time, 3),
                 train_images_per_sec=round(images / train_time, 1))
+    tested = (f"test mAP {done['test_map']:.4f}, exact match {done['test_acc']:.4f}"
+              if "test_map" in done else f"test acc {done['test_acc']:.4f}")
     accelerator.print(
         f"epoch {epoch}/{tcfg.epochs}: train loss {record['train_loss']:.4f}, train acc "
-        f"{record['train_acc']:.4f}, test acc {done['test_acc']:.4f}, "
+        f"{record['train_acc']:.4f}, {tested}, "
         f"{train_time:.1f} s ({done['train_images_per_sec']:.0f} img/s)")
     return done
 
@@ -158,8 +163,15 @@ def finish(cfg: Config, out: Path, parts: Parts, t: Training, accelerator: Accel
     """Export (the best epoch's weights with early stopping) and return its metrics."""
     best, _ = early_stopping(records, cfg.train.early_stopping)  # None without early stopping
     unreadable = len(set(gather_object(sorted(t.loader.bad_items))))  # streamed, skipped
+    meta = parts.meta(cfg, unreadable)
+    if meta["task"] == "multilabel":  # thresholds of the weights exported, on every process
+        if best is not None:
+            accelerator.wait_for_everyone()  # the main process wrote them
+            t.raw.load_state_dict(load_file(out / BEST))
+        meta.update(validation_thresholds(t.model, parts.val_data, parts.transform,
+                                          t.val_loader, accelerator, len(meta["class_names"])))
     if accelerator.is_main_process:
-        export_run(out, t.raw, parts.meta(cfg, unreadable), records, best, cfg,
+        export_run(out, t.raw, meta, records, best, cfg,
                    t.ema.module if t.ema else None, cfg.train.ema_decay)
     tracking.log_run_figures(accelerator, out, records, parts.train_data.classes,
                     records[-1]["epoch"] * t.steps_per_epoch)

@@ -38,7 +38,8 @@ OPTIONS = ("recipe", "n_trials", "timeout", "pruner", "metric", "seed", "paralle
            "output_dir", "launcher")
 PRUNERS = ("median", "hyperband", "none")
 # What a run records of its validation split each epoch (finetune.evaluation).
-METRICS = ("val_acc", "val_loss", "val_top5_acc", "val_balanced_acc", "val_macro_f1", "val_ece")
+METRICS = ("val_acc", "val_loss", "val_top5_acc", "val_balanced_acc", "val_macro_f1", "val_ece",
+           "val_map", "val_f1_micro", "val_f1_macro")  # the last three: multi-label data
 USAGE = ("usage: finetune tune recipe=NAME KEY=loguniform(a,b)|uniform(a,b)|int(a,b)|"
          "choice(a,b,...) [n_trials=20] [timeout=S] [pruner=median|hyperband|none] "
          "[metric=val_acc] [seed=0] [parallel=1] [output_dir=DIR] [key=value ...]")

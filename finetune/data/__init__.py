@@ -15,7 +15,7 @@ import torch
 
 from finetune.config import DataConfig
 from finetune.data.idx import DataError
-from finetune.data.samples import Samples
+from finetune.data.samples import Samples, class_counts
 from finetune.data.sources import (
     DEFAULT_IDX_DIRS,
     ImageData,
@@ -26,8 +26,10 @@ from finetune.data.sources import (
     load_imagefolder,
     stratified_mask,
 )
+from finetune.data.tags import as_task, is_multilabel, load_tagged_folder, tagged_folder
 
-__all__ = ["DataError", "ImageData", "Samples", "fold_split", "load_data", "validation_split"]
+__all__ = ["DataError", "ImageData", "Samples", "fold_split", "is_multilabel", "load_data",
+           "validation_split"]
 Split = ImageData | Samples
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,8 @@ def _load_from_root(cfg: DataConfig, root: Path) -> tuple[Split, Split, str]:
                         f"train-labels-idx1-ubyte[.gz], t10k-images-idx3-ubyte[.gz], "
                         f"t10k-labels-idx1-ubyte[.gz]) in {root}, {root}/FashionMNIST/raw or "
                         f"{root}/raw.")
+    elif tagged_folder(root):  # labels.csv: tags per file (multi-label)
+        return (*load_tagged_folder(root, seed=cfg.split_seed), f"tagged:{root}")
     else:  # auto without IDX files, or imagefolder
         return (*load_imagefolder(root, seed=cfg.split_seed), f"imagefolder:{root}")
 
@@ -103,6 +107,7 @@ def load_data(cfg: DataConfig) -> tuple[Split, Split, str]:
                                 f" (no IDX files) and {e} {_FIX}") from None
     else:
         raise DataError("data.source=imagefolder needs data.root=PATH.")
+    train, test = as_task(train, test, cfg.task, source)
     if cfg.classes is not None:
         keep = class_indices(cfg.classes, train.classes)
         train, test = train.select(keep), test.select(keep)
@@ -189,12 +194,12 @@ def empty_classes(train: Split, allow: bool, prefix: str, after: str = "",
     model would never see them, balanced sampling never draw them, balanced class weights
     give them 0). ``after`` says what emptied them; ``test``: the test split, whose share of
     them the message gives."""
-    counts = torch.bincount(train.labels.cpu(), minlength=len(train.classes)).tolist()
+    counts = class_counts(train.labels, len(train.classes)).tolist()
     empty = [k for k, n in enumerate(counts) if n == 0]
     if not empty:
         return 0
     if test is not None:
-        held = torch.bincount(test.labels.cpu(), minlength=len(train.classes)).tolist()
+        held = class_counts(test.labels, len(train.classes)).tolist()
         after = " (" + ", ".join(f"{held[k]} in the test split" for k in empty[:5]) + ")"
     many = len(empty) > 1
     what = (f"{prefix}class{'es' if many else ''} "

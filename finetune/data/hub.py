@@ -192,17 +192,43 @@ def _no_missing(values: list, where: str, spec: str) -> None:
                         f"data.train_split / data.test_split.")
 
 
+def _list_valued(feature: Any) -> bool:
+    """Whether a label column holds a list per image (``Sequence(ClassLabel)``: tags)."""
+    return isinstance(feature, list) or type(feature).__name__ in ("Sequence", "List",
+                                                                    "LargeList")
+
+
 def _one_label_per_row(feature: Any, label: str, where: str) -> None:
-    """Refuse a list-valued label column (``Sequence(ClassLabel)``: several tags per image),
-    which would otherwise train as one class per combination of tags."""
-    if isinstance(feature, list) or type(feature).__name__ in ("Sequence", "List", "LargeList"):
-        inner = feature[0] if isinstance(feature, list) else getattr(feature, "feature", None)
-        names = getattr(inner, "names", None)
-        tags = f" of the tags {names[:8]}" if names else ""
-        raise DataError(f"{where}: label column '{label}' holds a list{tags} per image "
-                        f"(multi-label data); finetune trains one label per image (softmax) "
-                        f"and does not train multi-label data yet. Give one label per image, "
-                        f"or choose a single-label column with data.label_column=NAME.")
+    """Refuse a list-valued label column on a stream, which would otherwise train as one
+    class per combination of tags (held, it is multi-label data: :func:`_tag_labels`)."""
+    if _list_valued(feature):
+        raise DataError(f"{where}: label column '{label}' holds a list of tags per image "
+                        f"(multi-label data), which is read held, not streamed: its tags "
+                        f"decide stratified splits up front; use data.streaming=false.")
+
+
+def _tag_labels(split: Any, label: str, classes: list[str] | None, where: str, spec: str
+                ) -> tuple[torch.Tensor, list[str]]:
+    """Multi-hot labels and tag names of a list-valued column: a ``Sequence(ClassLabel)``'s
+    own names, else the sorted distinct strings of the training split."""
+    from finetune.data.tags import multi_hot
+
+    feature = split.features[label]
+    inner = feature[0] if isinstance(feature, list) else getattr(feature, "feature", None)
+    values = split[label]
+    _no_missing(values, where, spec)
+    names = getattr(inner, "names", None)
+    if names is not None:  # ClassLabel: integers, checked against the names
+        names = list(names)
+        if classes is not None:
+            same_classes(names, classes, where, spec)
+        values = [[names[v] if 0 <= v < len(names) else f"#{v}" for v in tags] for tags in values]
+    else:
+        values = [[str(v) for v in tags] for tags in values]
+        names = classes if classes is not None else sorted({v for tags in values for v in tags})
+    if not names:
+        raise DataError(f"{where}: split '{spec}': no image has a tag in column '{label}'.")
+    return multi_hot(values, names, f"{where} split '{spec}'"), list(names)
 
 
 def _labels(split: Any, label: str, classes: list[str] | None, where: str, spec: str
@@ -212,7 +238,8 @@ def _labels(split: Any, label: str, classes: list[str] | None, where: str, spec:
     import datasets
 
     feature = split.features[label]
-    _one_label_per_row(feature, label, where)
+    if _list_valued(feature):
+        return _tag_labels(split, label, classes, where, spec)
     values = split[label]
     _no_missing(values, where, spec)
     if isinstance(feature, datasets.ClassLabel):

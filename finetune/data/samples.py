@@ -33,7 +33,7 @@ class Samples:
     Face dataset whose ``column`` holds undecoded images, or a uint8 tensor (N, C, H, W))."""
 
     items: list
-    labels: torch.Tensor  # int64 (N,)
+    labels: torch.Tensor  # int64 (N,), or multi-label: uint8 (N, classes), 1 per tag
     classes: list[str]
     channels: int  # 1 or 3: every image is opened in this mode
     rows: Any = None
@@ -89,11 +89,38 @@ class Samples:
 
 def relabel(labels: torch.Tensor, num_classes: int, keep: list[int]
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(mask, new labels)`` keeping classes ``keep``, renumbered in that order."""
+    """``(mask, new labels)`` keeping classes ``keep``, renumbered in that order. Multi-label:
+    the images tagged with at least one of them, with those tags alone."""
+    if labels.ndim == 2:
+        tags = labels[:, keep]
+        mask = tags.any(1)
+        return mask, tags[mask]
     table = torch.full((num_classes,), -1, dtype=torch.long)
     table[torch.tensor(keep)] = torch.arange(len(keep))
     new = table[labels]
     return new >= 0, new[new >= 0]
+
+
+def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Images per class (multi-label: images tagged with it), int64 (num_classes,)."""
+    if labels.ndim == 2:
+        return labels.cpu().long().sum(0)
+    return torch.bincount(labels.cpu(), minlength=num_classes)
+
+
+def strata(labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, int]:
+    """``(stratum per image, number of strata)`` for stratified draws (limits, hold-outs,
+    folds): a single label is its own stratum. A multi-label image is stratified by its
+    rarest tag, an image without tags by a stratum of its own (``num_classes``): every tag
+    keeps its share of images in each part (an approximation of iterative stratification,
+    Sechidis et al. 2011, exact for the rarest tags, which are the ones a split can lose)."""
+    if labels.ndim == 1:
+        return labels.cpu(), num_classes
+    tags = labels.cpu().bool()
+    count = tags.sum(0).double()
+    cost = torch.where(tags, count, torch.inf)
+    rarest = cost.argmin(1)
+    return torch.where(tags.any(1), rarest, num_classes), num_classes + 1
 
 
 def encoded(cell: dict | None, name: str) -> Path | bytes:

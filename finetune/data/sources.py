@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from finetune.data.idx import DataError, read_idx
-from finetune.data.samples import Samples, probe, relabel
+from finetune.data.samples import Samples, class_counts, probe, relabel, strata
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,8 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".ti
 
 @dataclass
 class ImageData:
-    """One split held in memory: ``images`` uint8 (N, C, H, W), ``labels`` int64 (N,)."""
+    """One split held in memory: ``images`` uint8 (N, C, H, W), ``labels`` int64 (N,) (or
+    multi-label: uint8 (N, classes))."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -186,6 +187,7 @@ def holdout_mask(labels: torch.Tensor, num_classes: int, fraction: float, seed: 
                  at_least_one: bool = False) -> torch.Tensor:
     """A boolean mask holding out ``fraction`` of each class's samples (at least one per class
     with ``at_least_one``), drawn with ``seed``."""
+    labels, num_classes = strata(labels, num_classes)
     gen = torch.Generator().manual_seed(seed)
     held = torch.zeros(len(labels), dtype=torch.bool)
     labels = labels.cpu()
@@ -201,6 +203,7 @@ def fold_ids(labels: torch.Tensor, num_classes: int, folds: int, seed: int) -> t
     """Each sample's fold (0..folds-1): every class dealt round-robin in a seeded order, each
     class starting where the last one stopped, so that folds differ by at most one sample
     overall and per class."""
+    labels, num_classes = strata(labels, num_classes)
     gen = torch.Generator().manual_seed(seed)
     ids = torch.empty(len(labels), dtype=torch.long)
     labels, start = labels.cpu(), 0
@@ -215,7 +218,8 @@ def fold_ids(labels: torch.Tensor, num_classes: int, folds: int, seed: int) -> t
 def stratified_mask(labels: torch.Tensor, num_classes: int, n: int, seed: int) -> torch.Tensor:
     """A mask keeping ``n`` samples, the same fraction of every class (largest remainders
     round), drawn with ``seed``: a limit on a class-sorted source keeps every class."""
-    counts = torch.bincount(labels.cpu(), minlength=num_classes).double()
+    labels, num_classes = strata(labels, num_classes)
+    counts = class_counts(labels, num_classes).double()
     share = counts * n / counts.sum()
     take = share.floor().long()
     extra = n - int(take.sum())

@@ -73,10 +73,10 @@ class TrainBatches(Dataset):
             # one photo decoded at a time: a worker holds one full-size image, not a batch's
             images = [or_skip(lambda i=i: self.transform(self.samples.open(i, self.need)),
                               self.skip_bad) for i in idx]
-        return stacked(images, [int(self.samples.labels[i]) for i in idx], idx, epoch, step)
+        return stacked(images, [self.samples.labels[i] for i in idx], idx, epoch, step)
 
 
-def stacked(images: list[torch.Tensor | None], labels: list[int], ids: list[int], epoch: int,
+def stacked(images: list[torch.Tensor | None], labels: list, ids: list[int], epoch: int,
             step: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
     """A training batch without its skipped bad images (None): ``(images, labels, the ids of
     the skipped ones)``; ``ids`` name the batch's samples (-1: not known), so that what was
@@ -85,7 +85,9 @@ def stacked(images: list[torch.Tensor | None], labels: list[int], ids: list[int]
     if not kept:
         raise DataError(f"every image of training batch {step + 1} (epoch {epoch}) is bad; "
                         f"check the data (data.skip_bad_images skips single images).")
-    return (torch.stack([images[i] for i in kept]), torch.tensor([labels[i] for i in kept]),
+    # a label is an int, a 0-d tensor, or (multi-label) a row of tags
+    return (torch.stack([images[i] for i in kept]),
+            torch.stack([torch.as_tensor(labels[i]) for i in kept]),
             tuple(ids[i] for i, image in enumerate(images) if image is None))
 
 
@@ -114,12 +116,12 @@ class EvalSamples(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, int, bool]:
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, torch.Tensor, bool]:
         image = or_skip(lambda: self.samples.open(i, self.need), self.skip_bad)
         if image is None:
             blank = torch.zeros(self.samples.channels, self.size, self.size, dtype=torch.uint8)
-            return i, blank, int(self.samples.labels[i]), False
-        return i, self.transform(image), int(self.samples.labels[i]), True
+            return i, blank, self.samples.labels[i], False
+        return i, self.transform(image), self.samples.labels[i], True
 
 
 def _decode_rows(split, rows: list[dict], transform: Transform, need: int, skip_bad: bool,

@@ -1,0 +1,134 @@
+"""Multi-label data: an image folder whose ``labels.csv`` gives each file its tags, list-valued
+Hugging Face label columns, and ``data.task``.
+
+A tagged folder is ``root/labels.csv`` beside the images (a seeded tenth held out for testing),
+or ``root/train`` and ``root/test`` (or ``val``), each with its own ``labels.csv``. A row is a
+file (relative to the CSV's folder) and its tags, separated by spaces or commas, in one field
+or several: ``beach.jpg,dog sunset``. An empty tag set is a valid image without any tag
+(every sigmoid's target 0). A folder tree where one image sits in several class folders is
+not read as multi-label: copies of a file cannot be told from two images that look alike, and
+a CSV says which image has which tags without copying it.
+
+Multi-label labels are uint8 ``(N, classes)`` multi-hot tensors; everything that draws a
+stratified subset stratifies them by :func:`~finetune.data.samples.strata`.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+import torch
+
+from finetune.data.idx import DataError
+from finetune.data.samples import Samples
+
+LABELS_CSV = "labels.csv"
+TASKS = ("auto", "single", "multilabel")
+_SEPARATORS = re.compile(r"[\s,]+")
+
+
+def tagged_folder(root: Path) -> bool:
+    """Whether ``root`` is a tagged folder (a ``labels.csv`` in it or in ``root/train``)."""
+    return (root / LABELS_CSV).is_file() or (root / "train" / LABELS_CSV).is_file()
+
+
+def read_tags(csv_file: Path) -> list[tuple[Path, list[str]]]:
+    """``(file, tags)`` per row of a ``labels.csv``; a first row ``file,tags`` is a header."""
+    rows = []
+    try:
+        with csv_file.open(newline="", encoding="utf-8") as f:
+            for number, row in enumerate(csv.reader(f), start=1):
+                if not row or (number == 1 and row[0].strip().lower() in ("file", "filename",
+                                                                         "image", "path")):
+                    continue
+                name, tags = row[0].strip(), _SEPARATORS.split(" ".join(row[1:]).strip())
+                rows.append((csv_file.parent / name, [t for t in tags if t], number))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{csv_file}: not a UTF-8 CSV of file,tags rows ({e}).") from None
+    return _checked(csv_file, rows)
+
+
+def _checked(csv_file: Path, rows: list) -> list[tuple[Path, list[str]]]:
+    """The rows, each naming an existing file once."""
+    if not rows:
+        raise DataError(f"{csv_file}: no rows; write one row per image: file,tags (tags "
+                        f"separated by spaces).")
+    seen = {}
+    for path, _, number in rows:
+        if not path.is_file():
+            raise DataError(f"{csv_file} row {number}: {path.name} is not a file in "
+                            f"{csv_file.parent}; fix the name, or remove the row.")
+        if path in seen:
+            raise DataError(f"{csv_file} rows {seen[path]} and {number} both name {path.name}; "
+                            f"give each image one row with all its tags.")
+        seen[path] = number
+    return [(path, tags) for path, tags, _ in rows]
+
+
+def multi_hot(tag_lists: list[list], classes: list, where: str) -> torch.Tensor:
+    """uint8 ``(N, len(classes))``: 1 where an image has the tag. A tag outside ``classes``
+    is an error naming it."""
+    index = {c: i for i, c in enumerate(classes)}
+    out = torch.zeros(len(tag_lists), len(classes), dtype=torch.uint8)
+    for row, tags in enumerate(tag_lists):
+        for tag in tags:
+            if tag not in index:
+                raise DataError(f"{where}: image {row} has the tag {tag!r}, which is not among "
+                                f"the classes {list(classes)[:20]}; fix the tag, or train on "
+                                f"data that has it.")
+            out[row, index[tag]] = 1
+    return out
+
+
+def _split(folder: Path, classes: list[str] | None) -> Samples:
+    rows = read_tags(folder / LABELS_CSV)
+    if classes is None:
+        classes = sorted({t for _, tags in rows for t in tags})
+        if not classes:
+            raise DataError(f"{folder / LABELS_CSV}: no image has a tag; tag the images.")
+    labels = multi_hot([tags for _, tags in rows], classes, str(folder / LABELS_CSV))
+    return Samples([path for path, _ in rows], labels, classes, 3)
+
+
+def load_tagged_folder(root: Path, test_split: float = 0.1, seed: int = 0
+                       ) -> tuple[Samples, Samples]:
+    """Train and test splits of a tagged folder (see the module's docstring); the tags of the
+    training split are the classes, in sorted order."""
+    from finetune.data.samples import probe
+    from finetune.data.sources import holdout_mask
+
+    test_dir = next((root / d for d in ("test", "val") if (root / d / LABELS_CSV).is_file()),
+                    None)
+    if (root / "train" / LABELS_CSV).is_file() and test_dir is not None:
+        train = _split(root / "train", None)
+        test = _split(test_dir, train.classes)
+    else:
+        data = _split(root, None)
+        held = holdout_mask(data.labels, len(data.classes), test_split, seed, at_least_one=True)
+        train, test = data.subset(~held), data.subset(held)
+    train.channels, train.pixels = probe(train, seed)
+    test.channels, test.pixels = train.channels, train.pixels
+    return train, test
+
+
+def as_task(train, test, task: str, source: str):
+    """The splits for ``data.task``: ``auto`` keeps what the data is, ``multilabel`` turns
+    single labels into one tag each, ``single`` refuses multi-label data."""
+    if task not in TASKS:
+        raise DataError(f"data.task={task}: valid tasks are {', '.join(TASKS)}.")
+    if task == "single" and train.labels.ndim == 2:
+        raise DataError(f"{source}: data.task=single, but the data gives images several tags "
+                        f"(multi-label); set data.task=multilabel (or auto).")
+    if task == "multilabel" and train.labels.ndim == 1:
+        k = len(train.classes)
+        for split in (train, test):
+            split.labels = torch.nn.functional.one_hot(split.labels, k).to(torch.uint8)
+    return train, test
+
+
+def is_multilabel(data) -> bool:
+    """Whether a split's labels are multi-hot rows."""
+    labels = getattr(data, "labels", None)
+    return labels is not None and labels.ndim == 2
