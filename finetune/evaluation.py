@@ -162,6 +162,13 @@ def prefixed(prefix: str, result: dict) -> dict:
             if k not in ("confusion", "calibration", "per_class")}
 
 
+def epoch_score(result: dict) -> str:
+    """An epoch's test number as training prints it (multi-label: mAP and exact match at 0.5)."""
+    if "test_map" in result:
+        return f"test mAP {result['test_map']:.4f}, exact match at 0.5 {result['test_acc']:.4f}"
+    return f"test acc {result['test_acc']:.4f}"
+
+
 def accuracy_line(result: dict) -> str:
     """What `finetune train` ends with and `finetune evaluate` prints: the same line."""
     if "test_map" in result:  # multi-label

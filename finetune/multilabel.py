@@ -7,9 +7,12 @@ A model trained on multi-label data has a sigmoid per class; its ``model.json`` 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from safetensors.torch import load_file
 from torch import nn
 
 from finetune.data.loader import BatchTransform, Data, eval_batches
@@ -108,3 +111,13 @@ def validation_thresholds(model: nn.Module, data: Data | None, transform: BatchT
     return {"thresholds": tuned.tolist(),  # exact: a rounded cut could land on a score
             "thresholds_from": f"tuned for each class's best F1 on the validation split "
                                f"({len(probs)} images)"}
+
+
+def export_thresholds(t, best: Path | None, parts, accelerator: Accelerator) -> dict:
+    """:func:`validation_thresholds` of the weights a run exports (``best``: early stopping's
+    file, loaded on every process once the main one has written it)."""
+    if best is not None:
+        accelerator.wait_for_everyone()
+        t.raw.load_state_dict(load_file(best))
+    return validation_thresholds(t.model, parts.val_data, parts.transform, t.val_loader,
+                                 accelerator, len(parts.train_data.classes))

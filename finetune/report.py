@@ -204,20 +204,22 @@ def figure_blocks(runs: list[Run], summary: Summary, labels: list[str], out: Pat
         "accuracy.png": (plots.plot_accuracy, (groups,), "Train and test accuracy per epoch."),
         "accuracy_vs_time.png": (plots.plot_accuracy_vs_time, (groups,),
                                  "Test accuracy against training time."),
-        "per_class.png": (plots.plot_per_class,
-                          ({k: (r.meta["class_names"], r.final["confusion"])
-                            for k, r in best_of.items()},),
-                          "Per-class test accuracy of each recipe's best run."),
     })
+    if all("confusion" in r.final for r in best_of.values()):  # multi-label runs have none
+        figures["per_class.png"] = (plots.plot_per_class,
+                                    ({k: (r.meta["class_names"], r.final["confusion"])
+                                      for k, r in best_of.items()},),
+                                    "Per-class test accuracy of each recipe's best run.")
     blocks.append(("h", 2, f"Figures ({size:,d} training images)"))
     for name, (plot, args, caption) in figures.items():
         plot(*args, out / name)
         blocks.append(("img", name, caption))
-    plots.plot_confusion(best.final["confusion"], classes, out / "confusion.png",
-                   f"best run: {best.label}\nseed {best.seed}, "
-                   f"accuracy {best.final_acc:.4f}")
-    blocks.append(("img", "confusion.png", f"Confusion matrix of the best run ({best.path}), "
-                   f"rows normalised; numbers are counts."))
+    if "confusion" in best.final:
+        plots.plot_confusion(best.final["confusion"], classes, out / "confusion.png",
+                             f"best run: {best.label}\nseed {best.seed}, "
+                             f"accuracy {best.final_acc:.4f}")
+        blocks.append(("img", "confusion.png", f"Confusion matrix of the best run "
+                       f"({best.path}), rows normalised; numbers are counts."))
     if "calibration" in best.final:
         plots.plot_reliability(best.final["calibration"], out / "reliability.png",
                                f"best run: {best.label}, ECE {best.final['test_ece']:.4f}")

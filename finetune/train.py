@@ -16,16 +16,15 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from finetune import tracking
 from finetune.assemble import Parts, Training, check_model, prepare_training, set_up, warm_up
 from finetune.checkpoint import LoopState, check_finite, restore, save_checkpoint, starting_point
 from finetune.config import UNTRAINED, Config
-from finetune.evaluation import accuracy_line, evaluate, prefixed
+from finetune.evaluation import accuracy_line, epoch_score, evaluate, prefixed
 from finetune.methods import first_phase, run_cached
-from finetune.multilabel import validation_thresholds
+from finetune.multilabel import export_thresholds
 from finetune.optim import enter_epoch
 from finetune.precise_bn import check_batches, norms_that_train, refresh_bn
 from finetune.runs import (
@@ -128,7 +127,7 @@ def train(cfg: Config, parts: Parts, accelerator: Accelerator, precision: str,
                 raise interrupted(stop, out, epoch, t.steps_per_epoch, t.steps_per_epoch,
                                   resumable)
             if early:
-                accelerator.print(f"early stopping: validation accuracy has not improved for "
+                accelerator.print(f"early stopping: the validation score has not improved for "
                                   f"{tcfg.early_stopping} epochs since epoch {best}")
                 break
     return finish(cfg, out, parts, t, accelerator, records)
@@ -149,11 +148,9 @@ def after_epoch(cfg: Config, parts: Parts, t: Training, accelerator: Accelerator
                 epoch_time=round(train_time, 3),
                 eval_time=round(time.perf_counter() - start - train_time, 3),
                 train_images_per_sec=round(images / train_time, 1))
-    tested = (f"test mAP {done['test_map']:.4f}, exact match {done['test_acc']:.4f}"
-              if "test_map" in done else f"test acc {done['test_acc']:.4f}")
     accelerator.print(
         f"epoch {epoch}/{tcfg.epochs}: train loss {record['train_loss']:.4f}, train acc "
-        f"{record['train_acc']:.4f}, {tested}, "
+        f"{record['train_acc']:.4f}, {epoch_score(done)}, "
         f"{train_time:.1f} s ({done['train_images_per_sec']:.0f} img/s)")
     return done
 
@@ -165,11 +162,7 @@ def finish(cfg: Config, out: Path, parts: Parts, t: Training, accelerator: Accel
     unreadable = len(set(gather_object(sorted(t.loader.bad_items))))  # streamed, skipped
     meta = parts.meta(cfg, unreadable)
     if meta["task"] == "multilabel":  # thresholds of the weights exported, on every process
-        if best is not None:
-            accelerator.wait_for_everyone()  # the main process wrote them
-            t.raw.load_state_dict(load_file(out / BEST))
-        meta.update(validation_thresholds(t.model, parts.val_data, parts.transform,
-                                          t.val_loader, accelerator, len(meta["class_names"])))
+        meta.update(export_thresholds(t, out / BEST if best else None, parts, accelerator))
     if accelerator.is_main_process:
         export_run(out, t.raw, meta, records, best, cfg,
                    t.ema.module if t.ema else None, cfg.train.ema_decay)

@@ -325,3 +325,13 @@ def test_onnx_and_timm_exports_say_multi_label(tagged_run, tmp_path):
     assert np.allclose(torch.sigmoid(torch.from_numpy(logits)).numpy(),
                        predictor.probabilities(images).numpy(), atol=1e-4)
     assert timm_config(meta, predictor.model)["problem_type"] == "multi_label_classification"
+
+
+def test_the_report_of_a_multi_label_run_lists_its_map(tagged_run, tmp_path):
+    """finetune report (and compare's report) on a run without a confusion matrix."""
+    from finetune.cli import main
+
+    run, _ = tagged_run
+    assert main(["report", str(run), f"output_dir={tmp_path / 'report'}"]) == 0
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "mAP %" in text and not (tmp_path / "report" / "confusion.png").exists()

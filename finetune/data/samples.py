@@ -93,7 +93,7 @@ def relabel(labels: torch.Tensor, num_classes: int, keep: list[int]
     the images tagged with at least one of them, with those tags alone."""
     if labels.ndim == 2:
         tags = labels[:, keep]
-        mask = tags.any(1)
+        mask = tags.bool().any(1)
         return mask, tags[mask]
     table = torch.full((num_classes,), -1, dtype=torch.long)
     table[torch.tensor(keep)] = torch.arange(len(keep))

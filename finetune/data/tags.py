@@ -38,7 +38,7 @@ def read_tags(csv_file: Path) -> list[tuple[Path, list[str]]]:
     """``(file, tags)`` per row of a ``labels.csv``; a first row ``file,tags`` is a header."""
     rows = []
     try:
-        with csv_file.open(newline="", encoding="utf-8") as f:
+        with csv_file.open(newline="", encoding="utf-8-sig") as f:  # Excel writes a BOM
             for number, row in enumerate(csv.reader(f), start=1):
                 if not row or (number == 1 and row[0].strip().lower() in ("file", "filename",
                                                                          "image", "path")):
@@ -104,6 +104,10 @@ def load_tagged_folder(root: Path, test_split: float = 0.1, seed: int = 0
     if (root / "train" / LABELS_CSV).is_file() and test_dir is not None:
         train = _split(root / "train", None)
         test = _split(test_dir, train.classes)
+    elif not (root / LABELS_CSV).is_file():
+        raise DataError(f"{root}: train/{LABELS_CSV} but no test/{LABELS_CSV} or "
+                        f"val/{LABELS_CSV}; add one, or put a single {LABELS_CSV} in {root} "
+                        f"(a tenth is then held out for testing).")
     else:
         data = _split(root, None)
         held = holdout_mask(data.labels, len(data.classes), test_split, seed, at_least_one=True)
