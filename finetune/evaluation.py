@@ -18,7 +18,13 @@ from torch import nn
 from finetune.config import load_config, split_options
 from finetune.data import DataError, ImageData, is_multilabel, load_data
 from finetune.data.hub import StreamedSplit
-from finetune.data.loader import BatchTransform, Data, eval_batches, prepared_eval_loader
+from finetune.data.loader import (
+    BatchTransform,
+    Data,
+    check_counted,
+    eval_batches,
+    prepared_eval_loader,
+)
 from finetune.errors import ConfigError, OutputError, TrainingError
 from finetune.files import atomic_write_text, write_failure
 from finetune.inference import load, predict_log_probs
@@ -88,7 +94,7 @@ def evaluate(model: nn.Module, data: Data, transform: BatchTransform, loader,
     if streamed:
         confusion, loss_sum, seen, top5, calibration = (
             accelerator.reduce(t, "sum") for t in (confusion, loss_sum, seen, top5, calibration))
-    _check_counts(int(confusion.sum()), seen, streamed, len(data))
+    check_counted(seen, streamed, len(data))
     return _result(confusion.view(k, k).cpu(), float(loss_sum), int(top5), calibration, data)
 
 
@@ -129,18 +135,6 @@ def _result(confusion: torch.Tensor, loss_sum: float, top5: int, calibration: to
     if skipped:
         result["test_skipped"] = skipped
     return result
-
-
-def _check_counts(n: int, seen: torch.Tensor, streamed: bool, expected: int) -> None:
-    """Every sample counted exactly once (a stream: as many rows as announced)."""
-    if streamed and int(seen) != expected:
-        raise DataError(f"the streamed test split gave {int(seen)} rows, not the {expected} "
-                        f"expected (data.eval_limit, or the dataset card's size); set "
-                        f"data.eval_limit to at most the split's size.")
-    if not streamed and not bool((seen == 1).all()):  # each sample once, over all processes
-        raise TrainingError(f"evaluation counted {int((seen == 0).sum())} test samples never "
-                            f"and {int((seen > 1).sum())} more than once; this is a bug in "
-                            f"finetune's sharding, please report it.")
 
 
 def _eval_loader(data: Data, predictor, cfg, accelerator: Accelerator) -> tuple:

@@ -15,7 +15,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 from torch import nn
 
-from finetune.data.loader import BatchTransform, Data, eval_batches
+from finetune.data.loader import BatchTransform, Data, check_counted, eval_batches
 from finetune.errors import TrainingError
 from finetune.multilabel_metrics import multilabel_summary, tune_thresholds
 
@@ -59,10 +59,7 @@ def gathered_scores(model: nn.Module, data: Data, transform: BatchTransform, loa
         probs[idx], targets[idx] = p.cpu(), y.cpu().to(torch.uint8)
         seen.index_add_(0, idx, torch.ones_like(idx))
         scored[idx] = good.cpu()
-    if not bool((seen == 1).all()):
-        raise TrainingError(f"evaluation counted {int((seen == 0).sum())} images never and "
-                            f"{int((seen > 1).sum())} more than once; this is a bug in "
-                            f"finetune's sharding, please report it.")
+    check_counted(seen, False, len(data))
     skipped = int((~scored).sum())
     return probs[scored], targets[scored], skipped + getattr(data, "dropped", 0)
 

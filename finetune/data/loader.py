@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from finetune.data.hub import StreamedSplit
+from finetune.data.idx import DataError
 from finetune.data.samples import Samples, probe
 from finetune.data.sources import ImageData
 from finetune.data.stream import (
@@ -31,6 +32,7 @@ from finetune.data.stream import (
     epoch_permutation,
 )
 from finetune.data.workers import from_workers, loader_options
+from finetune.errors import TrainingError
 
 log = logging.getLogger(__name__)
 # Resident uint8 images, images read one at a time, or a Hugging Face stream.
@@ -343,6 +345,19 @@ def prepared_eval_loader(data: Data, transform: Callable, need: int, image_size:
     stream = (EvalSamples(data, transform, need, image_size, skip_bad)
               if isinstance(data, Samples) else None)
     return accelerator.prepare(eval_loader(data, batch_size, workers, stream))
+
+
+def check_counted(seen: torch.Tensor, streamed: bool, expected: int) -> None:
+    """Every evaluated sample counted exactly once, over all processes (``seen``: per sample;
+    a stream: the rows read, as many as announced)."""
+    if streamed and int(seen) != expected:
+        raise DataError(f"the streamed test split gave {int(seen)} rows, not the {expected} "
+                        f"expected (data.eval_limit, or the dataset card's size); set "
+                        f"data.eval_limit to at most the split's size.")
+    if not streamed and not bool((seen == 1).all()):  # each sample once, over all processes
+        raise TrainingError(f"evaluation counted {int((seen == 0).sum())} test samples never "
+                            f"and {int((seen > 1).sum())} more than once; this is a bug in "
+                            f"finetune's sharding, please report it.")
 
 
 def eval_batches(data: Data, loader: Iterable, device: torch.device
