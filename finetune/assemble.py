@@ -18,7 +18,13 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 from torch import nn
 
-from finetune.config import UNTRAINED, Config, DataConfig, check_multilabel
+from finetune.config import (
+    UNTRAINED,
+    Config,
+    DataConfig,
+    check_multilabel,
+    check_single_label,
+)
 from finetune.cpu_convs import swap_small_map_convs
 from finetune.data import (
     ImageData,
@@ -231,6 +237,8 @@ def _load(cfg: Config, state: PartialState
         train_data, test_data, source = load_data(cfg.data)
     if is_multilabel(train_data):  # data.task=auto found tags: what they cannot go with
         check_multilabel(cfg)
+    else:
+        check_single_label(cfg)
     val_data, d = None, cfg.data
     if d.folds:  # cross-validation: the held-out fold is the validation split
         train_data, val_data = fold_split(train_data, d.folds, d.fold, d.split_seed,

@@ -6,7 +6,9 @@ Each batch's rows are appended to ``FILE`` (``.csv`` or ``.jsonl``, in the image
 flushed before the next: memory stays flat in the number of images, and a job that is killed
 leaves a file whose complete lines are a valid prefix. ``--resume`` checks that prefix against
 the images and continues after it, so the finished file equals an uninterrupted run's. An
-image that cannot be read gets a row with its ``error`` (and the job goes on).
+image that cannot be read gets a row with its ``error`` (and the job goes on). A row holds the
+``--top-k`` classes and their probabilities, or for a multi-label model the labels (tags) over
+their thresholds (``model.json``) and every tag's probability (``probability_<tag>``).
 
 The images may also be a Hugging Face split (``--split``: :class:`HubImages`, rows named
 ``split[i]``). Under a launcher (``torchrun``, ``accelerate launch``) each of N processes takes
@@ -24,6 +26,7 @@ import logging
 import math
 import os
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -87,23 +90,73 @@ def _collate(items: list) -> list:
     return items  # a batch of (views or None, error): the unreadable stay in their place
 
 
-def header(top_k: int) -> list[str]:
-    return ["file", *(f"{kind}_{k}" for k in range(1, top_k + 1)
-                      for kind in ("class", "probability")), "error"]
+@dataclass(frozen=True)
+class Columns:
+    """What a row holds: a single-label model's ``top_k`` classes (``width`` of them, fewer
+    where the model has fewer classes), or a multi-label model's tags over their
+    ``thresholds`` and every class's probability (``tags``: the class names)."""
+
+    top_k: int
+    width: int
+    tags: tuple[str, ...] = ()
+    thresholds: tuple[float, ...] = ()
+
+    @classmethod
+    def of(cls, predictor: Predictor, top_k: int) -> Columns:
+        if predictor.multilabel:
+            return cls(top_k, len(predictor.class_names), tuple(predictor.class_names),
+                       tuple(predictor.meta["thresholds"]))
+        return cls(top_k, min(top_k, len(predictor.class_names)))
+
+    def header(self) -> list[str]:
+        if self.tags:
+            return ["file", "labels", *(f"probability_{t}" for t in self.tags), "error"]
+        return ["file", *(f"{kind}_{k}" for k in range(1, self.top_k + 1)
+                          for kind in ("class", "probability")), "error"]
+
+    def over(self, p: list[tuple[str, float]]) -> list[tuple[str, float]]:
+        """A multi-label row's tags at or over their thresholds, most likely first."""
+        return sorted(((c, v) for (c, v), t in zip(p, self.thresholds, strict=True) if v >= t),
+                      key=lambda cv: -cv[1])
+
+    def jsonl(self, f: str, p: list[tuple[str, float]] | None, e: str | None) -> str:
+        if not self.tags:
+            return json.dumps({"file": f, "top_k": None if p is None else _pairs(p), "error": e})
+        return json.dumps({"file": f, "labels": None if p is None else _pairs(self.over(p)),
+                           "probabilities": None if p is None else {c: round(v, 6)
+                                                                    for c, v in p},
+                           "error": e})
+
+    def cells(self, p: list[tuple[str, float]] | None) -> list[str]:
+        if self.tags:
+            return ["", *[""] * self.width] if not p else [
+                " ".join(c for c, _ in self.over(p)), *(f"{v:.6f}" for _, v in p)]
+        cells = [x for c, v in p for x in (c, f"{v:.6f}")] if p else []
+        return [*cells, *[""] * (2 * self.top_k - len(cells))]
+
+    def check(self, row: dict) -> None:
+        """A JSON line's classes are this command's (ValueError otherwise)."""
+        held = row["probabilities"] if self.tags else row["top_k"]
+        if held is not None and len(held) != self.width:
+            raise ValueError(f"its rows do not hold this model's {self.width} classes"
+                             if self.tags else
+                             f"its rows do not hold --top-k {self.top_k}'s {self.width} classes")
+
+
+def _pairs(p: list[tuple[str, float]]) -> list[dict]:
+    return [{"class": c, "probability": round(v, 6)} for c, v in p]
 
 
 def format_rows(files: list[str], probs: list[list[tuple[str, float]] | None],
-                errors: list[str | None], suffix: str, top_k: int) -> str:
+                errors: list[str | None], suffix: str, columns: Columns) -> str:
     """Lines of the output for these images, in the format of ``suffix``."""
     if suffix == ".jsonl":
-        return "".join(json.dumps({"file": f, "top_k": None if p is None else [
-            {"class": c, "probability": round(v, 6)} for c, v in p], "error": e}) + "\n"
-            for f, p, e in zip(files, probs, errors, strict=True))
+        return "".join(columns.jsonl(f, p, e) + "\n"
+                       for f, p, e in zip(files, probs, errors, strict=True))
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     for f, p, e in zip(files, probs, errors, strict=True):
-        cells = [x for c, v in p for x in (c, f"{v:.6f}")] if p else []
-        writer.writerow([f, *cells, *[""] * (2 * top_k - len(cells)), e or ""])
+        writer.writerow([f, *columns.cells(p), e or ""])
     return text.getvalue()
 
 
@@ -113,33 +166,34 @@ def _csv_text(rows: list[list[str]]) -> str:
     return text.getvalue()
 
 
-def complete_csv(text: str, top_k: int, width: int) -> tuple[list[str], str]:
+def complete_csv(text: str, columns: Columns) -> tuple[list[str], str]:
     """The files of a CSV output's complete rows, and the text they fill (a killed job's cut
     last row left out). Raises ValueError when it is not this command's output."""
-    head = _csv_text([header(top_k)])
+    head = _csv_text([columns.header()])
     if len(text) < len(head) and head.startswith(text):
         return [], ""  # nothing yet, or a cut header: it is written again
     rows = list(csv.reader(io.StringIO(text, newline="")))
-    if rows[0] != header(top_k):
-        raise ValueError(f"its header is not --top-k {top_k}'s")
+    if rows[0] != columns.header():
+        raise ValueError("its header is not this model's tags" if columns.tags else
+                         f"its header is not --top-k {columns.top_k}'s")
     while len(rows) > 1 and not text.startswith(_csv_text(rows)):
         rows.pop()  # a cut last row (quoted new lines in names included)
     return [r[0] for r in rows[1:]], _csv_text(rows)
 
 
-def complete_jsonl(text: str, top_k: int, width: int) -> tuple[list[str], str]:
+def complete_jsonl(text: str, columns: Columns) -> tuple[list[str], str]:
     """As :func:`complete_csv` for JSON lines (which escape every new line in a name)."""
     lines = text.split("\n")[:-1]  # after the last new line: a cut row, or nothing
     rows = [json.loads(line) for line in lines]
-    if any(r["top_k"] is not None and len(r["top_k"]) != width for r in rows):
-        raise ValueError(f"its rows do not hold --top-k {top_k}'s {width} classes")
+    for row in rows:
+        columns.check(row)
     return [r["file"] for r in rows], "".join(line + "\n" for line in lines)
 
 
-def start_output(out: Path, files: list[str], resume: bool, top_k: int, width: int,
+def start_output(out: Path, files: list[str], resume: bool, columns: Columns,
                  settings: dict | None = None) -> int:
     """Checks ``out`` and returns how many images it already holds, its cut last row removed
-    (0: a new file, with the CSV header written). ``width``: the classes a row holds."""
+    (0: a new file, with the CSV header written)."""
     suffix = out.suffix.lower()
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder; name a .csv or .jsonl file.")
@@ -152,7 +206,7 @@ def start_output(out: Path, files: list[str], resume: bool, top_k: int, width: i
         text = out.read_bytes().decode(**ENCODING)
         read = complete_jsonl if suffix == ".jsonl" else complete_csv
         try:
-            done, kept = read(text, top_k, width)
+            done, kept = read(text, columns)
         except (ValueError, KeyError, TypeError, IndexError, csv.Error) as e:
             raise ConfigError(f"--resume: {out} is not a predictions file of this command "
                               f"({e or type(e).__name__}); remove it to start over.") from None
@@ -166,7 +220,7 @@ def start_output(out: Path, files: list[str], resume: bool, top_k: int, width: i
         f.truncate(len(kept.encode(**ENCODING)))  # validated first, then cut
         if suffix == ".csv" and not kept:
             f.seek(0)
-            f.write(_csv_text([header(top_k)]))
+            f.write(_csv_text([columns.header()]))
     return len(done)
 
 
@@ -197,7 +251,8 @@ def predict_to_file(predictor: Predictor, images, names: list[str], out: Path, *
                     top_k: int = 3, tta: bool = False, batch_size: int = 64, workers: int = 2,
                     resume: bool = False, state: PartialState | None = None,
                     weights: Path | None = None) -> dict:
-    """Write the top-k predictions of ``images`` (files, or :class:`HubImages`), rows named
+    """Write the top-k predictions of ``images`` (files, or :class:`HubImages`; a multi-label
+    model: the tags over their thresholds and every tag's probability), rows named
     ``names``, to ``out``, on the processes of ``state``; returns counts (images written now,
     already there, unreadable). ``weights`` (a run folder or its weights file): their SHA-256
     is recorded beside ``out`` with ``tta``, which ``--resume`` checks."""
@@ -205,9 +260,9 @@ def predict_to_file(predictor: Predictor, images, names: list[str], out: Path, *
         raise ConfigError(f"--workers {workers}: a number of DataLoader workers >= 0.")
     state = state or PartialState()
     try:
-        start = _shared_start(out, names, resume, top_k, min(top_k, len(predictor.class_names)),
-                              state, weights, tta)
-        return _stream(predictor, images, names, out, start, top_k, tta, batch_size, workers,
+        columns = Columns.of(predictor, top_k)
+        start = _shared_start(out, names, resume, columns, state, weights, tta)
+        return _stream(predictor, images, names, out, start, columns, tta, batch_size, workers,
                        state)
     except OSError as e:  # a full disk, a read-only folder: one line
         reason = write_failure(e)
@@ -217,7 +272,7 @@ def predict_to_file(predictor: Predictor, images, names: list[str], out: Path, *
                           f"free space and run the same command with --resume.") from None
 
 
-def _shared_start(out: Path, names: list[str], resume: bool, top_k: int, width: int,
+def _shared_start(out: Path, names: list[str], resume: bool, columns: Columns,
                   state: PartialState, weights: Path | None, tta: bool) -> int:
     """:func:`start_output` on process 0 (which alone hashes the weights), its answer (or
     refusal) shared with every process."""
@@ -226,7 +281,7 @@ def _shared_start(out: Path, names: list[str], resume: bool, top_k: int, width: 
         try:
             settings = None if weights is None else {"model_sha256": sha256_file(
                 weights / "model.safetensors" if weights.is_dir() else weights), "tta": tta}
-            answer = [start_output(out, names, resume, top_k, width, settings)]
+            answer = [start_output(out, names, resume, columns, settings)]
         except (ConfigError, OSError) as e:  # every process stops with it, none waits
             answer = [e]
     if state.num_processes > 1:
@@ -236,8 +291,9 @@ def _shared_start(out: Path, names: list[str], resume: bool, top_k: int, width: 
     return answer[0]
 
 
-def _stream(predictor: Predictor, images, names: list[str], out: Path, start: int, top_k: int,
-            tta: bool, batch_size: int, workers: int, state: PartialState) -> dict:
+def _stream(predictor: Predictor, images, names: list[str], out: Path, start: int,
+            columns: Columns, tta: bool, batch_size: int, workers: int, state: PartialState
+            ) -> dict:
     """Batch ``b`` of the images after ``start`` is predicted by process ``b % N``; round by
     round, process 0 appends the N batches' rows in order."""
     rank, world = state.process_index, state.num_processes
@@ -254,7 +310,7 @@ def _stream(predictor: Predictor, images, names: list[str], out: Path, start: in
             part = ("", 0)
             if first + rank < batches:
                 b = start + (first + rank) * batch_size
-                part = _rows(predictor, next(loader), names[b:b + batch_size], suffix, top_k)
+                part = _rows(predictor, next(loader), names[b:b + batch_size], suffix, columns)
             parts = gather_object([part]) if world > 1 else [part]
             bad += sum(n for _, n in parts)
             if main:
@@ -269,22 +325,25 @@ def _stream(predictor: Predictor, images, names: list[str], out: Path, start: in
     return {"written": len(names) - start, "already": start, "unreadable": bad}
 
 
-def _rows(predictor: Predictor, batch: list, names: list[str], suffix: str, top_k: int
+def _rows(predictor: Predictor, batch: list, names: list[str], suffix: str, columns: Columns
           ) -> tuple[str, int]:
     """One batch's output lines, and how many of its images could not be read."""
-    probs = iter(_top_k(predictor, [v for v, _ in batch if v is not None], top_k))
+    probs = iter(_scored(predictor, [v for v, _ in batch if v is not None], columns))
     results = [None if v is None else next(probs) for v, _ in batch]
     errors = [e for _, e in batch]
-    return (format_rows(names, results, errors, suffix, top_k),
+    return (format_rows(names, results, errors, suffix, columns),
             sum(e is not None for e in errors))
 
 
 @torch.inference_mode()
-def _top_k(predictor: Predictor, views: list[torch.Tensor], top_k: int
-           ) -> list[list[tuple[str, float]]]:
+def _scored(predictor: Predictor, views: list[torch.Tensor], columns: Columns
+            ) -> list[list[tuple[str, float]]]:
+    """Each image's top-k ``(class, probability)``, or (multi-label) every class's."""
     if not views:
         return []
-    stacked = torch.stack(views).to(predictor.device)  # (N, V, C, H, W)
-    log_probs = predictor.log_probs(list(stacked.unbind(1)))
-    return top_classes(log_probs.exp(), predictor.class_names, top_k)
+    views = list(torch.stack(views).to(predictor.device).unbind(1))  # V of (N, C, H, W)
+    if columns.tags:
+        probs = predictor.tag_probs(views).tolist()
+        return [list(zip(columns.tags, row, strict=True)) for row in probs]
+    return top_classes(predictor.log_probs(views).exp(), predictor.class_names, columns.top_k)
 

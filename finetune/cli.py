@@ -105,11 +105,11 @@ def _prediction_inputs(ns: argparse.Namespace, predictor) -> tuple:
 def _predict_to_file(ns: argparse.Namespace) -> None:
     """predict --out: streamed, resumable, on every process the launcher started."""
     from finetune.batch_predict import predict_to_file
-    from finetune.inference import load, single_label
+    from finetune.inference import load
     from finetune.speed import joined_processes
 
     with joined_processes() as state:
-        predictor = single_label(load(ns.model, device=state.device), "predict --out")
+        predictor = load(ns.model, device=state.device)
         images, names = _prediction_inputs(ns, predictor)
         done = predict_to_file(predictor, images, names, ns.out, top_k=ns.top_k, tta=ns.tta,
                                batch_size=ns.batch_size, workers=ns.workers, resume=ns.resume,
@@ -276,6 +276,11 @@ def _export_onnx(ns: argparse.Namespace) -> None:
     if ns.args and not ns.int8:
         raise ConfigError(f"export-onnx takes data.* overrides only with --int8 (the data it "
                           f"calibrates and measures on); got {' '.join(ns.args)}.")
+    if ns.int8:  # refused before the fp32 file is written
+        from finetune.export import read_meta
+        from finetune.inference import refuse_tags
+
+        refuse_tags(read_meta(ns.run_dir)[1], "--int8 (its accuracy check)")
     fp32 = export_onnx(ns.run_dir, ns.out)
     print(f"wrote {fp32}")
     if ns.int8:

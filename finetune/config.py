@@ -549,11 +549,7 @@ def validate(cfg: Config) -> None:
     _check_transforms(cfg.data)
     _check_balance(cfg)
     _check_method(cfg)
-    if cfg.data.task == "multilabel":
-        check_multilabel(cfg)
-    if cfg.data.source == "imagefolder" and not cfg.data.root:
-        raise ConfigError("data.source=imagefolder needs data.root=PATH "
-                          "(a folder with one subfolder of images per class).")
+    _check_source(cfg)
     if cfg.model.weights and not cfg.model.pretrained:
         raise ConfigError(f"model.weights={cfg.model.weights} is set but model.pretrained=false; "
                           "set model.pretrained=true to load it, or drop model.weights.")
@@ -627,6 +623,17 @@ def _check_method(cfg: Config) -> None:
                           "set finetune.feature_views=1.")
 
 
+def _check_source(cfg: Config) -> None:
+    """What the data's source and declared task need."""
+    if cfg.data.task == "multilabel":
+        check_multilabel(cfg)
+    elif cfg.data.task == "single":
+        check_single_label(cfg)
+    if cfg.data.source == "imagefolder" and not cfg.data.root:
+        raise ConfigError("data.source=imagefolder needs data.root=PATH "
+                          "(a folder with one subfolder of images per class).")
+
+
 def check_multilabel(cfg: Config) -> None:
     """What multi-label training (data.task=multilabel, or auto on list-valued labels) does
     not take: each refused with the reason."""
@@ -645,6 +652,14 @@ def check_multilabel(cfg: Config) -> None:
                           f"a class) on cached features, one class per image; multi-label data "
                           f"needs a head trained with a sigmoid per tag: use finetune.method="
                           f"full or lora.")
+
+
+def check_single_label(cfg: Config) -> None:
+    """What single-label training (one class per image) does not take."""
+    if cfg.train.pos_weight != "none":
+        raise ConfigError(f"train.pos_weight={cfg.train.pos_weight} weighs the positives of a "
+                          f"sigmoid per tag (multi-label data); this data has one class per "
+                          f"image: use train.class_weights=balanced, or drop train.pos_weight.")
 
 
 MAX_FOLDS = 100  # more folds than this is leave-few-out, a run per handful of images

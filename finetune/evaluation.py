@@ -268,12 +268,12 @@ def _measure_tags(predictor, data, loader, accelerator: Accelerator, tta: bool) 
     each beside them (``at_0.5``), and ``tta`` alike."""
     if not is_multilabel(data):
         raise DataError("the model is multi-label (a sigmoid per class) but the test data has "
-                        "one label per image; evaluate it on tagged data (data.task=auto).")
+                        "one label per image; evaluate it on tagged data (data.task=multilabel).")
     with accelerator.autocast():
-        probs, targets, skipped = gathered_scores(predictor.model, data, predictor.transform,
-                                                  loader, accelerator)
-        result = score(probs, targets, predictor.thresholds, skipped)
-        result["at_0.5"] = {k.removeprefix("test_"): v for k, v in score(probs, targets).items()
+        scored = gathered_scores(predictor.model, data, predictor.transform, loader,
+                                 accelerator)
+        result = score(scored, predictor.thresholds)
+        result["at_0.5"] = {k.removeprefix("test_"): v for k, v in score(scored).items()
                             if k.startswith("test_f1") or k == "test_acc"}
         if tta:
             with_tta = evaluate_multilabel(predictor.model, data, predictor.transform, loader,
@@ -281,7 +281,7 @@ def _measure_tags(predictor, data, loader, accelerator: Accelerator, tta: bool) 
             result["tta"] = {k.removeprefix("test_"): v for k, v in with_tta.items()
                              if k != "per_class"}
     result["thresholds"] = predictor.meta["thresholds"]
-    result["pr_curves"] = pr_curves(probs, targets)
+    result["pr_curves"] = pr_curves(scored.probs, scored.targets)
     return result
 
 

@@ -120,11 +120,18 @@ class Predictor:
     def log_probs(self, views: list[torch.Tensor]) -> torch.Tensor:
         """Log-probabilities (float32) of a batch given as normalized views on the model's
         device, in the precision the model was evaluated in: the views' average."""
+        if self.multilabel:
+            return self.tag_probs(views).log()
         with torch.autocast(self.device.type, dtype=torch.bfloat16,
                             enabled=self.precision == "bf16"):
-            if self.multilabel:  # each tag's own probability: sigmoids averaged
-                return sigmoid_probs(self.model, views).log()
             return predict_log_probs(self.model, views)
+
+    def tag_probs(self, views: list[torch.Tensor]) -> torch.Tensor:
+        """A multi-label model's probabilities (float32) of a batch of views: each tag's
+        sigmoid, averaged over the views."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16,
+                            enabled=self.precision == "bf16"):
+            return sigmoid_probs(self.model, views)
 
     def probabilities(self, images: torch.Tensor | list[str | Path | Image.Image | torch.Tensor],
                       tta: bool = False) -> torch.Tensor:
@@ -185,11 +192,16 @@ def top_classes(probs: torch.Tensor, names: list[str], top_k: int
 def single_label(predictor: Predictor, what: str) -> Predictor:
     """``predictor``, unless it is multi-label, which ``what`` (a command that reads one
     class per image from a softmax) refuses with one line."""
-    if predictor.multilabel:
+    refuse_tags(predictor.meta, what)
+    return predictor
+
+
+def refuse_tags(meta: dict, what: str) -> None:
+    """:func:`single_label` on a ``model.json``, before anything is loaded or written."""
+    if meta.get("task") == "multilabel":
         raise ConfigError(f"{what} reads one class per image (a softmax); this model is "
                           f"multi-label (a sigmoid per tag: model.json's task): finetune "
                           f"predict and finetune evaluate score its tags.")
-    return predictor
 
 
 def tags_over(probs: torch.Tensor, names: list[str], thresholds: torch.Tensor

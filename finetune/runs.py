@@ -349,10 +349,11 @@ def keep_best(model: nn.Module, out: Path) -> None:
 
 
 def export_run(out: Path, model: nn.Module, meta: dict, records: list[dict], best: int | None,
-               cfg: Config, ema: nn.Module | None = None, ema_decay: float = 0.0) -> None:
+               cfg: Config, ema: nn.Module | None = None, ema_meta: dict | None = None) -> None:
     """Export the run's model: the last epoch's weights, or with early stopping (``best``)
-    the best epoch's; the weight average's (``ema``) into ``<run>/ema``. Each export folder
-    gets its model card (README.md): a Hub model repository."""
+    the best epoch's; the weight average's (``ema``, its own entries of model.json in
+    ``ema_meta``: ema_decay, a multi-label model's thresholds) into ``<run>/ema``. Each export
+    folder gets its model card (README.md): a Hub model repository."""
     if best is not None:
         model.load_state_dict(load_file(out / BEST))
         key = watched(records[best - 1])
@@ -364,7 +365,7 @@ def export_run(out: Path, model: nn.Module, meta: dict, records: list[dict], bes
     _save_export(model, meta, out, cfg)
     write_model_card(out, meta, record, cfg)
     if ema is not None:
-        _save_export(ema, {**meta, "ema_decay": ema_decay}, out / EMA, cfg)
+        _save_export(ema, {**meta, **(ema_meta or {})}, out / EMA, cfg)
         # the average's own test numbers (its confusion matrix is not kept)
         ema_record = {k.replace("ema_test_", "test_"): v for k, v in record.items()
                       if k.startswith("ema_test_")}

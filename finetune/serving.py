@@ -2,9 +2,10 @@
 
 - ``POST /predict``: images as ``multipart/form-data`` files, or JSON
   ``{"images": [BASE64, ...], "names": [...], "top_k": 5, "tta": false}``; ``top_k`` and
-  ``tta`` also as query parameters. Each image is decoded and preprocessed exactly as
-  ``finetune predict`` does it (:meth:`Predictor.views`), and concurrent requests share model
-  calls (:class:`~finetune.batching.Batcher`).
+  ``tta`` also as query parameters. Each image gets its ``top_k`` classes; a multi-label
+  model's also its ``labels``, the tags over their thresholds. Each image is decoded and
+  preprocessed exactly as ``finetune predict`` does it (:meth:`Predictor.views`), and
+  concurrent requests share model calls (:class:`~finetune.batching.Batcher`).
 - ``GET /health``, ``GET /metadata`` (classes, preprocessing, test metrics, the model card),
   ``GET /openapi.json``, and ``GET /``: a page to drop images on (no external resources).
 - Limits: the request body (413), an image's pixels (413, before it is decoded: decompression
@@ -37,13 +38,13 @@ from starlette.requests import ClientDisconnect
 from finetune.batching import Batcher
 from finetune.data.images import open_image
 from finetune.errors import DataError, FinetuneError
-from finetune.inference import Predictor, load, single_label, top_classes
+from finetune.inference import Predictor, load, tags_over, top_classes
 from finetune.serve_limits import BodyLimit, Limits, error_response
 
 PAGE = Path(__file__).with_name("web") / "index.html"
 SETTINGS_ENV = "FINETUNE_SERVE"  # how uvicorn's worker processes get the settings
 METRICS = ("test_acc", "test_top5_acc", "test_balanced_acc", "test_macro_f1", "test_ece",
-           "test_loss")
+           "test_loss", "test_map", "test_f1_micro", "test_f1_macro")
 
 
 @dataclass
@@ -68,7 +69,7 @@ def metadata(predictor: Predictor, run: Path) -> dict:
     meta = predictor.meta
     keys = ("architecture", "num_classes", "in_chans", "image_size", "mean", "std", "crop_pct",
             "interpolation", "resize", "recipe", "pretrained", "augment", "train_images",
-            "test_images")
+            "test_images", "task", "thresholds")
     folder = run if run.is_dir() else run.parent
     try:
         record = read_metrics(folder)[-1] if (folder / "metrics.jsonl").is_file() else {}
@@ -178,8 +179,10 @@ def _options(request: Request, body: dict, num_classes: int) -> tuple[int, bool]
 
 def create_app(settings: Settings) -> FastAPI:
     """The application: the model loaded once, its batcher running while the app lives."""
-    predictor = single_label(load(settings.run, device=settings.device), "finetune serve")
-    batcher = Batcher(lambda views: predictor.log_probs(views), settings.max_batch,
+    predictor = load(settings.run, device=settings.device)
+    # Probabilities: a softmax's (as logs, exact for small ones) or each tag's sigmoid.
+    score = predictor.tag_probs if predictor.multilabel else predictor.log_probs
+    batcher = Batcher(lambda views: score(views), settings.max_batch,
                       settings.batch_wait_ms / 1000)
     info = metadata(predictor, Path(settings.run))
 
@@ -238,11 +241,27 @@ def _routes(app: FastAPI, predictor: Predictor, batcher: Batcher, info: dict,
                     views.append(await run_in_threadpool(decode, predictor, d, n,
                                                          limits.max_pixels, tta))
             future = batcher.submit(torch.stack(views))
-        log_probs = await asyncio.wrap_future(future)
-        ranked = top_classes(log_probs.exp(), predictor.class_names, top_k)
-        return {"model": info["name"], "predictions": [
-            {"file": n, "top_k": [{"class": c, "probability": round(p, 6)} for c, p in r]}
-            for n, r in zip(names, ranked, strict=True)]}
+        scores = await asyncio.wrap_future(future)
+        return {"model": info["name"], "predictions": predictions(predictor, scores, names, top_k)}
+
+
+def predictions(predictor: Predictor, scores: torch.Tensor, names: list[str], top_k: int
+                ) -> list[dict]:
+    """Each image's ``top_k`` classes by probability; a multi-label model's also its
+    ``labels``: every tag at or over its threshold (``model.json``), most likely first."""
+    multilabel = predictor.multilabel
+    probs = scores if multilabel else scores.exp()
+    out = [{"file": n, "top_k": _pairs(r)}
+           for n, r in zip(names, top_classes(probs, predictor.class_names, top_k), strict=True)]
+    if multilabel:
+        for row, tags in zip(out, tags_over(probs, predictor.class_names, predictor.thresholds),
+                             strict=True):
+            row["labels"] = _pairs(tags)
+    return out
+
+
+def _pairs(ranked: list[tuple[str, float]]) -> list[dict]:
+    return [{"class": c, "probability": round(p, 6)} for c, p in ranked]
 
 
 async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -261,10 +280,12 @@ async def _validation_error(request: Request, e: RequestValidationError) -> JSON
                                f"{first.get('msg', 'invalid request')}")
 
 
+PAIRS = {"type": "array", "items": {"type": "object", "properties": {
+    "class": {"type": "string"}, "probability": {"type": "number"}}}}
 PREDICTION = {"type": "object", "properties": {
-    "file": {"type": "string"},
-    "top_k": {"type": "array", "items": {"type": "object", "properties": {
-        "class": {"type": "string"}, "probability": {"type": "number"}}}}}}
+    "file": {"type": "string"}, "top_k": PAIRS,
+    "labels": {**PAIRS, "description": "multi-label models only: the tags at or over their "
+                                       "thresholds"}}}
 PREDICT_BODY = {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "properties": {
         "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},

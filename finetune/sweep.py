@@ -37,6 +37,7 @@ from matplotlib.ticker import LogFormatter
 from finetune.assemble import check_model, set_up
 from finetune.compare import parse_seeds
 from finetune.config import PROBES, SCHEMA_KEYS, Config, flat_config, load_config, split_options
+from finetune.data import multilabel_data
 from finetune.errors import (
     ConfigError,
     FinetuneError,
@@ -116,14 +117,23 @@ def plan_sweep(args: list[str], train_best: str | None = None, command: str = ""
     for c in found.values():
         c.args = [*common, "model.pretrained=true", "finetune.method=linear", *c.args,
                   *(own.get(c.entry, []) if c.entry != c.name else []), *own.get(c.name, [])]
-        c.settings = settings(load_config(c.args))
+        cfg = load_config(c.args)
+        c.settings = settings(cfg)
         if train_best:
             _check_method(c, train_best)
+    _single_label(cfg)
     out = Path(options.get("output_dir") or Path("runs") / "sweeps"
                / time.strftime("%Y%m%d-%H%M%S"))
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir={out} is a file; pass a folder for the sweep.")
     return Sweep(list(found.values()), seeds, out, command)
+
+
+def _single_label(cfg: Config) -> None:
+    if multilabel_data(cfg.data):
+        raise ConfigError("finetune sweep ranks backbones by linear probes and kNN, which read "
+                          "one label per image, and this data is multi-label (tags); compare "
+                          "backbones trained on it with `finetune compare` instead.")
 
 
 def split_overrides(args: list[str]) -> tuple[list[str], dict[str, list[str]]]:

@@ -160,12 +160,11 @@ def finish(cfg: Config, out: Path, parts: Parts, t: Training, accelerator: Accel
     """Export (the best epoch's weights with early stopping) and return its metrics."""
     best, _ = early_stopping(records, cfg.train.early_stopping)  # None without early stopping
     unreadable = len(set(gather_object(sorted(t.loader.bad_items))))  # streamed, skipped
-    meta = parts.meta(cfg, unreadable)
+    meta, ema_meta = parts.meta(cfg, unreadable), {"ema_decay": cfg.train.ema_decay}
     if meta["task"] == "multilabel":  # thresholds of the weights exported, on every process
-        meta.update(export_thresholds(t, out / BEST if best else None, parts, accelerator))
+        export_thresholds(t, out / BEST if best else None, parts, accelerator, meta, ema_meta)
     if accelerator.is_main_process:
-        export_run(out, t.raw, meta, records, best, cfg,
-                   t.ema.module if t.ema else None, cfg.train.ema_decay)
+        export_run(out, t.raw, meta, records, best, cfg, t.ema.module if t.ema else None, ema_meta)
     tracking.log_run_figures(accelerator, out, records, parts.train_data.classes,
                     records[-1]["epoch"] * t.steps_per_epoch)
     accelerator.wait_for_everyone()

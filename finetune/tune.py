@@ -1,13 +1,14 @@
 """``finetune tune``: hyperparameter search with Optuna (the ``tune`` extra).
 
     finetune tune recipe=NAME 'train.lr=loguniform(1e-3,1)' 'train.label_smoothing=uniform(0,0.2)'
-        [n_trials=20] [timeout=SECONDS] [pruner=median|hyperband|none] [metric=val_acc]
+        [n_trials=20] [timeout=SECONDS] [pruner=median|hyperband|none] [metric=val_acc|val_map]
         [seed=0] [parallel=1] [output_dir=DIR] [launcher="accelerate launch ..."] [key=value ...]
 
 Every trial is an ordinary run folder (``DIR/trialNNNN``) trained in its own process through
 ``launcher``, as ``finetune compare`` trains; its epochs are reported to the study from its
 ``metrics.jsonl`` as they are written, and a trial the pruner stops gets SIGTERM. Trials are
-scored on the validation split (``metric``, a ``val_*`` key), never on the test split. The
+scored on the validation split (``metric``, a ``val_*`` key: by default ``val_acc``, on
+multi-label data ``val_map``), never on the test split. The
 study lives in ``DIR/study.db`` (SQLite): the same command after a kill resumes it, taking up
 the trials that were running (from their checkpoints where they have them) and running trials
 until ``n_trials`` have finished (completed or pruned). Trial 0 is the recipe's own settings,
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from finetune.compare import parse_launcher
 from finetune.config import flat_config, load_config, split_options
+from finetune.data import multilabel_data
 from finetune.errors import ConfigError
 from finetune.search_space import Dimension, as_override, check_space, split_space
 
@@ -42,7 +44,7 @@ METRICS = ("val_acc", "val_loss", "val_top5_acc", "val_balanced_acc", "val_macro
            "val_map", "val_f1_micro", "val_f1_macro")  # the last three: multi-label data
 USAGE = ("usage: finetune tune recipe=NAME KEY=loguniform(a,b)|uniform(a,b)|int(a,b)|"
          "choice(a,b,...) [n_trials=20] [timeout=S] [pruner=median|hyperband|none] "
-         "[metric=val_acc] [seed=0] [parallel=1] [output_dir=DIR] [key=value ...]")
+         "[metric=val_acc|val_map] [seed=0] [parallel=1] [output_dir=DIR] [key=value ...]")
 
 
 @dataclass
@@ -138,7 +140,7 @@ def plan_tune(args: list[str]) -> TuneSpec:
     if not cfg.data.val_split:
         raise ConfigError("finetune tune scores every trial on a validation split, never on the "
                           "test split: set data.val_split (e.g. data.val_split=0.1).")
-    metric = options.get("metric", "val_acc")
+    metric = options.get("metric") or ("val_map" if multilabel_data(cfg.data) else "val_acc")
     if metric not in METRICS:
         raise ConfigError(f"metric={metric}: the search reads a validation metric, one of "
                           f"{', '.join(METRICS)} (never the test split's).")

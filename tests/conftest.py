@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import random
@@ -10,6 +11,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import hypothesis
@@ -141,6 +143,40 @@ def resumes_identically(args: list[str], run: Path, checkpoint: str) -> None:
     assert again.keys() == weights.keys(), checkpoint
     assert all(torch.equal(weights[k], again[k]) for k in weights), checkpoint
     assert untimed_metrics(run) == records, checkpoint
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(run: Path, *options: str):
+    """``finetune serve RUN OPTIONS`` as its own process on a free port, up; its URL."""
+    import httpx
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "finetune", "serve", str(run), "--port",
+                             str(port), *options],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"the server did not start: {proc.stdout.read()}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def refused(capsys, argv: list[str], *needles: str) -> str:

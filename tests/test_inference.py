@@ -201,7 +201,7 @@ def test_a_killed_batch_prediction_resumes_to_the_same_file(trained, tmp_path, m
     whole, cut = tmp_path / f"whole{suffix}", tmp_path / f"cut{suffix}"
     args = [str(run), str(images), "--batch-size", "4", "--workers", "0"]
     assert cli_main(["predict", *args, "--out", str(whole)]) == 0
-    real, calls = batch._top_k, []
+    real, calls = batch._scored, []
 
     def dies(*a, **k):  # killed during its third batch, after two were written
         calls.append(1)
@@ -209,11 +209,11 @@ def test_a_killed_batch_prediction_resumes_to_the_same_file(trained, tmp_path, m
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(batch, "_top_k", dies)
+    monkeypatch.setattr(batch, "_scored", dies)
     assert cli_main(["predict", *args, "--out", str(cut)]) == 130
     with cut.open("a") as f:  # and a kill in the middle of a line
         f.write('{"file": "half' if suffix == ".jsonl" else "/half,writ")
-    monkeypatch.setattr(batch, "_top_k", real)
+    monkeypatch.setattr(batch, "_scored", real)
     capsys.readouterr()
     assert cli_main(["predict", *args, "--out", str(cut)]) == 2  # not silently overwritten
     assert "--resume" in capsys.readouterr().err

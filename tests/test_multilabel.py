@@ -100,7 +100,7 @@ def tagged_run(tmp_path_factory, _fixed_cpu_precision):
     root = tmp_path_factory.mktemp("tagged")
     data = write_tagged_hf(root / "hf")
     train_main(load_config(_args(data, root / "run", "data.source=hf", "data.val_split=0.25",
-                                 "train.epochs=6")))
+                                 "train.epochs=6", "train.ema_decay=0.9")))
     return root / "run", data
 
 
@@ -141,6 +141,9 @@ def test_labels_csv_rows_are_read_in_either_separator(tmp_path):
     ("file,tags\nmissing.png,dog\n", ["missing.png", "is not a file"]),
     ("file,tags\na.png,dog\na.png,cat\n", ["rows 2 and 3", "a.png"]),
     ("file,tags\n", ["no rows"]),
+    ("file,tags\n../a.png,dog\n", ["'../a.png'", "is outside"]),
+    ("file,tags\n/etc/passwd,dog\n", ["'/etc/passwd'", "is outside"]),
+    ("file,tags\na.png,dog\n./a.png,cat\n", ["rows 2 and 3", "'./a.png'"]),
 ])
 def test_bad_labels_csv_is_one_line(tmp_path, capsys, csv_text, needles):
     root = tmp_path / "data"
@@ -156,7 +159,64 @@ def test_a_test_tag_outside_the_training_tags_is_one_line(tmp_path, capsys):
     rows[3] = rows[3].split(",")[0] + ",zebra"
     (root / "test" / "labels.csv").write_text("\n".join(rows) + "\n")
     refused(capsys, ["train", *_args(root, tmp_path / "run")], "'zebra'", "not among",
-            "bottom_left")
+            "bottom_left", "002.png")
+
+
+def test_a_file_in_both_the_training_and_the_test_csv_is_one_line(tmp_path, capsys):
+    root = write_tagged(tmp_path / "tagged", 40, 10)
+    (root / "test" / "copy.png").symlink_to(root / "train" / "005.png")
+    with (root / "test" / "labels.csv").open("a") as f:
+        f.write("copy.png,top_left\n")
+    refused(capsys, ["train", *_args(root, tmp_path / "run")], "both the training and the test",
+            "005.png")
+
+
+def test_data_classes_on_tags_keeps_every_image(tmp_path):
+    from finetune.config import DataConfig
+
+    root = write_tagged(tmp_path / "tagged")
+    full, _, _ = load_data(DataConfig(root=str(root)))
+    kept, _, _ = load_data(DataConfig(root=str(root), classes=["top_right", "bottom_left"]))
+    assert kept.classes == ["top_right", "bottom_left"] and len(kept) == len(full)
+    assert torch.equal(kept.labels, full.labels[:, [3, 0]])  # untagged now: targets all 0
+
+
+def test_source_imagefolder_reads_the_class_folders_beside_a_labels_csv(tmp_path):
+    from finetune.config import DataConfig
+
+    root = tmp_path / "both"
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        for i in range(10):
+            Image.new("L", (8, 8), i * 20).save(root / c / f"{i}.png")
+    (root / "labels.csv").write_text("".join(f"{c}/{i}.png,{c} pet\n" for c in ("cat", "dog")
+                                             for i in range(10)))
+    tagged, _, source = load_data(DataConfig(root=str(root)))
+    assert source.startswith("tagged:") and tagged.classes == ["cat", "dog", "pet"]
+    single, _, source = load_data(DataConfig(root=str(root), source="imagefolder"))
+    assert source.startswith("imagefolder:") and single.labels.ndim == 1
+
+
+def test_integer_tags_are_classes_in_numeric_order(tmp_path):
+    import datasets
+
+    from finetune.config import DataConfig
+
+    pngs = []
+    for a in tagged_images(20, 0)[0]:
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="PNG")
+        pngs.append({"bytes": buf.getvalue(), "path": None})
+    features = datasets.Features({"image": datasets.Image(),
+                                  "labels": datasets.Sequence(datasets.Value("int64"))})
+    tags = [[10, 2], [1], [], [2, 1, 10]] * 5
+    datasets.Dataset.from_dict({"image": pngs, "labels": tags}, features=features) \
+        .save_to_disk(str(tmp_path / "ints"))
+    train, test, _ = load_data(DataConfig(root=str(tmp_path / "ints"), source="hf"))
+    assert train.classes == ["1", "2", "10"]
+    both = torch.cat([train.labels, test.labels])
+    assert sorted(map(tuple, both.tolist())) == sorted(
+        [tuple(int(str(c) in map(str, t)) for c in (1, 2, 10)) for t in tags])
 
 
 def test_single_labels_become_one_tag_each_with_task_multilabel(fmnist_dir):
@@ -202,6 +262,17 @@ def test_the_step_loss_is_binary_cross_entropy_with_pos_weight():
     assert opts.multilabel and torch.equal(opts.pos_weight, weights)
 
 
+def test_the_test_loss_comes_from_the_logits_not_rounded_sigmoids():
+    from finetune.multilabel import _scores
+
+    logits = torch.tensor([[40.0, -40.0, 0.0]])
+    targets = torch.tensor([[0.0, 1.0, 1.0]])
+    probs, losses = _scores(lambda v: v, [logits], targets)
+    expected = F.binary_cross_entropy_with_logits(logits, targets).item()  # (40 + 40 + ln 2) / 3
+    assert losses.item() == pytest.approx(expected, rel=1e-6) and expected > 26.8
+    assert torch.equal(probs, torch.sigmoid(logits))
+
+
 def test_mixup_mixes_multi_hot_targets():
     x = torch.randn(4, 1, 8, 8)
     labels = torch.tensor([[1, 0, 1], [0, 1, 0], [0, 0, 0], [1, 1, 1]], dtype=torch.uint8)
@@ -219,6 +290,29 @@ def test_mixup_mixes_multi_hot_targets():
 def test_what_multi_label_data_cannot_go_with_is_one_line(tmp_path, capsys, extra, needles):
     root = write_tagged(tmp_path / "tagged", 40, 10)
     refused(capsys, ["train", *_args(root, tmp_path / "run", *extra)], *needles)
+
+
+def test_pos_weight_on_single_label_data_is_one_line(fmnist_dir, tmp_path, capsys):
+    refused(capsys, ["train", *_args(fmnist_dir, tmp_path / "run", "train.pos_weight=balanced")],
+            "train.pos_weight=balanced", "one class per image")
+
+
+def test_a_sweep_of_tagged_data_is_refused_before_any_model(tmp_path, capsys):
+    root = write_tagged(tmp_path / "tagged", 40, 10)
+    refused(capsys, ["sweep", "models=resnet18", f"data.root={root}",
+                     f"output_dir={tmp_path / 'sweep'}"], "multi-label", "finetune compare")
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_a_search_on_tags_scores_val_map_by_default(tmp_path):
+    from finetune.tune import plan_tune
+
+    root = write_tagged(tmp_path / "tagged", 40, 10)
+    args = ["recipe=resnet18_scratch_fmnist", f"data.root={root}", "data.val_split=0.25",
+            "train.lr=loguniform(0.001,0.1)", f"output_dir={tmp_path / 'tune'}"]
+    assert plan_tune(args).metric == "val_map"
+    assert plan_tune([*args, "metric=val_acc"]).metric == "val_acc"
+    assert plan_tune([*args[:1], *args[2:]]).metric == "val_acc"  # Fashion-MNIST
 
 
 # --- after training ---------------------------------------------------------------------------
@@ -282,10 +376,127 @@ def test_two_process_multilabel_evaluation_equals_one_process(tagged_run, tmp_pa
         assert two[key] == pytest.approx(single[key], abs=1e-6), key
 
 
-def test_serving_and_inspecting_a_multi_label_model_is_one_line(tagged_run, capsys, tmp_path):
+@pytest.fixture(scope="module")
+def tagged_files(tagged_run, tmp_path_factory) -> list[Path]:
+    """Six tagged test images as PNG files."""
+    folder = tmp_path_factory.mktemp("tagged-files")
+    files = [folder / f"{i}.png" for i in range(6)]
+    for a, f in zip(tagged_images(6, 1)[0], files, strict=True):
+        Image.fromarray(a).save(f)
+    return files
+
+
+def test_batch_prediction_writes_tags_and_every_probability(tagged_run, tagged_files,
+                                                            tmp_path):
+    import finetune
+    from finetune.cli import main
+
+    run, _ = tagged_run
+    predictor = finetune.load(run)
+    expected, probs = predictor.predict(tagged_files), predictor.probabilities(tagged_files)
+    out = tmp_path / "tags.jsonl"
+    assert main(["predict", str(run), *map(str, tagged_files[:4]), "--out", str(out),
+                 "--batch-size", "3", "--workers", "0"]) == 0
+    assert main(["predict", str(run), *map(str, tagged_files), "--out", str(out),
+                 "--batch-size", "3", "--workers", "0", "--resume"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["file"] for r in rows] == list(map(str, tagged_files))
+    for row, want, p in zip(rows, expected, probs, strict=True):
+        assert [t["class"] for t in row["labels"]] == [c for c, _ in want]
+        assert [row["probabilities"][t] for t in TAGS] == pytest.approx(p.tolist(), abs=1e-6)
+    table = tmp_path / "tags.csv"
+    assert main(["predict", str(run), *map(str, tagged_files), "--out", str(table),
+                 "--workers", "0"]) == 0
+    lines = list(csv.reader(table.open()))
+    assert lines[0] == ["file", "labels", *(f"probability_{t}" for t in TAGS), "error"]
+    assert [r[1] for r in lines[1:]] == [" ".join(c for c, _ in want) for want in expected]
+
+
+def test_serving_a_multi_label_model_answers_its_tags(tagged_run, tagged_files):
+    import httpx
+    from conftest import serving
+
+    import finetune
+
+    run, _ = tagged_run
+    predictor = finetune.load(run)
+    expected, probs = predictor.predict(tagged_files), predictor.probabilities(tagged_files)
+    with serving(run) as url:
+        meta = httpx.get(f"{url}/metadata", timeout=30).json()
+        answer = httpx.post(f"{url}/predict", params={"top_k": 4}, timeout=60,
+                            files=[("files", (f.name, f.read_bytes())) for f in tagged_files])
+        page = _page_rows(url, tagged_files[:2])
+    assert meta["task"] == "multilabel" and meta["thresholds"] == predictor.meta["thresholds"]
+    assert "test_map" in meta["metrics"]
+    assert answer.status_code == 200, answer.text
+    for got, want, p in zip(answer.json()["predictions"], expected, probs, strict=True):
+        assert [t["class"] for t in got["labels"]] == [c for c, _ in want]
+        assert [t["probability"] for t in got["labels"]] == pytest.approx(
+            [v for _, v in want], abs=2e-6)
+        assert sorted(t["class"] for t in got["top_k"]) == sorted(TAGS)
+        assert [t["probability"] for t in got["top_k"]] == pytest.approx(
+            sorted(p.tolist(), reverse=True), abs=2e-6)
+    if page is not None:  # the page in a real browser: the labels line of each image
+        facts, labels = page
+        assert "4 tags, test mAP" in facts
+        assert labels == [("labels: " + ", ".join(c for c, _ in want)) if want
+                          else "no tag over its threshold" for want in expected[:2]]
+
+
+def _page_rows(url: str, files: list[Path]) -> tuple[str, list[str]] | None:
+    """The page's facts line and each result's labels line, in headless Chromium (None where
+    Playwright or Chromium is missing)."""
+    import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        return None
+    if chromium is None:
+        return None
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(url)
+        page.set_input_files("#files", [str(f) for f in files])
+        page.wait_for_selector(".result", timeout=30_000)
+        page.wait_for_function("document.querySelector('#facts').textContent.length > 0")
+        labels = page.locator(".result .labels").all_inner_texts()
+        facts = page.locator("#facts").inner_text()
+        browser.close()
+    return facts, labels
+
+
+def test_inspecting_a_multi_label_model_is_one_line(tagged_run, capsys, tmp_path):
     run, _ = tagged_run
     refused(capsys, ["inspect", str(run), "--out", str(tmp_path / "i")], "finetune inspect",
             "multi-label")
+    pytest.importorskip("onnxruntime")
+    refused(capsys, ["export-onnx", str(run), "--out", str(tmp_path / "m.onnx"), "--int8"],
+            "--int8", "multi-label")
+    assert not (tmp_path / "m.onnx").exists()  # refused before the fp32 file is written
+
+
+def test_the_weight_average_exports_its_own_thresholds(tagged_run):
+    """ema/model.json holds the thresholds tuned on the average's own validation scores."""
+    import finetune
+    from finetune.config import load_config
+    from finetune.multilabel_metrics import tune_thresholds
+
+    run, _ = tagged_run
+    cfg = load_config(["recipe=" + str(run / "config.yaml")])
+    train, _, _ = load_data(cfg.data)
+    _, val = validation_split(train, cfg.data.val_split, cfg.data.split_seed)
+    images = torch.stack([torch.from_numpy(np.array(val.open(i))) for i in range(len(val))])
+    for folder in (run, run / "ema"):
+        predictor = finetune.load(folder)
+        probs = predictor.probabilities(images[:, None])
+        tuned = tune_thresholds(probs, val.labels, 0.5).tolist()
+        assert predictor.meta["thresholds"] == pytest.approx(tuned, abs=1e-6), folder
+    raw, ema = (json.loads((f / "model.json").read_text())["thresholds"]
+                for f in (run, run / "ema"))
+    assert raw != ema
 
 
 def test_a_multilabel_model_without_thresholds_is_refused(tagged_run, tmp_path, capsys):

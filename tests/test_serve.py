@@ -6,10 +6,7 @@ import io
 import json
 import os
 import shutil
-import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -19,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from conftest import serving
 from PIL import Image
 
 import finetune
@@ -42,12 +40,6 @@ def png_header(side: int) -> bytes:
             + chunk(b"IEND", b""))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def images(trained, tmp_path_factory) -> list[Path]:
     """Eight test images as PNG files, and a larger JPEG (resized by the server as by predict).
@@ -65,27 +57,9 @@ def images(trained, tmp_path_factory) -> list[Path]:
 @pytest.fixture(scope="module")
 def server(trained):
     """``finetune serve`` as its own process, with small limits to test them against."""
-    run, _ = trained
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "finetune", "serve", str(run), "--port", str(port),
-         "--max-images", "12", "--max-pixels", "250000", "--max-request-mb", "1",
-         "--batch-wait-ms", "50"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"the server did not start: {proc.stdout.read()}")
-        time.sleep(0.2)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    with serving(trained[0], "--max-images", "12", "--max-pixels", "250000",
+                 "--max-request-mb", "1", "--batch-wait-ms", "50") as url:
+        yield url
 
 
 def post_files(url: str, files: list[Path], **params) -> httpx.Response:

@@ -29,7 +29,7 @@ from finetune.data.sources import (
 from finetune.data.tags import as_task, is_multilabel, load_tagged_folder, tagged_folder
 
 __all__ = ["DataError", "ImageData", "Samples", "fold_split", "is_multilabel", "load_data",
-           "validation_split"]
+           "multilabel_data", "validation_split"]
 Split = ImageData | Samples
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def _load_from_root(cfg: DataConfig, root: Path) -> tuple[Split, Split, str]:
                         f"train-labels-idx1-ubyte[.gz], t10k-images-idx3-ubyte[.gz], "
                         f"t10k-labels-idx1-ubyte[.gz]) in {root}, {root}/FashionMNIST/raw or "
                         f"{root}/raw.")
-    elif tagged_folder(root):  # labels.csv: tags per file (multi-label)
+    elif cfg.source != "imagefolder" and tagged_folder(root):  # labels.csv: multi-label
         return (*load_tagged_folder(root, seed=cfg.split_seed), f"tagged:{root}")
     else:  # auto without IDX files, or imagefolder
         return (*load_imagefolder(root, seed=cfg.split_seed), f"imagefolder:{root}")
@@ -115,6 +115,22 @@ def load_data(cfg: DataConfig) -> tuple[Split, Split, str]:
         raise DataError(f"{source}: classes {train.classes}: a classifier needs at least two "
                         f"classes with distinct names.")
     return (*_limited(train, test, source, cfg), source)
+
+
+def multilabel_data(cfg: DataConfig) -> bool:
+    """Whether ``data.task`` makes the data multi-label, read from the config, a folder's
+    labels.csv or a dataset's features (no image decoded): what commands that plan several
+    runs (tune, sweep) decide by before the first run."""
+    if cfg.task != "auto":
+        return cfg.task == "multilabel"
+    root = Path(cfg.root).expanduser() if cfg.root else None
+    if cfg.source == "hf" or cfg.streaming:
+        from finetune.data.hub import tagged_hub
+        return tagged_hub(cfg)
+    if root is not None and root.is_dir() and cfg.source != "imagefolder" \
+            and find_idx_dir(root) is None:
+        return tagged_folder(root)
+    return False
 
 
 def _limited(train: Split, test: Split, source: str, cfg: DataConfig) -> tuple[Split, Split]:

@@ -207,10 +207,16 @@ def _one_label_per_row(feature: Any, label: str, where: str) -> None:
                         f"decide stratified splits up front; use data.streaming=false.")
 
 
+def _ordered(names: set[str]) -> list[str]:
+    """Class names of plain values: integers in numeric order, then names alphabetically."""
+    return sorted(names, key=lambda v: (0, int(v), "") if v.isdigit() else (1, 0, v))
+
+
 def _tag_labels(split: Any, label: str, classes: list[str] | None, where: str, spec: str
                 ) -> tuple[torch.Tensor, list[str]]:
     """Multi-hot labels and tag names of a list-valued column: a ``Sequence(ClassLabel)``'s
-    own names, else the sorted distinct strings of the training split."""
+    own names, else the distinct values of the training split (integers in numeric order,
+    then strings alphabetically)."""
     from finetune.data.tags import multi_hot
 
     feature = split.features[label]
@@ -225,7 +231,7 @@ def _tag_labels(split: Any, label: str, classes: list[str] | None, where: str, s
         values = [[names[v] if 0 <= v < len(names) else f"#{v}" for v in tags] for tags in values]
     else:
         values = [[str(v) for v in tags] for tags in values]
-        names = classes if classes is not None else sorted({v for tags in values for v in tags})
+        names = classes if classes is not None else _ordered({v for tags in values for v in tags})
     if not names:
         raise DataError(f"{where}: split '{spec}': no image has a tag in column '{label}'.")
     return multi_hot(values, names, f"{where} split '{spec}'"), list(names)
@@ -256,15 +262,20 @@ def _labels(split: Any, label: str, classes: list[str] | None, where: str, spec:
                             f"data.train_split / data.test_split (e.g. validation).")
         return labels, names
     if classes is None:
-        # Integers in numeric order, then names in alphabetical order.
-        classes = sorted({str(v) for v in values},
-                         key=lambda v: (0, int(v), "") if v.isdigit() else (1, 0, v))
+        classes = _ordered({str(v) for v in values})
     index = {c: i for i, c in enumerate(classes)}
     unknown = sorted({str(v) for v in values} - set(index))
     if unknown:
         raise DataError(f"{where}: labels {unknown[:5]} of the test split are not among the "
                         f"training split's classes {classes[:20]}.")
     return torch.tensor([index[str(v)] for v in values], dtype=torch.int64), classes
+
+
+def tagged_hub(cfg: DataConfig) -> bool:
+    """Whether the dataset's label column holds lists of tags (nothing decoded)."""
+    ds, where = open_dataset(cfg)
+    features = _split(ds, cfg.train_split, where).features
+    return _list_valued(features[columns(features, cfg, where)[1]])
 
 
 def load_hub(cfg: DataConfig, seed: int = 0) -> tuple[Samples, Samples, str]:

@@ -90,11 +90,10 @@ class Samples:
 def relabel(labels: torch.Tensor, num_classes: int, keep: list[int]
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(mask, new labels)`` keeping classes ``keep``, renumbered in that order. Multi-label:
-    the images tagged with at least one of them, with those tags alone."""
+    every image, with those tags alone (an image with none of them is an image without tags,
+    a negative for every kept tag)."""
     if labels.ndim == 2:
-        tags = labels[:, keep]
-        mask = tags.bool().any(1)
-        return mask, tags[mask]
+        return torch.ones(len(labels), dtype=torch.bool), labels[:, keep]
     table = torch.full((num_classes,), -1, dtype=torch.long)
     table[torch.tensor(keep)] = torch.arange(len(keep))
     new = table[labels]
