@@ -97,7 +97,22 @@ def plan_cv(args: list[str]) -> CvPlan:
             check_same_run(folder, cfg)
         plan.configs.append(cfg)
         plan.jobs.append((f"[fold {fold + 1}/{folds}]", folder, run_args))
+    check_fold_data(plan.configs[0])
     return plan
+
+
+def check_fold_data(cfg: Config) -> None:
+    """Every fold's split drawn before any training: a fold that leaves a class without
+    training images, or settings the data's labels cannot go with, stop the command now,
+    not when that fold's turn comes."""
+    from finetune.config import check_multilabel, check_single_label
+    from finetune.data import fold_split, is_multilabel, load_data
+
+    train, _, _ = load_data(cfg.data)
+    (check_multilabel if is_multilabel(train) else check_single_label)(cfg)
+    d = cfg.data
+    for fold in range(d.folds):
+        fold_split(train, d.folds, fold, d.split_seed, allow_empty=d.allow_empty_classes)
 
 
 def fold_members(cfg: Config):

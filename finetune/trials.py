@@ -6,11 +6,13 @@ killed are taken up again first (``resume=auto``: from their newest checkpoint, 
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune import children
+from finetune.checkpoint import CHECKPOINTS
 from finetune.config import load_config
 from finetune.errors import ConfigError, FinetuneError, TrainingError
 from finetune.runs import CONFIG, METRICS, finished_run, lock_run, read_metrics
@@ -95,12 +97,19 @@ def wait_unlocked(folder: Path, seconds: float = 600) -> None:
             time.sleep(0.5)
 
 
+def drop_checkpoints(folder: Path) -> None:
+    """A pruned trial is never resumed: its checkpoints (a model and optimizer state each)
+    would only fill the disk. Its metrics, log and config stay."""
+    shutil.rmtree(folder / CHECKPOINTS, ignore_errors=True)
+
+
 def settled(spec, study, optuna, frozen) -> bool:
     """Tell the study about a trial the killed search left RUNNING that had ended already
     (pruned, or finished before its result was told); whether it was."""
     folder = trial_folder(spec.out, frozen.number)
     if frozen.user_attrs.get("pruned_at") is not None:
         study.tell(frozen.number, state=optuna.trial.TrialState.PRUNED)
+        drop_checkpoints(folder)
     elif (run := finished_run(folder)) is not None:
         study.tell(frozen.number, final_value(run, spec.metric))
     else:
@@ -144,6 +153,7 @@ def finish(r: Running, code: int, study, optuna, metric: str) -> bool:
     run = finished_run(r.folder) if code == 0 else None
     if r.pruned_at is not None and run is None:
         study.tell(r.trial, state=states.PRUNED)
+        drop_checkpoints(r.folder)
         print(f"trial {number}: pruned after epoch {r.pruned_at}", flush=True)
         return False
     if run is not None:  # (also one that ended before the pruner's SIGTERM reached it)

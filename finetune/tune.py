@@ -69,7 +69,7 @@ class TuneSpec:
 
     def signature(self) -> dict:
         """What makes two searches the same search: stored in the study, checked on resume."""
-        return {"recipe": self.recipe, "fixed": self.fixed, "metric": self.metric,
+        return {"recipe": self.recipe, "fixed": sorted(self.fixed), "metric": self.metric,
                 "space": {d.key: d.describe() for d in self.dims}}
 
     def trial_args(self, params: dict, folder: Path) -> list[str]:
@@ -207,7 +207,9 @@ def open_study(spec: TuneSpec, optuna):
         raise ConfigError(f"{path} cannot be read as an Optuna study ({type(e).__name__}: "
                           f"{str(e).splitlines()[0][:200]}); move it away, or pass another "
                           f"output_dir=DIR.") from None
-    mine = json.loads(json.dumps(spec.signature()))
+    mine = json.loads(json.dumps(spec.signature()))  # the space a dict: order is no matter
+    if saved is not None:  # studies saved before the overrides were sorted
+        saved = {**saved, "fixed": sorted(saved.get("fixed", []))}
     if saved is None and study.trials:
         raise ConfigError(f"{path} holds a study that finetune tune did not start; pass "
                           f"another output_dir=DIR.")

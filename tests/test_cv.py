@@ -9,13 +9,14 @@ import math
 import pytest
 import torch
 from conftest import refused, write_fake_fmnist
+from PIL import Image
 
 from finetune.cli import main as cli_main
 from finetune.config import load_config
 from finetune.cv import plan_cv
 from finetune.data import fold_split
 from finetune.data.sources import ImageData, fold_ids
-from finetune.errors import ConfigError
+from finetune.errors import ConfigError, DataError
 
 
 def _labels(counts: list[int]) -> torch.Tensor:
@@ -94,7 +95,8 @@ def test_cv_arguments_are_checked_before_training(tmp_path, args, needle):
 def test_cv_replaces_the_recipes_validation_split(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("recipe: r\ndata:\n  val_split: 0.1\n")
-    plan = plan_cv([f"recipe={recipe}", "folds=3", f"output_dir={tmp_path / 'cv'}"])
+    plan = plan_cv([f"recipe={recipe}", "folds=3", f"output_dir={tmp_path / 'cv'}",
+                    f"data.root={write_fake_fmnist(tmp_path / 'data')}"])
     assert [(c.data.val_split, c.data.folds, c.data.fold) for c in plan.configs] == [
         (0.0, 3, 0), (0.0, 3, 1), (0.0, 3, 2)]
     assert [j[1].name for j in plan.jobs] == ["fold0", "fold1", "fold2"]
@@ -132,6 +134,20 @@ def test_cv_end_to_end(tmp_path, capsys):
     assert capsys.readouterr().out.count("finished earlier, kept") == 2
     refused(capsys, [*argv[:-1], "train.lr=0.02", f"output_dir={out}"],
             "cannot resume the run in", "train.lr=0.02 (was 0.01)")
+
+
+def test_a_fold_that_empties_a_class_stops_cv_before_any_training(tmp_path):
+    """Class b has one training image: the fold holding it out leaves b untrained."""
+    root = tmp_path / "photos"
+    for split, counts in (("train", {"a": 8, "b": 1}), ("test", {"a": 2, "b": 2})):
+        for name, n in counts.items():
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                Image.new("L", (8, 8), 30 * i).save(root / split / name / f"{i}.png")
+    with pytest.raises(DataError, match="no training images outside fold 0 of data.folds=2"):
+        plan_cv(["recipe=resnet18_scratch_fmnist", "folds=2", f"data.root={root}",
+                 f"output_dir={tmp_path / 'cv'}"])
+    assert not (tmp_path / "cv").exists()
 
 
 def test_cv_output_and_fold_count_refusals(tmp_path):

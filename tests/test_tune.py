@@ -121,6 +121,9 @@ def test_study_folder_refusals(tmp_path, capsys):
 
     spec = plan_tune(_tune_args(tmp_path)[1:])
     open_study(spec, optuna)  # a new study, with the baseline queued
+    args = _tune_args(tmp_path / "order", "train.epochs=2", "data.image_size=16")[1:]
+    open_study(plan_tune(args), optuna)
+    open_study(plan_tune(args[::-1]), optuna)  # the same search, its arguments in another order
     other = plan_tune(_tune_args(tmp_path, "train.weight_decay=uniform(0,0.001)")[1:])
     with pytest.raises(ConfigError, match="holds a search over another space"):
         open_study(other, optuna)
@@ -176,6 +179,8 @@ def test_a_search_killed_resumed_extended_and_pruned(tmp_path, capsys, monkeypat
     study = optuna.load_study(study_name="finetune", storage=f"sqlite:///{out / 'study.db'}")
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "PRUNED"]
     assert len(_records(out / "trial0002")) < 8  # pruning stopped its training
+    assert not (out / "trial0002" / "checkpoints").exists()  # never resumed: not kept
+    assert (out / "trial0001" / "checkpoints").is_dir()
     lrs = [t.params["train.lr"] for t in study.trials]
     assert lrs[0] == 0.1 and len(set(lrs)) == 3  # the recipe's own rate, then new points
     assert (out / "trial0000" / "metrics.jsonl").read_text() == baseline
