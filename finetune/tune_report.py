@@ -30,12 +30,13 @@ def trial_rows(spec, study, optuna) -> list[dict]:
     for t in study.get_trials(deepcopy=False):
         folder = trial_folder(spec.out, t.number)
         records = read_metrics(folder) if (folder / METRICS).is_file() else []
-        planned = (load_config([f"recipe={folder / CONFIG}"]).train.epochs
-                   if (folder / CONFIG).is_file() else None)
+        train = (load_config([f"recipe={folder / CONFIG}"]).train
+                 if (folder / CONFIG).is_file() else None)
         per_epoch = [r.get("epoch_time", 0) + r.get("eval_time", 0) for r in records]
         rows.append({"number": t.number, "state": t.state.name, "params": t.params,
                      "value": t.value, "baseline": bool(t.user_attrs.get("baseline")),
-                     "epochs": len(records), "planned_epochs": planned,
+                     "epochs": len(records), "planned_epochs": train and train.epochs,
+                     "early_stopping": bool(train and train.early_stopping),
                      "epoch_seconds": round(sum(per_epoch), 1),
                      "seconds": round(t.duration.total_seconds(), 1) if t.duration else None,
                      "run": str(folder)})
@@ -44,14 +45,17 @@ def trial_rows(spec, study, optuna) -> list[dict]:
 
 def pruning_saving(rows: list[dict]) -> dict:
     """The time pruning saved against running every finished trial to its end: each pruned
-    trial's missing epochs at its own mean seconds per epoch (training and evaluation)."""
+    trial's missing epochs at its own mean seconds per epoch (training and evaluation). With
+    early stopping a pruned trial might have stopped before its last epoch: then the figure
+    is an upper bound (``upper_bound``)."""
     pruned = [r for r in rows if r["state"] == "PRUNED" and r["epochs"]]
     saved = sum((r["planned_epochs"] - r["epochs"]) * r["epoch_seconds"] / r["epochs"]
                 for r in pruned if r["planned_epochs"])
     spent = sum(r["epoch_seconds"] for r in rows if r["state"] in ("COMPLETE", "PRUNED"))
     return {"pruned": len([r for r in rows if r["state"] == "PRUNED"]),
             "epoch_seconds_spent": round(spent, 1), "epoch_seconds_saved": round(saved, 1),
-            "saved_fraction": round(saved / (spent + saved), 4) if spent + saved else 0.0}
+            "saved_fraction": round(saved / (spent + saved), 4) if spent + saved else 0.0,
+            "upper_bound": any(r.get("early_stopping") for r in pruned)}
 
 
 def write_best(spec, best: dict) -> Path:
@@ -126,10 +130,13 @@ def markdown(result: dict, spec) -> str:
                     f"also logs test accuracy per epoch in its metrics.jsonl, which the search "
                     f"never reads)."),
               ("table", ["trial", "state", "point", spec.metric, "epochs", "s"], table),
-              ("p", f"Pruned: {s['pruned']} of {len(rows)} trials. Pruning saved about "
+              ("p", f"Pruned: {s['pruned']} of {len(rows)} trials. Pruning saved "
+                    f"{'at most' if s['upper_bound'] else 'about'} "
                     f"{s['epoch_seconds_saved']:.0f} s of training and evaluation against "
                     f"running every trial to its end ({s['saved_fraction'] * 100:.0f} %; "
-                    f"{s['epoch_seconds_spent']:.0f} s spent).")]
+                    f"{s['epoch_seconds_spent']:.0f} s spent"
+                    + ("; with early stopping a pruned trial might have stopped sooner)."
+                       if s["upper_bound"] else ")."))]
     best = result.get("best")
     if best:
         lines = [f"Best: trial {best['number']} ({_point(best['params'])}), {spec.metric} "

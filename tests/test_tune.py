@@ -208,3 +208,15 @@ def test_pruners_step_by_epoch(tmp_path):
     assert make_pruner(spec, optuna)._max_resource == 12  # the most epochs a trial may run
     assert isinstance(make_pruner(plan_tune([*_tune_args(tmp_path)[1:], "pruner=none"]),
                                   optuna), optuna.pruners.NopPruner)
+
+
+def test_the_saving_of_pruning_is_an_upper_bound_under_early_stopping():
+    from finetune.tune_report import pruning_saving
+
+    rows = [{"state": "COMPLETE", "epochs": 8, "planned_epochs": 8, "epoch_seconds": 80.0},
+            {"state": "PRUNED", "epochs": 2, "planned_epochs": 8, "epoch_seconds": 20.0}]
+    s = pruning_saving(rows)
+    assert s["epoch_seconds_saved"] == 60.0 and s["saved_fraction"] == 0.375
+    assert not s["upper_bound"]
+    rows[1]["early_stopping"] = True
+    assert pruning_saving(rows)["upper_bound"]
