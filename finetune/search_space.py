@@ -1,5 +1,6 @@
 """The search space of ``finetune tune``: ``key=loguniform(1e-4,1e-1)``, ``uniform(a,b)``,
-``int(a,b)`` or ``choice(a,b,c)`` on any config key, parsed and checked against the config
+``int(a,b)`` or ``choice(a,b,c)`` (a choice may be a list: ``choice([0.08,1],[0.35,1])``)
+on any config key, parsed and checked against the config
 schema (every bound and choice must make a valid config) before any trial runs."""
 
 from __future__ import annotations
@@ -63,9 +64,15 @@ class Dimension:
         else:
             raise ValueError(f"unknown kind {self.kind!r}; valid: {', '.join(KINDS)}")
 
+    def param(self, value: Any) -> Any:
+        """A config value as this dimension's point: a list as its override text ``[a,b]``
+        (an Optuna choice holds scalars only)."""
+        return show_value(value) if isinstance(value, tuple | list) else value
+
     def contains(self, value: Any) -> bool:
         """Whether ``value`` (a config's) is a point of this dimension."""
         if self.kind == "choice":
+            value = self.param(value)
             return any(type(value) is type(c) and value == c for c in self.choices)
         elif self.kind in ("loguniform", "uniform", "int"):
             return (isinstance(value, int | float) and not isinstance(value, bool)
@@ -85,14 +92,29 @@ class Dimension:
 
 
 def _scalar(text: str) -> Any:
-    """A choice as a config value: an integer, a number, true/false, else a string."""
-    text = text.strip().strip("'\"")
+    """A choice as a config value: an integer, a number, true/false, a list as its text
+    ``[a,b]``, else a string."""
+    text = text.strip()
+    if text.startswith("[") and text.endswith("]"):
+        return show_value([_scalar(t) for t in _items(text[1:-1]) if t.strip()])
+    text = text.strip("'\"")
     for cast in (int, float):
         try:
             return cast(text)
         except ValueError:
             pass
     return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def _items(text: str) -> list[str]:
+    """``text`` split at its commas outside brackets: ``a,[b,c],d`` is three items."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    return [*items, text[start:]]
 
 
 def _number(key: str, text: str, kind: str) -> float:
@@ -115,7 +137,7 @@ def parse_dimension(key: str, value: str) -> Dimension | None:
             raise ConfigError(f"{key}={value}: unknown search form '{name}'; valid: "
                               f"{', '.join(f'{k}(...)' for k in KINDS)}.")
         return None
-    kind, args = match.group(1), [a for a in match.group(2).split(",")]
+    kind, args = match.group(1), _items(match.group(2))
     if kind == "choice":
         choices = [_scalar(a) for a in args if a.strip()]
         if len(choices) < 2:

@@ -160,7 +160,7 @@ def plan_tune(args: list[str]) -> TuneSpec:
         pruner=pruner, metric=metric, seed=_count("seed", options.get("seed", "0"), 0),
         devices=trial_devices(_count("parallel", options.get("parallel", "1"))),
         epochs=int(epochs),
-        baseline={d.key: flat[d.key] for d in dims})
+        baseline={d.key: d.param(flat[d.key]) for d in dims})
     outside = [f"{d.key}={flat[d.key]}" for d in dims if not d.contains(flat[d.key])]
     if outside:
         log.warning("the recipe's own %s lies outside the search space: no baseline trial",

@@ -28,6 +28,7 @@ BASE = ["recipe=resnet18_scratch_fmnist"]
     ("int(2,8)", Dimension("k", "int", 2, 8)),
     ("choice(sgd,'adamw')", Dimension("k", "choice", choices=("sgd", "adamw"))),
     ("choice(1,0.5,true)", Dimension("k", "choice", choices=(1, 0.5, True))),
+    ("choice([0.08, 1],[0.35,1.0])", Dimension("k", "choice", choices=("[0.08,1]", "[0.35,1.0]"))),
 ])
 def test_each_form_parses(value, expected):
     assert parse_dimension("k", value) == expected
@@ -220,3 +221,14 @@ def test_the_saving_of_pruning_is_an_upper_bound_under_early_stopping():
     assert not s["upper_bound"]
     rows[1]["early_stopping"] = True
     assert pruning_saving(rows)["upper_bound"]
+
+
+def test_a_choice_of_lists_makes_configs_and_holds_the_recipes_own_point(tmp_path):
+    from finetune.tune import plan_tune
+
+    spec = plan_tune(["recipe=resnet18_scratch_fmnist", "data.val_split=0.2",
+                      "data.scale=choice([0.08,1.0],[0.35,1.0])", f"output_dir={tmp_path}"])
+    (dim,) = spec.dims
+    assert spec.baseline == {"data.scale": "[0.08,1.0]"}  # the recipe's default, a point
+    args = spec.trial_args({"data.scale": "[0.35,1.0]"}, tmp_path / "t")
+    assert load_config(args).data.scale == [0.35, 1.0]
