@@ -546,3 +546,20 @@ def test_the_report_of_a_multi_label_run_lists_its_map(tagged_run, tmp_path):
     assert main(["report", str(run), f"output_dir={tmp_path / 'report'}"]) == 0
     text = (tmp_path / "report" / "report.md").read_text()
     assert "mAP %" in text and not (tmp_path / "report" / "confusion.png").exists()
+
+
+def test_a_streamed_tagged_folder_warms_up_compile_with_multi_hot_rows(tmp_path):
+    """TrainLoader.sample (torch.compile's warm-up batch) of files streamed per batch."""
+    from finetune.config import DataConfig
+    from finetune.data.images import eval_transform
+    from finetune.data.loader import TrainBatches, TrainLoader
+
+    train, _, _ = load_data(DataConfig(root=str(write_tagged(tmp_path / "t", 40, 10))))
+    batches = TrainBatches(train, eval_transform(16, 1.0, "bilinear"), 16, 16, 8, seed=0,
+                           rank=0, world_size=1, skip_bad=False)
+    loader = TrainLoader(train, "stream", 8, 0, 0, 1, torch.device("cpu"), 0, batches)
+    images, labels = loader.sample(3)
+    assert images.shape == (3, 1, 16, 16) and labels.shape == (3, 4)
+    assert labels.dtype == torch.uint8
+    x, y = next(iter(loader.epoch(1)))
+    assert y.shape[1:] == labels.shape[1:] and y.dtype == labels.dtype

@@ -285,13 +285,16 @@ class TrainLoader:
 
     def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` training images and labels on the device, for the compile warm-up (streamed
-        data: blank images of the batches' shape, decoding nothing)."""
+        data: blank images and labels of the batches' shapes, decoding nothing; multi-label:
+        multi-hot rows)."""
         if isinstance(self.data, ImageData):
             return gather(self.data, torch.arange(n), self.device)
         size = self._loader.dataset.image_size
+        labels = getattr(self.data, "labels", None)  # a stream's may be unknown: single
+        like = labels[:1] if labels is not None else torch.zeros(1, dtype=torch.long)
         return (torch.zeros(n, self.data.channels, size, size, dtype=torch.uint8,
                             device=self.device),
-                torch.zeros(n, dtype=torch.long, device=self.device))
+                torch.zeros((n, *like.shape[1:]), dtype=like.dtype, device=self.device))
 
     def epoch(self, epoch: int, first: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches ``first..`` of ``epoch`` (a resumed epoch skips the ones it had)."""
