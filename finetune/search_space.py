@@ -67,7 +67,11 @@ class Dimension:
     def param(self, value: Any) -> Any:
         """A config value as this dimension's point: a list as its override text ``[a,b]``
         (an Optuna choice holds scalars only)."""
-        return show_value(value) if isinstance(value, tuple | list) else value
+        if not isinstance(value, tuple | list):
+            return value
+        same = [c for c in self.choices if isinstance(c, str) and c.startswith("[")
+                and [_scalar(t) for t in _items(c[1:-1]) if t.strip()] == list(value)]
+        return same[0] if same else show_value(value)  # [0.08,1] is the list (0.08, 1.0)
 
     def contains(self, value: Any) -> bool:
         """Whether ``value`` (a config's) is a point of this dimension."""

@@ -227,8 +227,7 @@ def test_a_choice_of_lists_makes_configs_and_holds_the_recipes_own_point(tmp_pat
     from finetune.tune import plan_tune
 
     spec = plan_tune(["recipe=resnet18_scratch_fmnist", "data.val_split=0.2",
-                      "data.scale=choice([0.08,1.0],[0.35,1.0])", f"output_dir={tmp_path}"])
-    (dim,) = spec.dims
-    assert spec.baseline == {"data.scale": "[0.08,1.0]"}  # the recipe's default, a point
+                      "data.scale=choice([0.08,1],[0.35,1.0])", f"output_dir={tmp_path}"])
+    assert spec.baseline == {"data.scale": "[0.08,1]"}  # the recipe's default, a point
     args = spec.trial_args({"data.scale": "[0.35,1.0]"}, tmp_path / "t")
     assert load_config(args).data.scale == [0.35, 1.0]

@@ -124,7 +124,9 @@ def multilabel_data(cfg: DataConfig) -> bool:
     if cfg.task != "auto":
         return cfg.task == "multilabel"
     root = Path(cfg.root).expanduser() if cfg.root else None
-    if cfg.source == "hf" or cfg.streaming:
+    if cfg.streaming:  # a stream refuses list-valued labels (hub._one_label_per_row)
+        return False
+    if cfg.source == "hf":
         from finetune.data.hub import tagged_hub
         return tagged_hub(cfg)
     if root is not None and root.is_dir() and cfg.source != "imagefolder" \

@@ -209,7 +209,8 @@ def _one_label_per_row(feature: Any, label: str, where: str) -> None:
 
 def _ordered(names: set[str]) -> list[str]:
     """Class names of plain values: integers in numeric order, then names alphabetically."""
-    return sorted(names, key=lambda v: (0, int(v), "") if v.isdigit() else (1, 0, v))
+    return sorted(names, key=lambda v: (0, int(v), v) if v.isascii() and v.isdigit()
+                  else (1, 0, v))
 
 
 def _tag_labels(split: Any, label: str, classes: list[str] | None, where: str, spec: str
