@@ -52,7 +52,7 @@ from finetune.data.loader import (
 )
 from finetune.data.samples import preload
 from finetune.data.sources import stratified_mask
-from finetune.data.stream import StreamedBatches, TrainBatches, balanced_weights
+from finetune.data.stream import StreamedBatches, TrainBatches, balanced_weights, epoch_draws
 from finetune.errors import ConfigError, first_line
 from finetune.export import meta_beside, model_meta
 from finetune.lora import apply_lora, resolve_targets
@@ -250,6 +250,11 @@ def _load(cfg: Config, state: PartialState
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} exceeds the "
                           f"{len(train_data)} training images; lower train.batch_size or raise "
                           f"data.train_limit.")
+    draws = epoch_draws(len(train_data), d.epoch_repeats)
+    if draws < cfg.train.batch_size and cfg.finetune.method not in UNTRAINED:
+        raise ConfigError(f"data.epoch_repeats={d.epoch_repeats} draws {draws} of the "
+                          f"{len(train_data)} training images an epoch, fewer than "
+                          f"train.batch_size={cfg.train.batch_size}; raise data.epoch_repeats.")
     return fetched, train_data, test_data, val_data, source
 
 
@@ -396,9 +401,11 @@ def train_loader(cfg: Config, parts: Parts, accelerator: Accelerator) -> TrainLo
     transform = train_transform(dcfg.image_size, scale, ratio, parts.interpolation, dcfg.hflip,
                                 dcfg.auto_augment)
     rank, world = accelerator.process_index, accelerator.num_processes
-    weights = None
+    weights, draws = None, None
     if dcfg.sampler == "balanced":  # a stream is refused by check_model
         weights = balanced_weights(parts.train_data.labels, len(parts.train_data.classes))
+    if dcfg.epoch_repeats != 1:  # a stream is refused by the config check
+        draws = epoch_draws(len(parts.train_data), dcfg.epoch_repeats)
     if isinstance(parts.train_data, StreamedSplit):
         stream = StreamedBatches(parts.train_data, transform, dcfg.image_size,
                                  train_need(dcfg.image_size, scale), tcfg.batch_size, tcfg.seed,
@@ -407,10 +414,10 @@ def train_loader(cfg: Config, parts: Parts, accelerator: Accelerator) -> TrainLo
     elif parts.placement == "stream":
         stream = TrainBatches(parts.train_data, transform, dcfg.image_size,
                               train_need(dcfg.image_size, scale), tcfg.batch_size, tcfg.seed,
-                              rank, world, dcfg.skip_bad_images, weights)
+                              rank, world, dcfg.skip_bad_images, weights, draws)
     return TrainLoader(parts.train_data, parts.placement, tcfg.batch_size, tcfg.seed,
                        accelerator.process_index, accelerator.num_processes, accelerator.device,
-                       dcfg.workers, stream, weights)
+                       dcfg.workers, stream, weights, draws)
 
 
 def evaluation_loader(cfg: Config, parts: Parts, data: Data, accelerator: Accelerator

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from finetune.data.images import open_image
+from finetune.data.tags import TAG_SEPARATORS
 from finetune.errors import ConfigError, DataError, OutputError
 from finetune.files import atomic_write_text, sha256_file, write_failure
 from finetune.inference import Predictor, top_classes
@@ -201,6 +202,10 @@ def start_output(out: Path, files: list[str], resume: bool, columns: Columns,
         raise ConfigError(f"--out {out}: write .csv or .jsonl (the format follows the suffix).")
     if out.exists() and not resume:
         raise ConfigError(f"--out {out} exists: pass --resume to continue it, or remove it.")
+    spaced = [t for t in columns.tags if TAG_SEPARATORS.search(t)]
+    if suffix == ".csv" and spaced:  # the labels cell separates tags as labels.csv does
+        raise ConfigError(f"--out {out}: the model's tag {spaced[0]!r} holds a space or comma, "
+                          f"which a CSV labels cell separates tags by; write .jsonl instead.")
     done, kept = [], ""
     if out.exists():
         text = out.read_bytes().decode(**ENCODING)

@@ -26,9 +26,10 @@ from finetune.stats import Estimate, mean_ci, paired_difference
 log = logging.getLogger(__name__)
 
 # What "the same budget" means: the same data (and amount of it), image size and epochs.
-BUDGET_KEYS = ("train.epochs", "data.source", "data.root", "data.hf_name", "data.hf_config",
-               "data.train_split", "data.test_split", "data.streaming", "data.image_size",
-               "data.train_limit", "data.eval_limit", "data.split_seed", "data.classes")
+BUDGET_KEYS = ("train.epochs", "data.epoch_repeats", "data.source", "data.root", "data.hf_name",
+               "data.hf_config", "data.train_split", "data.test_split", "data.streaming",
+               "data.image_size", "data.train_limit", "data.eval_limit", "data.split_seed",
+               "data.classes")
 # Settings that decide the data order and augmentation draws of a seed: paired seeds share
 # them only when these agree too.
 PAIRING_KEYS = ("train.batch_size", "data.hflip", "data.crop_pad", "data.random_erasing",

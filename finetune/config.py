@@ -38,7 +38,10 @@ class ModelConfig:
     in_chans: int | None = None
     # Batch norm: torch's nn.BatchNorm2d, or finetune's from-scratch one (same state dict).
     norm: str = "torch"
-    # default: the architecture's own init; xavier: Xavier-uniform (the lecture's).
+    # default: the architecture's own init; xavier: Xavier-uniform (the lecture's);
+    # zero_residual: the own, with the last batch norm of every residual block scaled to 0, so
+    # that each block starts as the identity (Goyal et al. 2017; torchvision's
+    # zero_init_residual, timm's zero_init_last, which timm's ResNets do by default).
     init: str = "default"
     # Stochastic depth of timm's models (e.g. 0.1); None: the model's default.
     drop_path_rate: float | None = None
@@ -127,6 +130,11 @@ class DataConfig:
     # draws, with replacement, each class equally likely (seeded by train.seed and the epoch:
     # the same on every process and after a resume). Not with data.streaming.
     sampler: str = "shuffle"
+    # An epoch draws round(epoch_repeats x the training images) (timm's --epoch-repeats): 0.8
+    # trains on a fresh seeded 80 % each epoch (every image is seen, unlike data.train_limit),
+    # 2 on two permutations back to back. The schedule, evaluations and checkpoints follow the
+    # epochs. Not with data.streaming.
+    epoch_repeats: float = 1.0
     # A class left without training images (a class of one image that the test split takes,
     # or one that data.train_limit or data.val_split empties) stops the run naming it; true:
     # a warning, and the model never sees that class (nor does data.sampler=balanced or
@@ -279,7 +287,9 @@ class Config:
 
 
 NORMS = ("torch", "scratch")  # model.norm: torch's batch norm, or finetune.models.batchnorm
-INITS = ("default", "xavier")  # model.init: the architecture's own, or the lecture's
+# model.init: the architecture's own, the lecture's, or the own with every residual block's last
+# batch norm scaled to zero (each block starts as the identity: Goyal et al. 2017)
+INITS = ("default", "xavier", "zero_residual")
 METHODS = ("full", "linear", "knn", "lp_ft", "lora")  # finetune.method
 UNTRAINED = ("linear", "knn")  # the methods that fit on cached features, no training loop
 PROBES = {  # finetune.probe: the linear probes of finetune/probe.py, described
@@ -306,7 +316,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
                            "max-autotune-no-cudagraphs"),
 }
 POSITIVE = ("data.image_size", "data.train_limit", "data.eval_limit", "model.in_chans",
-            "data.shuffle_buffer",
+            "data.shuffle_buffer", "data.epoch_repeats",
             "train.epochs", "train.batch_size", "train.eval_batch_size", "train.log_every",
             "train.keep_checkpoints", "train.accumulate", "train.precise_bn_images",
             "finetune.head_lr_mult", "finetune.feature_views", "finetune.knn_k",
@@ -577,6 +587,13 @@ def _check_balance(cfg: Config) -> None:
     if cfg.data.sampler == "balanced" and cfg.data.streaming:
         raise ConfigError("data.sampler=balanced draws from every training image by its class: "
                           "it needs random access, not data.streaming=true.")
+    if cfg.data.epoch_repeats > 1000:  # the epoch's order is held: 8 bytes a draw
+        raise ConfigError(f"data.epoch_repeats={cfg.data.epoch_repeats}: at most 1000 passes "
+                          f"an epoch; raise train.epochs for longer training.")
+    if cfg.data.epoch_repeats != 1 and cfg.data.streaming:
+        raise ConfigError(f"data.epoch_repeats={cfg.data.epoch_repeats} draws each epoch from "
+                          f"every training image: it needs random access, not "
+                          f"data.streaming=true (set data.train_limit to shorten an epoch).")
     unknown = [t for t in cfg.train.log_with if t not in TRACKERS]
     if unknown:
         raise ConfigError(f"unknown tracker(s) {unknown} in train.log_with; valid: "

@@ -101,7 +101,8 @@ def _scalar(text: str) -> Any:
     text = text.strip()
     if text.startswith("[") and text.endswith("]"):
         return show_value([_scalar(t) for t in _items(text[1:-1]) if t.strip()])
-    text = text.strip("'\"")
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":  # quoted: may hold a comma
+        text = text[1:-1]
     for cast in (int, float):
         try:
             return cast(text)
@@ -111,13 +112,19 @@ def _scalar(text: str) -> Any:
 
 
 def _items(text: str) -> list[str]:
-    """``text`` split at its commas outside brackets: ``a,[b,c],d`` is three items."""
-    items, depth, start = [], 0, 0
+    """``text`` split at its commas outside brackets and quotes: ``a,[b,c],'d,e'`` is three
+    items."""
+    items, depth, start, quote = [], 0, 0, None
     for i, ch in enumerate(text):
-        depth += {"[": 1, "]": -1}.get(ch, 0)
-        if ch == "," and depth == 0:
+        if quote is not None:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "," and depth == 0:
             items.append(text[start:i])
             start = i + 1
+        else:
+            depth += {"[": 1, "]": -1}.get(ch, 0)
     return [*items, text[start:]]
 
 

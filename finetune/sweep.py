@@ -114,6 +114,7 @@ def plan_sweep(args: list[str], train_best: str | None = None, command: str = ""
         raise ConfigError(f"overrides for {', '.join(unknown)}, which is not among the swept "
                           f"models ({', '.join(found)}); write MODEL:key=value with MODEL an "
                           f"entry of models= or a model it expands to.")
+    probed: set[str] = set()  # data configs found single-label
     for c in found.values():
         c.args = [*common, "model.pretrained=true", "finetune.method=linear", *c.args,
                   *(own.get(c.entry, []) if c.entry != c.name else []), *own.get(c.name, [])]
@@ -121,7 +122,7 @@ def plan_sweep(args: list[str], train_best: str | None = None, command: str = ""
         c.settings = settings(cfg)
         if train_best:
             _check_method(c, train_best)
-    _single_label(cfg)
+        _single_label(cfg, probed)
     out = Path(options.get("output_dir") or Path("runs") / "sweeps"
                / time.strftime("%Y%m%d-%H%M%S"))
     if out.exists() and not out.is_dir():
@@ -129,7 +130,12 @@ def plan_sweep(args: list[str], train_best: str | None = None, command: str = ""
     return Sweep(list(found.values()), seeds, out, command)
 
 
-def _single_label(cfg: Config) -> None:
+def _single_label(cfg: Config, probed: set[str]) -> None:
+    """Refuse tagged data (each model's own data overrides; a data config probed once)."""
+    key = repr(cfg.data)
+    if key in probed:
+        return
+    probed.add(key)
     if multilabel_data(cfg.data):
         raise ConfigError("finetune sweep ranks backbones by linear probes and kNN, which read "
                           "one label per image, and this data is multi-label (tags); compare "

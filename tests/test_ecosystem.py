@@ -342,6 +342,44 @@ def test_balanced_sampling_is_even_seeded_and_split_over_processes():
         assert torch.equal(torch.cat([a, b]), draw[step * 100:(step + 1) * 100])
 
 
+def test_epoch_repeats_draw_a_fresh_part_or_permutations_back_to_back():
+    whole = epoch_permutation(100, seed=3, epoch=2)
+    part = epoch_permutation(100, seed=3, epoch=2, draws=30)
+    assert torch.equal(part, whole[:30]) and len(set(part.tolist())) == 30
+    assert not torch.equal(part, epoch_permutation(100, seed=3, epoch=3, draws=30))
+    over = epoch_permutation(100, seed=3, epoch=2, draws=250)
+    assert torch.equal(over[:100], whole)  # data.epoch_repeats=1 is the plain permutation
+    assert sorted(over[100:200].tolist()) == list(range(100))
+    assert set(torch.bincount(over).tolist()) == {2, 3}
+    weights = balanced_weights(torch.tensor([0] * 90 + [1] * 10), 2)
+    assert len(epoch_permutation(100, seed=3, epoch=2, weights=weights, draws=250)) == 250
+    batches = list(train_batches(100, 10, 2, 3, 0, 1, torch.device("cpu"), draws=250))
+    assert len(batches) == 25 and torch.equal(torch.cat(batches), over)
+
+
+@pytest.mark.parametrize("repeats,steps", [(0.5, 2), (2.0, 8)])
+def test_an_epoch_of_epoch_repeats_trains_that_many_steps(tmp_path, fmnist_dir, repeats, steps):
+    out = tmp_path / "run"
+    main(load_config([
+        "recipe=resnet18_scratch_fmnist", f"data.root={fmnist_dir}", "data.image_size=16",
+        "train.epochs=1", "train.batch_size=16", "train.checkpoint=false",
+        "data.train_limit=64", f"data.epoch_repeats={repeats}", f"output_dir={out}"]))
+    assert len(read_metrics(out)[0]["batch_loss"]) == steps
+
+
+def test_bad_epoch_repeats_are_one_line(tmp_path, fmnist_dir, capsys):
+    with pytest.raises(ConfigError, match="'data.epoch_repeats' must be positive"):
+        load_config(["data.epoch_repeats=0"])
+    with pytest.raises(ConfigError, match="at most 1000 passes"):
+        load_config(["data.epoch_repeats=1e6"])
+    with pytest.raises(ConfigError, match="epoch_repeats=0.5.*random access"):
+        load_config(["data.epoch_repeats=0.5", "data.streaming=true", "data.source=hf"])
+    with pytest.raises(ConfigError, match="draws 13 of the 64 .*fewer than train.batch_size=16"):
+        main(load_config(["recipe=resnet18_scratch_fmnist", f"data.root={fmnist_dir}",
+                          "data.train_limit=64", "train.batch_size=16", "data.epoch_repeats=0.2",
+                          f"output_dir={tmp_path / 'run'}"]))
+
+
 def test_weighted_and_balanced_runs_train(tmp_path, fmnist_dir):
     out = tmp_path / "run"
     result = main(load_config([

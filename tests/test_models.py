@@ -165,6 +165,26 @@ def test_xavier_init():
         create_model("resnet18", init="he")
 
 
+def test_zero_residual_init_starts_every_block_as_the_identity():
+    model = create_model("resnet18", num_classes=10, in_chans=1, init="zero_residual")
+    default = create_model("resnet18", num_classes=10, in_chans=1)
+    blocks = [m for m in model.modules() if hasattr(m, "zero_init_last")]
+    assert len(blocks) == 8
+    for block in blocks:
+        assert torch.count_nonzero(block.bn2.weight) == 0
+        assert torch.equal(block.bn1.weight, torch.ones_like(block.bn1.weight))
+    block = model.layer1[0].eval()  # identity shortcut: the block is relu(x)
+    x = torch.randn(2, 64, 7, 7)
+    torch.testing.assert_close(block(x), torch.relu(x))
+    assert not torch.allclose(default.layer1[0].eval()(x), torch.relu(x))
+    bottleneck = create_model("resnet50", init="zero_residual").layer2[1]
+    assert torch.count_nonzero(bottleneck.bn3.weight) == 0
+    assert torch.count_nonzero(bottleneck.bn2.weight) > 0
+    with pytest.raises(ValueError, match="zero_residual needs residual blocks.*AlexNet"):
+        create_model("alexnet_lecture", num_classes=10, in_chans=1, image_size=64,
+                     init="zero_residual")
+
+
 def test_registry_refuses_duplicates_and_unknown_names():
     with pytest.raises(ValueError, match="already registered"):
         @register_model(make_cfg("conv1"))

@@ -297,10 +297,14 @@ def test_pos_weight_on_single_label_data_is_one_line(fmnist_dir, tmp_path, capsy
             "train.pos_weight=balanced", "one class per image")
 
 
-def test_a_sweep_of_tagged_data_is_refused_before_any_model(tmp_path, capsys):
+def test_a_sweep_of_tagged_data_is_refused_before_any_model(tmp_path, capsys, fmnist_dir):
     root = write_tagged(tmp_path / "tagged", 40, 10)
     refused(capsys, ["sweep", "models=resnet18", f"data.root={root}",
                      f"output_dir={tmp_path / 'sweep'}"], "multi-label", "finetune compare")
+    # one model's own data, not the last model's
+    refused(capsys, ["sweep", "models=resnet18,resnet34", f"data.root={fmnist_dir}",
+                     f"resnet18:data.root={root}", f"output_dir={tmp_path / 'sweep'}"],
+            "multi-label", "finetune compare")
     assert not (tmp_path / "sweep").exists()
 
 
@@ -313,6 +317,26 @@ def test_a_search_on_tags_scores_val_map_by_default(tmp_path):
     assert plan_tune(args).metric == "val_map"
     assert plan_tune([*args, "metric=val_acc"]).metric == "val_acc"
     assert plan_tune([*args[:1], *args[2:]]).metric == "val_acc"  # Fashion-MNIST
+
+
+def test_the_hub_fallback_is_probed_for_tags_as_load_data_would_read_it(tmp_path,
+                                                                         monkeypatch):
+    from finetune import data
+    from finetune.config import DataConfig
+    from finetune.data import hub
+
+    asked = []
+    monkeypatch.setattr(hub, "tagged_hub", lambda cfg: asked.append(cfg.hf_name) or True)
+    monkeypatch.setattr(data, "DEFAULT_IDX_DIRS", [tmp_path / "absent"])  # no local copy
+    assert data.multilabel_data(DataConfig(hf_name="me/tags")) and asked == ["me/tags"]
+    monkeypatch.setattr(data, "_local_idx", lambda: tmp_path)  # a local Fashion-MNIST
+    assert not data.multilabel_data(DataConfig(hf_name="me/tags")) and len(asked) == 1
+
+    def offline(cfg):
+        raise data.DataError("no network")
+    monkeypatch.setattr(hub, "tagged_hub", offline)
+    monkeypatch.setattr(data, "_local_idx", lambda: None)
+    assert not data.multilabel_data(DataConfig(hf_name="me/tags"))
 
 
 # --- after training ---------------------------------------------------------------------------
@@ -410,6 +434,17 @@ def test_batch_prediction_writes_tags_and_every_probability(tagged_run, tagged_f
     lines = list(csv.reader(table.open()))
     assert lines[0] == ["file", "labels", *(f"probability_{t}" for t in TAGS), "error"]
     assert [r[1] for r in lines[1:]] == [" ".join(c for c, _ in want) for want in expected]
+
+
+def test_a_tag_with_a_space_is_refused_in_a_csv_labels_cell(tmp_path):
+    from finetune.batch_predict import Columns, start_output
+    from finetune.errors import ConfigError
+
+    columns = Columns(3, 2, ("sea lion", "dog"), (0.5, 0.5))
+    with pytest.raises(ConfigError, match="'sea lion' holds a space.*write .jsonl"):
+        start_output(tmp_path / "p.csv", ["a.png"], False, columns)
+    assert not (tmp_path / "p.csv").exists()
+    assert start_output(tmp_path / "p.jsonl", ["a.png"], False, columns) == 0
 
 
 def test_serving_a_multi_label_model_answers_its_tags(tagged_run, tagged_files):

@@ -54,6 +54,18 @@ def test_resume_from_mid_epoch_checkpoint_is_exact(ckpt_args, tmp_path):
         assert untimed_metrics(out) == metrics, name
 
 
+def test_an_epoch_of_repeats_resumes_mid_epoch_exactly(ckpt_args, tmp_path):
+    out, args = tmp_path / "run", [*ckpt_args, "data.epoch_repeats=1.5", "train.epochs=1"]
+    main(load_config(args))  # 9 steps of the training images' permutation and a half
+    assert [p.name for p in list_checkpoints(out)][-1] == "epoch0001-step000009"
+    weights, metrics = load_file(out / "model.safetensors"), untimed_metrics(out)
+    main(load_config(args + [f"resume={out / 'checkpoints' / 'epoch0001-step000008'}",
+                             "output_dir=null"]))
+    again = load_file(out / "model.safetensors")
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
+    assert untimed_metrics(out) == metrics
+
+
 def test_keeps_the_newest_checkpoints(tiny_args, tmp_path):
     main(load_config(tiny_args + ["train.epochs=2", "train.checkpoint_every=1",
                                   "train.keep_checkpoints=3"]))

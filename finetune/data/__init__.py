@@ -90,7 +90,7 @@ def load_data(cfg: DataConfig) -> tuple[Split, Split, str]:
     elif cfg.root:
         train, test, source = _load_from_root(cfg, Path(cfg.root).expanduser())
     elif cfg.source in ("auto", "idx"):
-        local = next((d for d in map(find_idx_dir, DEFAULT_IDX_DIRS) if d), None)
+        local = _local_idx()
         if local is not None:
             train, test = load_idx(local)
             source = f"idx:{local}"
@@ -126,13 +126,24 @@ def multilabel_data(cfg: DataConfig) -> bool:
     root = Path(cfg.root).expanduser() if cfg.root else None
     if cfg.streaming:  # a stream refuses list-valued labels (hub._one_label_per_row)
         return False
+    from finetune.data.hub import tagged_hub  # imports datasets only when it is called
+
     if cfg.source == "hf":
-        from finetune.data.hub import tagged_hub
         return tagged_hub(cfg)
     if root is not None and root.is_dir() and cfg.source != "imagefolder" \
             and find_idx_dir(root) is None:
         return tagged_folder(root)
+    if root is None and cfg.source == "auto" and _local_idx() is None:  # load_data's fallback
+        try:
+            return tagged_hub(cfg)
+        except DataError:  # the first run says why the data cannot be read
+            return False
     return False
+
+
+def _local_idx() -> Path | None:
+    """The first of the default folders that holds Fashion-MNIST's IDX files."""
+    return next((d for d in map(find_idx_dir, DEFAULT_IDX_DIRS) if d), None)
 
 
 def _limited(train: Split, test: Split, source: str, cfg: DataConfig) -> tuple[Split, Split]:

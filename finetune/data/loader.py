@@ -152,8 +152,8 @@ class BatchTransform:
 
 
 def train_batches(num_samples: int, batch_size: int, epoch: int, seed: int, rank: int,
-                  world_size: int, device: torch.device, weights: torch.Tensor | None = None
-                  ) -> Iterator[torch.Tensor]:
+                  world_size: int, device: torch.device, weights: torch.Tensor | None = None,
+                  draws: int | None = None) -> Iterator[torch.Tensor]:
     """This process's index batches for one epoch.
 
     Every process draws the same permutation (seeded by seed and epoch; with ``weights``, the
@@ -161,9 +161,9 @@ def train_batches(num_samples: int, batch_size: int, epoch: int, seed: int, rank
     overlap and the global batch is ``batch_size``. The incomplete last batch is dropped (all
     processes take equal steps).
     """
-    perm = epoch_permutation(num_samples, seed, epoch, weights).to(device)
+    perm = epoch_permutation(num_samples, seed, epoch, weights, draws).to(device)
     local = batch_size // world_size
-    for step in range(num_samples // batch_size):
+    for step in range(len(perm) // batch_size):
         start = step * batch_size + rank * local
         yield perm[start:start + local]
 
@@ -263,11 +263,12 @@ class TrainLoader:
     def __init__(self, data: Data, placement: str, batch_size: int, seed: int, rank: int,
                  world_size: int, device: torch.device, workers: int,
                  stream: TrainBatches | StreamedBatches | None = None,
-                 weights: torch.Tensor | None = None) -> None:
+                 weights: torch.Tensor | None = None, draws: int | None = None) -> None:
         self.data, self.placement, self.batch_size, self.seed = data, placement, batch_size, seed
         self.weights = weights  # per sample: balanced sampling of resident data
+        self.draws = draws  # samples per epoch (data.epoch_repeats; None: one per sample)
         self.rank, self.world, self.device, self.workers = rank, world_size, device, workers
-        self.steps = len(data) // batch_size  # the last partial batch drops
+        self.steps = (draws or len(data)) // batch_size  # the last partial batch drops
         self.read, self.bad, self.bad_items = 0, 0, set()
         self._sampler: EpochSteps | None = None
         self._loader: DataLoader | None = None
@@ -312,7 +313,8 @@ class TrainLoader:
             self.bad += self.data.dropped
         indices = itertools.islice(train_batches(len(self.data), self.batch_size, epoch,
                                                  self.seed, self.rank, self.world,
-                                                 self.data.images.device, self.weights),
+                                                 self.data.images.device, self.weights,
+                                                 self.draws),
                                    first, None)
         for images, labels in batches_on(self.data, indices, self.device, self.placement,
                                          self.workers):

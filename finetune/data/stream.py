@@ -24,14 +24,25 @@ Transform = Callable[..., torch.Tensor]  # PIL image -> uint8 (C, size, size)
 
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int,
-                      weights: torch.Tensor | None = None) -> torch.Tensor:
+                      weights: torch.Tensor | None = None, draws: int | None = None
+                      ) -> torch.Tensor:
     """The epoch's order of the training samples: the same on every process, a function of
-    (seed, epoch) alone (so a resumed epoch sees the same). With ``weights`` (one per sample):
-    ``num_samples`` draws with replacement in proportion to them (balanced sampling)."""
+    (seed, epoch) alone (so a resumed epoch sees the same). ``draws`` (default
+    ``num_samples``; data.epoch_repeats): the first ``draws`` of as many permutations back to
+    back as it takes. With ``weights`` (one per sample): ``draws`` draws with replacement in
+    proportion to them (balanced sampling)."""
+    draws = num_samples if draws is None else draws
     gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
     if weights is None:
-        return torch.randperm(num_samples, generator=gen)
-    return torch.multinomial(weights, num_samples, replacement=True, generator=gen)
+        rounds = -(-draws // num_samples)
+        return torch.cat([torch.randperm(num_samples, generator=gen)
+                          for _ in range(rounds)])[:draws]
+    return torch.multinomial(weights, draws, replacement=True, generator=gen)
+
+
+def epoch_draws(num_samples: int, repeats: float) -> int:
+    """How many training samples an epoch draws: ``repeats`` (data.epoch_repeats) of them."""
+    return max(1, round(num_samples * repeats))
 
 
 def balanced_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -46,9 +57,10 @@ class TrainBatches(Dataset):
 
     def __init__(self, samples: Samples, transform: Transform, image_size: int, need: int,
                  batch_size: int, seed: int, rank: int, world_size: int, skip_bad: bool,
-                 weights: torch.Tensor | None = None) -> None:
+                 weights: torch.Tensor | None = None, draws: int | None = None) -> None:
         self.samples, self.transform, self.need, self.skip_bad = samples, transform, need, skip_bad
         self.weights = weights  # per sample: balanced sampling (None: a permutation)
+        self.draws = draws  # per epoch (None: one per sample)
         self.image_size = image_size
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world_size
         self._perm: tuple[int, torch.Tensor] | None = None  # this worker's epoch, permutation
@@ -56,7 +68,7 @@ class TrainBatches(Dataset):
     def indices(self, epoch: int, step: int) -> list[int]:
         if self._perm is None or self._perm[0] != epoch:
             self._perm = epoch, epoch_permutation(len(self.samples), self.seed, epoch,
-                                                  self.weights)
+                                                  self.weights, self.draws)
         local = self.batch_size // self.world
         start = step * self.batch_size + self.rank * local
         return self._perm[1][start:start + local].tolist()

@@ -27,7 +27,7 @@ from finetune.data.samples import Samples
 
 LABELS_CSV = "labels.csv"
 TASKS = ("auto", "single", "multilabel")
-_SEPARATORS = re.compile(r"[\s,]+")
+TAG_SEPARATORS = re.compile(r"[\s,]+")
 
 
 def tagged_folder(root: Path) -> bool:
@@ -47,7 +47,7 @@ def read_tags(csv_file: Path) -> list[tuple[Path, list[str]]]:
             for number, row in enumerate(csv.reader(f), start=1):
                 if not row or (number == 1 and row[0].strip().lower() in HEADERS):
                     continue
-                name, tags = row[0].strip(), _SEPARATORS.split(" ".join(row[1:]).strip())
+                name, tags = row[0].strip(), TAG_SEPARATORS.split(" ".join(row[1:]).strip())
                 rows.append((name, [t for t in tags if t], number))
     except (UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"{csv_file}: not a UTF-8 CSV of file,tags rows ({e}).") from None

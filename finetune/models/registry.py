@@ -118,9 +118,19 @@ def norm_layer(norm: str) -> type[nn.Module]:
 
 def init_weights(model: nn.Module, init: str) -> None:
     """``xavier``: Xavier-uniform weights and zero biases for every conv and linear layer (the
-    lecture's init); ``default``: leave what the builder did."""
+    lecture's init); ``zero_residual``: every block with a ``zero_init_last`` (timm's name:
+    finetune's ResNet blocks, timm's) zeroes the scale of its last norm; ``default``: leave
+    what the builder did."""
     if init == "default":
         return
+    elif init == "zero_residual":
+        blocks = [m for m in model.modules() if hasattr(m, "zero_init_last")]
+        if not blocks:
+            raise ValueError(f"model.init=zero_residual needs residual blocks with "
+                             f"zero_init_last (finetune's and timm's ResNets); "
+                             f"{type(model).__name__} has none: use model.init=default.")
+        for block in blocks:
+            block.zero_init_last()
     elif init == "xavier":
         for m in model.modules():
             if isinstance(m, nn.Conv2d | nn.Linear):

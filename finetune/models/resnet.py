@@ -41,6 +41,10 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = shortcut(in_ch, width, stride, norm_layer)
 
+    def zero_init_last(self) -> None:
+        """The residual branch's last norm scaled to 0: the block starts as the identity."""
+        nn.init.zeros_(self.bn2.weight)
+
     def forward(self, x: Tensor) -> Tensor:
         y = self.relu(self.bn1(self.conv1(x)))
         y = self.bn2(self.conv2(y))
@@ -61,6 +65,9 @@ class Bottleneck(nn.Module):
         self.conv3, self.bn3 = conv1x1(width, out_ch), norm_layer(out_ch)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = shortcut(in_ch, out_ch, stride, norm_layer)
+
+    def zero_init_last(self) -> None:
+        nn.init.zeros_(self.bn3.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.relu(self.bn1(self.conv1(x)))
