@@ -67,7 +67,13 @@ from finetune.models import (
 )
 from finetune.models.backbones import check_backbone_name, on_meta
 from finetune.models.pretrained import channel_stats, weights_input_size
-from finetune.models.registry import IMAGENET_MEAN, IMAGENET_STD, check_model_options
+from finetune.models.registry import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    check_model_options,
+    no_residual_blocks,
+    residual_blocks,
+)
 from finetune.optim import (
     StagePlan,
     freeze_for_good,
@@ -132,6 +138,8 @@ def _meta_model(cfg: Config, size: int, in_chans: int) -> nn.Module:
     except TypeError as e:  # e.g. timm's VGG has no drop_path_rate
         raise ConfigError(f"model.name={cfg.model.name} does not take these model.* settings: "
                           f"{_first_line(e)}") from None
+    if cfg.model.init == "zero_residual" and not residual_blocks(model):
+        raise ConfigError(no_residual_blocks(model))
     if cfg.model.grad_checkpointing:
         try:
             set_grad_checkpointing(model)
@@ -227,6 +235,9 @@ class Parts:
                           task="multilabel" if is_multilabel(self.train_data) else "single")
 
 
+MAX_DRAWS = 2 ** 27  # an epoch's order of int64 indices: 1 GiB
+
+
 def _load(cfg: Config, state: PartialState
           ) -> tuple[Fetched | None, Data, Data, Data | None, str]:
     """Pretrained weights (first: a run that cannot get them fails in seconds, not after the
@@ -251,6 +262,10 @@ def _load(cfg: Config, state: PartialState
                           f"{len(train_data)} training images; lower train.batch_size or raise "
                           f"data.train_limit.")
     draws = epoch_draws(len(train_data), d.epoch_repeats)
+    if draws > MAX_DRAWS:  # the epoch's order is held, by every streaming worker too
+        raise ConfigError(f"data.epoch_repeats={d.epoch_repeats} draws {draws} of the "
+                          f"{len(train_data)} training images an epoch, above {MAX_DRAWS}; "
+                          f"lower it and raise train.epochs.")
     if draws < cfg.train.batch_size and cfg.finetune.method not in UNTRAINED:
         raise ConfigError(f"data.epoch_repeats={d.epoch_repeats} draws {draws} of the "
                           f"{len(train_data)} training images an epoch, fewer than "

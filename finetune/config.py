@@ -130,10 +130,10 @@ class DataConfig:
     # draws, with replacement, each class equally likely (seeded by train.seed and the epoch:
     # the same on every process and after a resume). Not with data.streaming.
     sampler: str = "shuffle"
-    # An epoch draws round(epoch_repeats x the training images) (timm's --epoch-repeats): 0.8
-    # trains on a fresh seeded 80 % each epoch (every image is seen, unlike data.train_limit),
-    # 2 on two permutations back to back. The schedule, evaluations and checkpoints follow the
-    # epochs. Not with data.streaming.
+    # An epoch draws round(epoch_repeats x the training images) (like timm's --epoch-repeats):
+    # 0.8 trains on a fresh seeded 80 % each epoch (any image can be drawn, unlike with
+    # data.train_limit), 2 on two permutations back to back. The schedule, evaluations and
+    # checkpoints follow the epochs. Not with data.streaming.
     epoch_repeats: float = 1.0
     # A class left without training images (a class of one image that the test split takes,
     # or one that data.train_limit or data.val_split empties) stops the run naming it; true:
@@ -563,6 +563,9 @@ def validate(cfg: Config) -> None:
     if cfg.model.weights and not cfg.model.pretrained:
         raise ConfigError(f"model.weights={cfg.model.weights} is set but model.pretrained=false; "
                           "set model.pretrained=true to load it, or drop model.weights.")
+    if cfg.model.init != "default" and cfg.model.pretrained:
+        raise ConfigError(f"model.init={cfg.model.init} initialises random weights, and "
+                          f"model.pretrained=true loads others over them; drop model.init.")
 
 
 TRACKERS = ("tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml", "dvclive", "trackio")
@@ -630,6 +633,9 @@ def _check_method(cfg: Config) -> None:
     if f.method in UNTRAINED and (f.freeze != "none" or f.unfreeze_at):
         raise ConfigError(f"finetune.method={f.method} never trains the backbone, so "
                           f"finetune.freeze/unfreeze_at mean nothing with it; drop them.")
+    if f.method in UNTRAINED and cfg.data.epoch_repeats != 1:
+        raise ConfigError(f"finetune.method={f.method} fits on cached features without "
+                          f"training epochs, so data.epoch_repeats means nothing with it; drop it.")
     if f.method in UNTRAINED and (cfg.train.ema_decay or cfg.train.early_stopping):
         raise ConfigError(f"finetune.method={f.method} fits on cached features without "
                           f"training steps, so train.ema_decay and train.early_stopping (which "

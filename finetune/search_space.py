@@ -113,12 +113,12 @@ def _scalar(text: str) -> Any:
 
 def _items(text: str) -> list[str]:
     """``text`` split at its commas outside brackets and quotes: ``a,[b,c],'d,e'`` is three
-    items."""
+    items (a quote opens only at an item's start: ``it's`` is a word)."""
     items, depth, start, quote = [], 0, 0, None
     for i, ch in enumerate(text):
         if quote is not None:
             quote = None if ch == quote else quote
-        elif ch in "'\"":
+        elif ch in "'\"" and not text[start:i].strip():
             quote = ch
         elif ch == "," and depth == 0:
             items.append(text[start:i])

@@ -367,7 +367,9 @@ def test_an_epoch_of_epoch_repeats_trains_that_many_steps(tmp_path, fmnist_dir, 
     assert len(read_metrics(out)[0]["batch_loss"]) == steps
 
 
-def test_bad_epoch_repeats_are_one_line(tmp_path, fmnist_dir, capsys):
+def test_bad_epoch_repeats_are_one_line(tmp_path, fmnist_dir, monkeypatch):
+    from finetune import assemble
+
     with pytest.raises(ConfigError, match="'data.epoch_repeats' must be positive"):
         load_config(["data.epoch_repeats=0"])
     with pytest.raises(ConfigError, match="at most 1000 passes"):
@@ -378,6 +380,13 @@ def test_bad_epoch_repeats_are_one_line(tmp_path, fmnist_dir, capsys):
         main(load_config(["recipe=resnet18_scratch_fmnist", f"data.root={fmnist_dir}",
                           "data.train_limit=64", "train.batch_size=16", "data.epoch_repeats=0.2",
                           f"output_dir={tmp_path / 'run'}"]))
+    monkeypatch.setattr(assemble, "MAX_DRAWS", 100)
+    with pytest.raises(ConfigError, match="draws 128 of the 64 .*above 100"):
+        main(load_config(["recipe=resnet18_scratch_fmnist", f"data.root={fmnist_dir}",
+                          "data.train_limit=64", "train.batch_size=16", "data.epoch_repeats=2",
+                          f"output_dir={tmp_path / 'run'}"]))
+    with pytest.raises(ConfigError, match="method=linear .*epoch_repeats means nothing"):
+        load_config(["finetune.method=linear", "data.epoch_repeats=2"])
 
 
 def test_weighted_and_balanced_runs_train(tmp_path, fmnist_dir):

@@ -183,6 +183,23 @@ def test_zero_residual_init_starts_every_block_as_the_identity():
     with pytest.raises(ValueError, match="zero_residual needs residual blocks.*AlexNet"):
         create_model("alexnet_lecture", num_classes=10, in_chans=1, image_size=64,
                      init="zero_residual")
+    tv = create_model("tv:resnet50", num_classes=10, init="zero_residual")
+    assert torch.count_nonzero(tv.layer1[0].bn3.weight) == 0
+    assert torch.count_nonzero(tv.layer1[0].bn2.weight) > 0
+
+
+def test_model_init_is_refused_where_it_means_nothing(tmp_path, capsys):
+    from conftest import refused
+
+    from finetune.config import ConfigError, load_config
+
+    refused(capsys, ["train", "model.name=vgg11_narrow", "data.image_size=32",
+                     "model.init=zero_residual",
+                     f"output_dir={tmp_path / 'run'}"], "zero_residual needs residual blocks",
+            "VGG")
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="model.init=xavier initialises random weights"):
+        load_config(["model.pretrained=true", "model.init=xavier"])
 
 
 def test_registry_refuses_duplicates_and_unknown_names():

@@ -30,6 +30,7 @@ BASE = ["recipe=resnet18_scratch_fmnist"]
     ("choice(1,0.5,true)", Dimension("k", "choice", choices=(1, 0.5, True))),
     ("choice([0.08, 1],[0.35,1.0])", Dimension("k", "choice", choices=("[0.08,1]", "[0.35,1.0]"))),
     ("choice('a,b',c,\"[d\")", Dimension("k", "choice", choices=("a,b", "c", "[d"))),
+    ("choice(it's, b)", Dimension("k", "choice", choices=("it's", "b"))),
 ])
 def test_each_form_parses(value, expected):
     assert parse_dimension("k", value) == expected

@@ -116,21 +116,35 @@ def norm_layer(norm: str) -> type[nn.Module]:
         raise ValueError(f"unknown norm '{norm}'; valid: {', '.join(NORMS)}")
 
 
+def residual_blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks ``model.init=zero_residual`` zeroes: those with a ``zero_init_last``
+    (finetune's ResNets, timm's) and torchvision's ResNet blocks."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    return [m for m in model.modules()
+            if hasattr(m, "zero_init_last") or isinstance(m, BasicBlock | Bottleneck)]
+
+
+def no_residual_blocks(model: nn.Module) -> str:
+    return (f"model.init=zero_residual needs residual blocks (finetune's, timm's or "
+            f"torchvision's ResNets); {type(model).__name__} has none: use model.init=default.")
+
+
 def init_weights(model: nn.Module, init: str) -> None:
     """``xavier``: Xavier-uniform weights and zero biases for every conv and linear layer (the
-    lecture's init); ``zero_residual``: every block with a ``zero_init_last`` (timm's name:
-    finetune's ResNet blocks, timm's) zeroes the scale of its last norm; ``default``: leave
-    what the builder did."""
+    lecture's init); ``zero_residual``: every residual block (:func:`residual_blocks`) zeroes
+    the scale of its last norm; ``default``: leave what the builder did."""
     if init == "default":
         return
     elif init == "zero_residual":
-        blocks = [m for m in model.modules() if hasattr(m, "zero_init_last")]
+        blocks = residual_blocks(model)
         if not blocks:
-            raise ValueError(f"model.init=zero_residual needs residual blocks with "
-                             f"zero_init_last (finetune's and timm's ResNets); "
-                             f"{type(model).__name__} has none: use model.init=default.")
+            raise ValueError(no_residual_blocks(model))
         for block in blocks:
-            block.zero_init_last()
+            if hasattr(block, "zero_init_last"):
+                block.zero_init_last()
+            else:  # torchvision's blocks: the norm before the addition
+                nn.init.zeros_(getattr(block, "bn3", block.bn2).weight)
     elif init == "xavier":
         for m in model.modules():
             if isinstance(m, nn.Conv2d | nn.Linear):
