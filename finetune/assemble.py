@@ -416,11 +416,10 @@ def train_loader(cfg: Config, parts: Parts, accelerator: Accelerator) -> TrainLo
     transform = train_transform(dcfg.image_size, scale, ratio, parts.interpolation, dcfg.hflip,
                                 dcfg.auto_augment)
     rank, world = accelerator.process_index, accelerator.num_processes
-    weights, draws = None, None
+    weights = None
     if dcfg.sampler == "balanced":  # a stream is refused by check_model
         weights = balanced_weights(parts.train_data.labels, len(parts.train_data.classes))
-    if dcfg.epoch_repeats != 1:  # a stream is refused by the config check
-        draws = epoch_draws(len(parts.train_data), dcfg.epoch_repeats)
+    draws = epoch_draws(len(parts.train_data), dcfg.epoch_repeats)  # a stream has repeats 1
     if isinstance(parts.train_data, StreamedSplit):
         stream = StreamedBatches(parts.train_data, transform, dcfg.image_size,
                                  train_need(dcfg.image_size, scale), tcfg.batch_size, tcfg.seed,

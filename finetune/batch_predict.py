@@ -39,7 +39,7 @@ from finetune.data.images import open_image
 from finetune.data.tags import TAG_SEPARATORS
 from finetune.errors import ConfigError, DataError, OutputError
 from finetune.files import atomic_write_text, sha256_file, write_failure
-from finetune.inference import Predictor, top_classes
+from finetune.inference import Predictor, over_thresholds, probability_pairs, top_classes
 
 log = logging.getLogger(__name__)
 FORMATS = (".csv", ".jsonl")
@@ -115,15 +115,12 @@ class Columns:
         return ["file", *(f"{kind}_{k}" for k in range(1, self.top_k + 1)
                           for kind in ("class", "probability")), "error"]
 
-    def over(self, p: list[tuple[str, float]]) -> list[tuple[str, float]]:
-        """A multi-label row's tags at or over their thresholds, most likely first."""
-        return sorted(((c, v) for (c, v), t in zip(p, self.thresholds, strict=True) if v >= t),
-                      key=lambda cv: -cv[1])
-
     def jsonl(self, f: str, p: list[tuple[str, float]] | None, e: str | None) -> str:
         if not self.tags:
-            return json.dumps({"file": f, "top_k": None if p is None else _pairs(p), "error": e})
-        return json.dumps({"file": f, "labels": None if p is None else _pairs(self.over(p)),
+            return json.dumps({"file": f, "top_k": None if p is None else probability_pairs(p),
+                               "error": e})
+        return json.dumps({"file": f, "labels": None if p is None else probability_pairs(
+                               over_thresholds(p, self.thresholds)),
                            "probabilities": None if p is None else {c: round(v, 6)
                                                                     for c, v in p},
                            "error": e})
@@ -131,7 +128,8 @@ class Columns:
     def cells(self, p: list[tuple[str, float]] | None) -> list[str]:
         if self.tags:
             return ["", *[""] * self.width] if not p else [
-                " ".join(c for c, _ in self.over(p)), *(f"{v:.6f}" for _, v in p)]
+                " ".join(c for c, _ in over_thresholds(p, self.thresholds)),
+                *(f"{v:.6f}" for _, v in p)]
         cells = [x for c, v in p for x in (c, f"{v:.6f}")] if p else []
         return [*cells, *[""] * (2 * self.top_k - len(cells))]
 
@@ -142,10 +140,6 @@ class Columns:
             raise ValueError(f"its rows do not hold this model's {self.width} classes"
                              if self.tags else
                              f"its rows do not hold --top-k {self.top_k}'s {self.width} classes")
-
-
-def _pairs(p: list[tuple[str, float]]) -> list[dict]:
-    return [{"class": c, "probability": round(v, 6)} for c, v in p]
 
 
 def format_rows(files: list[str], probs: list[list[tuple[str, float]] | None],

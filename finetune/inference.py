@@ -208,11 +208,21 @@ def tags_over(probs: torch.Tensor, names: list[str], thresholds: torch.Tensor
               ) -> list[list[tuple[str, float]]]:
     """For each row of ``probs`` (N, classes), the (name, probability) pairs of the tags at or
     over their threshold, most likely first (an empty list: no tag)."""
-    out = []
-    for row in probs.float().cpu():
-        order = torch.argsort(row, descending=True, stable=True).tolist()
-        out.append([(names[i], float(row[i])) for i in order if row[i] >= thresholds[i]])
-    return out
+    cuts = thresholds.tolist()
+    return [over_thresholds(list(zip(names, row, strict=True)), cuts)
+            for row in probs.float().cpu().tolist()]
+
+
+def over_thresholds(pairs: list[tuple[str, float]], thresholds: list[float]
+                    ) -> list[tuple[str, float]]:
+    """The ``(tag, probability)`` pairs at or over their threshold, most likely first."""
+    return sorted((pair for pair, cut in zip(pairs, thresholds, strict=True) if pair[1] >= cut),
+                  key=lambda pair: -pair[1])
+
+
+def probability_pairs(ranked: list[tuple[str, float]]) -> list[dict]:
+    """``(class, probability)`` pairs as JSON objects, probabilities to 6 decimals."""
+    return [{"class": c, "probability": round(p, 6)} for c, p in ranked]
 
 
 def predict_log_probs(model: nn.Module, views: list[torch.Tensor]) -> torch.Tensor:

@@ -38,7 +38,7 @@ from starlette.requests import ClientDisconnect
 from finetune.batching import Batcher
 from finetune.data.images import open_image
 from finetune.errors import DataError, FinetuneError
-from finetune.inference import Predictor, load, tags_over, top_classes
+from finetune.inference import Predictor, load, probability_pairs, tags_over, top_classes
 from finetune.serve_limits import BodyLimit, Limits, error_response
 
 PAGE = Path(__file__).with_name("web") / "index.html"
@@ -251,17 +251,13 @@ def predictions(predictor: Predictor, scores: torch.Tensor, names: list[str], to
     ``labels``: every tag at or over its threshold (``model.json``), most likely first."""
     multilabel = predictor.multilabel
     probs = scores if multilabel else scores.exp()
-    out = [{"file": n, "top_k": _pairs(r)}
+    out = [{"file": n, "top_k": probability_pairs(r)}
            for n, r in zip(names, top_classes(probs, predictor.class_names, top_k), strict=True)]
     if multilabel:
         for row, tags in zip(out, tags_over(probs, predictor.class_names, predictor.thresholds),
                              strict=True):
-            row["labels"] = _pairs(tags)
+            row["labels"] = probability_pairs(tags)
     return out
-
-
-def _pairs(ranked: list[tuple[str, float]]) -> list[dict]:
-    return [{"class": c, "probability": round(p, 6)} for c, p in ranked]
 
 
 async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:

@@ -78,7 +78,7 @@ def train(cfg: Config, parts: Parts, accelerator: Accelerator, precision: str,
     ``out`` is kept, not a replacement that is discarded)."""
     tcfg = cfg.train
     t = prepare_training(cfg, parts, accelerator)
-    check_batches(tcfg, t.steps_per_epoch, t.loader.draws or len(parts.train_data),
+    check_batches(tcfg, t.steps_per_epoch, t.loader.draws,
                   accelerator.num_processes, norms_that_train(t.raw, parts.plan, cfg.finetune.bn))
     start_epoch, partial = starting_point(restore(cfg.resume, out, accelerator, t.gen,
                                                   t.steps_per_epoch, t.scheduler, t.ema),

@@ -49,7 +49,7 @@ def _load_from_root(cfg: DataConfig, root: Path) -> tuple[Split, Split, str]:
                         f"train-labels-idx1-ubyte[.gz], t10k-images-idx3-ubyte[.gz], "
                         f"t10k-labels-idx1-ubyte[.gz]) in {root}, {root}/FashionMNIST/raw or "
                         f"{root}/raw.")
-    elif cfg.source != "imagefolder" and tagged_folder(root):  # labels.csv: multi-label
+    elif _tagged_root(cfg, root):
         return (*load_tagged_folder(root, seed=cfg.split_seed), f"tagged:{root}")
     else:  # auto without IDX files, or imagefolder
         return (*load_imagefolder(root, seed=cfg.split_seed), f"imagefolder:{root}")
@@ -130,15 +130,20 @@ def multilabel_data(cfg: DataConfig) -> bool:
 
     if cfg.source == "hf":
         return tagged_hub(cfg)
-    if root is not None and root.is_dir() and cfg.source != "imagefolder" \
-            and find_idx_dir(root) is None:
-        return tagged_folder(root)
-    if root is None and cfg.source == "auto" and _local_idx() is None:  # load_data's fallback
+    if root is not None:
+        return root.is_dir() and _tagged_root(cfg, root)
+    if cfg.source == "auto" and _local_idx() is None:  # load_data's fallback to the hub
         try:
             return tagged_hub(cfg)
         except DataError:  # the first run says why the data cannot be read
             return False
     return False
+
+
+def _tagged_root(cfg: DataConfig, root: Path) -> bool:
+    """Whether :func:`load_data` reads the folder ``root`` as tags (a labels.csv: multi-label),
+    not as IDX files or class folders."""
+    return cfg.source != "imagefolder" and find_idx_dir(root) is None and tagged_folder(root)
 
 
 def _local_idx() -> Path | None:

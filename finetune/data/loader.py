@@ -266,9 +266,10 @@ class TrainLoader:
                  weights: torch.Tensor | None = None, draws: int | None = None) -> None:
         self.data, self.placement, self.batch_size, self.seed = data, placement, batch_size, seed
         self.weights = weights  # per sample: balanced sampling of resident data
-        self.draws = draws  # samples per epoch (data.epoch_repeats; None: one per sample)
+        # samples per epoch (data.epoch_repeats; None: one per sample)
+        self.draws = len(data) if draws is None else draws
         self.rank, self.world, self.device, self.workers = rank, world_size, device, workers
-        self.steps = (draws or len(data)) // batch_size  # the last partial batch drops
+        self.steps = self.draws // batch_size  # the last partial batch drops
         self.read, self.bad, self.bad_items = 0, 0, set()
         self._sampler: EpochSteps | None = None
         self._loader: DataLoader | None = None
