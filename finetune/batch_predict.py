@@ -257,6 +257,8 @@ def predict_to_file(predictor: Predictor, images, names: list[str], out: Path, *
     is recorded beside ``out`` with ``tta``, which ``--resume`` checks."""
     if workers < 0:
         raise ConfigError(f"--workers {workers}: a number of DataLoader workers >= 0.")
+    if tta:  # before any file is written, not as an error on every row
+        predictor.check_tta()
     state = state or PartialState()
     try:
         columns = Columns.of(predictor, top_k)

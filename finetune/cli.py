@@ -445,7 +445,7 @@ TUNE_HELP = (
 def _add_search(sub: argparse._SubParsersAction) -> None:
     """cv and tune: many trainings of one recipe."""
     _overrides(_add(sub, "cv", _cv, "k-fold cross-validation: a run per fold, every metric "
-                    "as mean ± 95 % interval, out-of-fold probabilities (oof.jsonl)",
+                    "as mean ± 95 %% interval, out-of-fold probabilities (oof.jsonl)",
                     "finetune cv recipe=NAME [folds=5] [output_dir=DIR] "
                     "[launcher=\"accelerate launch ...\"] [key=value ...]\n  Running the same "
                     "command again keeps finished folds and resumes the others.", _keys()),
@@ -469,7 +469,8 @@ def _add_deployment(sub: argparse._SubParsersAction) -> None:
                    help="with --split: the image column (default: the first Image feature)")
     p.add_argument("--top-k", type=_positive, default=3)
     p.add_argument("--tta", action="store_true",
-                   help="average each image's probabilities with its mirror image's")
+                   help="average each image's probabilities over the views the model "
+                   "trained with: its mirror image (data.hflip), shifts (data.crop_pad)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--out", type=Path, default=None,
                    help="write the predictions to FILE (.csv or .jsonl) as they come: any "
@@ -539,7 +540,7 @@ def _add_inspection(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="finetune", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="finetune", description=" ".join(__doc__.split()))
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _overrides(_add(sub, "train", _train, "train, evaluate every epoch and export",
                     "Train a recipe (recipe=NAME or a .yaml path) with key=value overrides. "
@@ -551,7 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
              epilog=_keys("data."))
     p.add_argument("run_dir", help="a run folder (or its ema/ folder)")
     p.add_argument("--tta", action="store_true",
-                   help="also with test-time augmentation (mirror images), beside the plain")
+                   help="also with test-time augmentation (the mirror images and shifts the "
+                   "model trained with), beside the plain")
     _overrides(p, "output_dir=PATH (default RUN_DIR), data.* overrides (other test data)")
     _add_deployment(sub)
     _add_after_training(sub)

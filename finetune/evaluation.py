@@ -238,6 +238,8 @@ def _measure(run_dir: Path, cfg, overrides: list[str], state, tta: bool) -> tupl
         _run_precision(run_dir, cfg.train.mixed_precision, overrides, state.device),
         state.device))
     predictor = load(run_dir, device=accelerator.device)
+    if tta:  # before the test data is read
+        predictor.check_tta()
     if cfg.train.channels_last:
         predictor.model.to(memory_format=torch.channels_last)
         predictor.transform.memory_format = torch.channels_last

@@ -77,6 +77,14 @@ class Predictor:
         augment = self.meta.get("augment", {})
         return bool(augment.get("hflip", True)), int(augment.get("crop_pad", 0))
 
+    def check_tta(self) -> None:
+        """Refuse test-time augmentation where it has nothing to add: the views are those the
+        model trained with (:attr:`tta`), and one trained with neither has none."""
+        if self.tta == (False, 0):
+            raise ConfigError("tta: this model trained without mirror images or shifts "
+                              "(data.hflip=false, data.crop_pad=0), so test-time augmentation "
+                              "has no views to add to the plain one; leave tta out.")
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -113,6 +121,8 @@ class Predictor:
               ) -> torch.Tensor:
         """One image as the model's input views (V, C, S, S): the plain view, then with
         ``tta`` its test-time views (:attr:`tta`)."""
+        if tta:
+            self.check_tta()
         image = self.to_uint8(image)[None]
         return torch.cat(self.transform.views(image, *self.tta) if tta
                          else [self.transform(image)])
@@ -153,6 +163,8 @@ class Predictor:
         PIL images or tensors), which may differ in size (each is then resized and cropped on
         its own); the model runs on batches of ``batch_size``. ``tta``: log-probabilities of
         the test-time views (:attr:`tta`) averaged, instead."""
+        if tta:
+            self.check_tta()
         if isinstance(images, torch.Tensor):
             chunks = [self._cropped(images[i:i + batch_size]).to(self.device)
                       for i in range(0, len(images), batch_size)]

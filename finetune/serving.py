@@ -214,13 +214,15 @@ def _routes(app: FastAPI, predictor: Predictor, batcher: Batcher, info: dict,
     def page() -> str:
         return PAGE.read_text(encoding="utf-8")
 
-    @app.api_route("/health", methods=["GET", "HEAD"],
-                   summary="the server is up and the model loaded")
+    # HEAD beside GET, out of the schema: one route with both methods gives OpenAPI one
+    # operation id twice (FastAPI warns "Duplicate Operation ID").
+    @app.get("/health", summary="the server is up and the model loaded")
+    @app.head("/health", include_in_schema=False)
     def health() -> dict:
         return {"status": "ok", "model_calls": batcher.calls}
 
-    @app.api_route("/metadata", methods=["GET", "HEAD"],
-                   summary="classes, preprocessing, test metrics and the model card")
+    @app.get("/metadata", summary="classes, preprocessing, test metrics and the model card")
+    @app.head("/metadata", include_in_schema=False)
     def get_metadata() -> dict:
         return info
 
@@ -234,6 +236,11 @@ def _routes(app: FastAPI, predictor: Predictor, batcher: Batcher, info: dict,
         if not data:
             raise HTTPException(400, "no images in the request: send one or more files")
         top_k, tta = _options(request, body, len(predictor.class_names))
+        if tta:
+            try:
+                predictor.check_tta()
+            except FinetuneError as e:
+                raise HTTPException(422, str(e)) from None
         with batcher.arriving():
             views = []
             for d, n in zip(data, names, strict=True):

@@ -179,6 +179,19 @@ def serving(run: Path, *options: str):
         proc.wait(timeout=30)
 
 
+def without_views(run: Path, dest: Path) -> Path:
+    """A copy of the run's export (no checkpoints) as if trained with neither mirror images nor
+    shifts: a model with no test-time views."""
+    import json
+    import shutil
+
+    shutil.copytree(run, dest, ignore=shutil.ignore_patterns("checkpoints"))
+    meta = json.loads((dest / "model.json").read_text())
+    meta["augment"] = {**meta.get("augment", {}), "hflip": False, "crop_pad": 0}
+    (dest / "model.json").write_text(json.dumps(meta))
+    return dest
+
+
 def refused(capsys, argv: list[str], *needles: str) -> str:
     """Run ``finetune ARGV``: it must fail with exit status 2 and exactly one ``error:`` line,
     which names every one of ``needles``, and no traceback. The line."""

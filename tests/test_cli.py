@@ -57,6 +57,15 @@ def test_help_lists_the_arguments(command, capsys):
         assert needle in out, needle
 
 
+def test_help_lists_the_commands(capsys):
+    assert main(["--help"]) == 0  # a stray % in a command's summary made argparse raise
+    out = capsys.readouterr().out
+    assert out.startswith("usage: finetune") and "mean ± 95 % interval" in " ".join(out.split())
+    assert "inspect recipes and models" in " ".join(out.split())
+    for command in COMMANDS:
+        assert command in out, command
+
+
 def test_usage_errors_exit_2(capsys):
     assert main([]) == 2
     assert main(["trian"]) == 2

@@ -321,6 +321,30 @@ def test_batch_prediction_bad_outputs_are_one_line(trained, tmp_path, capsys, mo
             "no space left", "--resume")
 
 
+def test_tta_on_a_model_without_views_is_refused_before_anything_is_written(trained, tmp_path,
+                                                                            capsys):
+    """Trained with neither mirror images nor shifts, a model has no test-time views: --tta
+    would answer the plain numbers under the name of TTA, so it is one line instead."""
+    from conftest import refused, without_views
+
+    from finetune.errors import ConfigError
+
+    run, test = trained
+    plain = without_views(run, tmp_path / "plain")
+    (plain / "evaluation.json").unlink(missing_ok=True)  # from another test's evaluation
+    images = str(_image_folder(test, tmp_path / "images", 2))
+    out = tmp_path / "p.csv"
+    for argv in (["predict", str(plain), images, "--tta"],
+                 ["predict", str(plain), images, "--tta", "--out", str(out)],
+                 ["evaluate", str(plain), "--tta"]):
+        refused(capsys, argv, "no views to add", "data.hflip=false")
+    assert not out.exists() and not (plain / "evaluation.json").exists()
+    predictor = finetune.load(plain)
+    with pytest.raises(ConfigError, match="no views to add"):
+        predictor.predict([test.images[0]], tta=True)
+    assert predictor.predict([test.images[0]]) == finetune.load(run).predict([test.images[0]])
+
+
 @pytest.mark.slow
 def test_int8_onnx_is_calibrated_measured_and_recorded(trained, tmp_path, capsys):
     import onnx

@@ -193,6 +193,28 @@ def test_metadata_and_openapi(server, trained):
     assert "<script" in page and "http:" not in page and "https:" not in page  # all local
 
 
+def test_the_schema_has_one_id_per_operation(trained):
+    import warnings
+
+    from finetune.serving import Settings, create_app
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # FastAPI warns of a duplicate operation id
+        schema = create_app(Settings(run=str(trained[0]))).openapi()
+    ids = [op["operationId"] for path in schema["paths"].values() for op in path.values()]
+    assert len(ids) == len(set(ids)) and {"/health", "/metadata", "/predict"} <= set(
+        schema["paths"])
+
+
+def test_tta_on_a_model_without_views_is_a_422(trained, images, tmp_path):
+    from conftest import without_views
+
+    with serving(without_views(trained[0], tmp_path / "plain")) as url:
+        response = post_files(url, images[:1], tta="true")
+        assert response.status_code == 422 and "no views to add" in response.json()["error"]
+        assert post_files(url, images[:1]).status_code == 200
+
+
 def test_a_port_in_use_is_a_one_line_error(server, trained, capsys):
     port = server.rsplit(":", 1)[1]
     assert cli_main(["serve", str(trained[0]), "--port", port]) == 2
