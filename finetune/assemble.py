@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -413,8 +414,10 @@ def train_loader(cfg: Config, parts: Parts, accelerator: Accelerator) -> TrainLo
     tcfg, dcfg = cfg.train, cfg.data
     stream = None
     scale, ratio = tuple(dcfg.scale), tuple(dcfg.ratio)
+    streamed = isinstance(parts.train_data, StreamedSplit) or parts.placement == "stream"
+    # Resident batches are augmented on the device: no per-image pipeline (nor torchvision).
     transform = train_transform(dcfg.image_size, scale, ratio, parts.interpolation, dcfg.hflip,
-                                dcfg.auto_augment)
+                                dcfg.auto_augment) if streamed else None
     rank, world = accelerator.process_index, accelerator.num_processes
     weights = None
     if dcfg.sampler == "balanced":  # a stream is refused by check_model
@@ -438,8 +441,8 @@ def evaluation_loader(cfg: Config, parts: Parts, data: Data, accelerator: Accele
                       ) -> Iterable:
     """An evaluation split's loader, prepared (sharded across processes)."""
     d = cfg.data
-    return prepared_eval_loader(data, eval_transform(d.image_size, parts.crop_pct,
-                                                     parts.interpolation),
+    return prepared_eval_loader(data, partial(eval_transform, d.image_size, parts.crop_pct,
+                                              parts.interpolation),
                                 eval_resize(d.image_size, parts.crop_pct), d.image_size,
                                 cfg.train.eval_batch_size, d.workers, d.skip_bad_images,
                                 accelerator)

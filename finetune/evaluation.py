@@ -44,6 +44,7 @@ from finetune.runs import (
     read_metrics,
 )
 from finetune.speed import joined_processes, make_accelerator
+from finetune.step import mark_step_begin
 
 
 @torch.inference_mode()
@@ -74,7 +75,7 @@ def evaluate(model: nn.Module, data: Data, transform: BatchTransform, loader,
         model = accelerator.unwrap_model(model)
     seen = torch.zeros(1 if streamed else len(data), dtype=torch.long, device=dev)
     for idx, images, labels, decoded in eval_batches(data, loader, dev):
-        torch.compiler.cudagraph_mark_step_begin()
+        mark_step_begin()
         views = transform.views(images, *tta) if tta else [transform(images)]
         log_probs = predict_log_probs(model, views)
         scored = torch.ones_like(labels) if decoded is None else decoded.long()
@@ -144,7 +145,7 @@ def _eval_loader(data: Data, predictor, cfg, accelerator: Accelerator) -> tuple:
         data = data.as_samples()  # it was streamed when trained
     elif isinstance(data, ImageData):
         data = data.to(accelerator.device)
-    loader = prepared_eval_loader(data, predictor.image_transform, predictor.need,
+    loader = prepared_eval_loader(data, lambda: predictor.image_transform, predictor.need,
                                   predictor.meta["image_size"], cfg.train.eval_batch_size,
                                   cfg.data.workers, cfg.data.skip_bad_images, accelerator)
     return loader, data

@@ -19,6 +19,7 @@ from torch import nn
 from finetune.data.loader import BatchTransform, Data, check_counted, eval_batches
 from finetune.errors import TrainingError
 from finetune.multilabel_metrics import multilabel_summary, tune_thresholds
+from finetune.step import mark_step_begin
 
 DEFAULT_THRESHOLD = 0.5
 
@@ -65,7 +66,7 @@ def gathered_scores(model: nn.Module, data: Data, transform: BatchTransform, loa
     seen = torch.zeros(len(data), dtype=torch.long)
     scored = torch.zeros(len(data), dtype=torch.bool)
     for idx, images, labels, decoded in eval_batches(data, loader, dev):
-        torch.compiler.cudagraph_mark_step_begin()
+        mark_step_begin()
         views = transform.views(images, *tta) if tta else [transform(images)]
         p, loss = _scores(model, views, labels.float())
         good = torch.ones(len(idx), dtype=torch.bool, device=dev) if decoded is None \

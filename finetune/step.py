@@ -10,6 +10,7 @@ follow. Nothing here reads a value back from the device.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -62,6 +63,15 @@ class StepOptions:
     @property
     def mixing(self) -> bool:
         return self.mixup > 0 or self.cutmix > 0
+
+
+def mark_step_begin() -> None:
+    """``torch.compiler.cudagraph_mark_step_begin()`` (a new step: the last one's outputs are
+    done with), only once CUDA graph trees exist. Its first call imports inductor, 3.4 s of a
+    CPU process's start, which a model that was never compiled does not need; before a
+    compiled model's first call there is no earlier output to release."""
+    if "torch._inductor.cudagraph_trees" in sys.modules:
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 def class_weights(setting: str | list[float], num_classes: int,
@@ -139,7 +149,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, accelerator: 
     for xs, ts, ys in zip(x.chunk(opts.accumulate), target.chunk(opts.accumulate),
                           y.chunk(opts.accumulate), strict=True):
         with accelerator.accumulate(model):
-            torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: last outputs are done
+            mark_step_begin()
             logits = model(xs)
             loss = (F.binary_cross_entropy_with_logits(logits, ts, pos_weight=opts.pos_weight)
                     if opts.multilabel

@@ -16,7 +16,8 @@ import finetune
 from finetune.assemble import check_model
 from finetune.cli import main as cli_main
 from finetune.config import ConfigError, FinetuneConfig, ModelConfig, load_config
-from finetune.models import WeightsError, build_model, create_model, stages
+from finetune.models import WeightsError, build_model, create_model, list_models, stages
+from finetune.models.interface import group_parameters
 from finetune.optim import freeze_for_good, plan_stages
 from finetune.train import main
 
@@ -299,6 +300,22 @@ def test_backbone_recipes_run_offline(recipe, arch, fmnist_dir, tmp_path):
     assert meta["architecture"] == f"timm:{arch}" and meta["pretrained"].endswith("w.safetensors")
     assert 0 <= result["test_acc"] <= 1 and meta["interpolation"] == "bilinear"  # resident
     assert meta["mean"] == [pytest.approx(sum(timm.models.get_pretrained_cfg(arch).mean) / 3)]
+
+
+@pytest.mark.parametrize("name", [*list_models(), *(f"timm:{a}" for a in TIMM_TEST),
+                                  "timm:cait_xxs24_224", "timm:deit_tiny_distilled_patch16_224",
+                                  "tv:resnet18", "tv:mnasnet0_5", "tv:vit_b_16"])
+def test_stages_group_parameters_as_timm_does(name):
+    """finetune's twin of timm.models.group_parameters (kept to spare every run timm's import)
+    groups every parameter as timm's does, in timm's order, with coarse and fine matchers;
+    cait's matcher is a function."""
+    from timm.models import group_parameters as timms
+
+    model = create_model(name, num_classes=10, in_chans=1, image_size=224 if "vit_b" in name
+                         else 64 if ":" not in name else 32)
+    for coarse in (True, False):
+        matcher = model.group_matcher(coarse=coarse)
+        assert group_parameters(model, matcher) == list(timms(model, matcher).values())
 
 
 def test_distilled_models_keep_both_heads_in_the_head_stage():

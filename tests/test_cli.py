@@ -84,6 +84,22 @@ def test_python_dash_m_finetune():
     assert proc.returncode == 2 and "Did you mean 'resnet18'" in proc.stderr
 
 
+def test_a_resident_run_and_its_evaluation_start_without_the_slow_imports(tiny_args):
+    """A run on resident data, and evaluating it, import neither timm nor torchvision (1.4-2.3
+    s) nor inductor's compiler (2.3 s, which torch.compiler.cudagraph_mark_step_begin's first
+    call imports): every process of every command would pay for them before its first step."""
+    script = ("import sys\nfrom finetune.cli import main\n"
+              f"main(['train', *{tiny_args!r}, 'train.epochs=1'])\n"
+              f"main(['evaluate', {tiny_args[-2][len('output_dir='):]!r}])\n"
+              "slow = ('timm', 'torchvision', 'torch._inductor.compile_fx',\n"
+              "        'torch._inductor.cudagraph_trees')\n"
+              "print('loaded:', sorted({m for m in sys.modules if m.startswith(slow)}))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "loaded: []" in proc.stdout, proc.stdout[-2000:]
+
+
 @pytest.mark.slow
 def test_accelerate_launch_dash_m_from_outside_a_checkout(tiny_args, tmp_path):
     """The installed package's entry point, as the README gives it, run from a folder that

@@ -6,6 +6,7 @@ from PIL import Image
 
 from finetune.config import DataConfig
 from finetune.data import DataError, load_data
+from finetune.data.images import eval_transform
 from finetune.data.loader import (
     BatchTransform,
     index_loader,
@@ -114,6 +115,25 @@ def test_imagefolder_train_test_split(tmp_path):
     assert images.shape == (12, 1, 16, 16) and bad == []
     assert labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
     assert int(images[5, 0, 8, 8]) == 26  # bee/1.png is a flat 26 after resizing
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_preloaded_images_equal_the_per_image_transform_at_and_off_the_size(tmp_path, mode):
+    """Files already at the size skip resize and crop (both would return them as they are):
+    the decoded pixels, channel order included, equal the transform's, as do those resized."""
+    rng = np.random.default_rng(0)
+    for k, side in enumerate((12, 12, 12, 20)):
+        shape = (side, side + 3 * (side > 12)) + ((3,) if mode == "RGB" else ())
+        image = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
+        for split in ("train", "test"):
+            (tmp_path / split / f"c{k}").mkdir(parents=True)
+            image.save(tmp_path / split / f"c{k}" / "0.png")
+    samples = load_imagefolder(tmp_path)[0]
+    images, _, _ = preload(samples, 12)
+    transform = eval_transform(12, 1.0, "bilinear")
+    expected = torch.stack([transform(samples.open(i, 12)) for i in range(len(samples))])
+    assert images.shape == (4, 3 if mode == "RGB" else 1, 12, 12)
+    assert torch.equal(images, expected)
 
 
 def test_imagefolder_single_tree_rgb_is_held_out_per_class(tmp_path):

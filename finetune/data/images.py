@@ -13,17 +13,21 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision.transforms import InterpolationMode, v2
 
 from finetune.data.idx import DataError
 from finetune.errors import one_line
 
-INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
-                  "nearest": InterpolationMode.NEAREST, "lanczos": InterpolationMode.LANCZOS}
+if TYPE_CHECKING:
+    from torchvision.transforms import v2
+
+# torchvision's InterpolationMode values. torchvision is imported only where a pipeline is built:
+# its import takes 1.4 s (it loads torch._dynamo), which every process of a run would pay.
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos")
 AUTO_AUGMENT = ("none", "trivial", "randaugment", "autoaugment", "colorjitter")
 DEFAULT_CROP_PCT = 0.875  # timm's and torchvision's ImageNet evaluation crop
 # What a bad image's error offers: training and evaluation can skip it, predict cannot.
@@ -94,8 +98,10 @@ def train_need(image_size: int, scale: tuple[float, float]) -> int:
 def eval_transform(image_size: int, crop_pct: float, interpolation: str) -> v2.Compose:
     """PIL image -> uint8 (C, image_size, image_size): shorter side to
     ``image_size / crop_pct``, center crop."""
+    from torchvision.transforms import InterpolationMode, v2
+
     return v2.Compose([v2.Resize(eval_resize(image_size, crop_pct),
-                                 interpolation=INTERPOLATIONS[interpolation], antialias=True),
+                                 interpolation=InterpolationMode(interpolation), antialias=True),
                        v2.CenterCrop(image_size), v2.PILToTensor()])
 
 
@@ -103,17 +109,19 @@ def train_transform(image_size: int, scale: tuple[float, float], ratio: tuple[fl
                     interpolation: str, hflip: bool, auto_augment: str) -> v2.Compose:
     """PIL image -> uint8 (C, image_size, image_size): RandomResizedCrop, flip, optional
     auto-augmentation. Random erasing and normalization follow on the device, batched."""
-    ops: list = [v2.RandomResizedCrop(image_size, scale=scale, ratio=ratio,
-                                      interpolation=INTERPOLATIONS[interpolation],
+    from torchvision.transforms import InterpolationMode, v2
+
+    mode = InterpolationMode(interpolation)
+    ops: list = [v2.RandomResizedCrop(image_size, scale=scale, ratio=ratio, interpolation=mode,
                                       antialias=True)]
     if hflip:
         ops.append(v2.RandomHorizontalFlip())
     if auto_augment == "trivial":
-        ops.append(v2.TrivialAugmentWide(interpolation=INTERPOLATIONS[interpolation]))
+        ops.append(v2.TrivialAugmentWide(interpolation=mode))
     elif auto_augment == "randaugment":
-        ops.append(v2.RandAugment(interpolation=INTERPOLATIONS[interpolation]))
+        ops.append(v2.RandAugment(interpolation=mode))
     elif auto_augment == "autoaugment":
-        ops.append(v2.AutoAugment(interpolation=INTERPOLATIONS[interpolation]))
+        ops.append(v2.AutoAugment(interpolation=mode))
     elif auto_augment == "colorjitter":
         ops.append(v2.ColorJitter(0.4, 0.4, 0.4))  # timm's default strength
     elif auto_augment != "none":

@@ -339,16 +339,17 @@ def eval_loader(data: Data, batch_size: int, workers: int = 0,
                       **loader_options(workers, pin=torch.cuda.is_available()))
 
 
-def prepared_eval_loader(data: Data, transform: Callable, need: int, image_size: int,
-                         batch_size: int, workers: int, skip_bad: bool, accelerator
-                         ) -> Iterable:
+def prepared_eval_loader(data: Data, make_transform: Callable[[], Callable], need: int,
+                         image_size: int, batch_size: int, workers: int, skip_bad: bool,
+                         accelerator) -> Iterable:
     """The evaluation loader of ``data`` for this process: resident or read one image at a time
-    (``transform``: resize and crop), prepared by Accelerate; or a stream's own rows."""
+    (``make_transform()``: resize and crop, built only then), prepared by Accelerate; or a
+    stream's own rows."""
     rank, world = accelerator.process_index, accelerator.num_processes
     if isinstance(data, StreamedSplit):
         return eval_loader(data, batch_size, workers, StreamedEval(
-            data, transform, need, image_size, batch_size, rank, world, skip_bad))
-    stream = (EvalSamples(data, transform, need, image_size, skip_bad)
+            data, make_transform(), need, image_size, batch_size, rank, world, skip_bad))
+    stream = (EvalSamples(data, make_transform(), need, image_size, skip_bad)
               if isinstance(data, Samples) else None)
     return accelerator.prepare(eval_loader(data, batch_size, workers, stream))
 

@@ -20,11 +20,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from finetune.data.idx import DataError
-from finetune.data.images import DATA_FIX, eval_transform, open_image
+from finetune.data.images import DATA_FIX, eval_transform, open_image, pil_to_uint8
 from finetune.data.workers import from_workers, loader_options, or_skip
 
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 PROBE = 2000  # headers read to decide the channel mode and estimate the decoded size
+PRELOAD_BATCH_BYTES = 16 * 2**20
 
 
 @dataclass
@@ -180,6 +181,8 @@ class _Resized(Dataset):
         if image is None:
             return torch.zeros(self.samples.channels, self.size, self.size, dtype=torch.uint8), \
                 False
+        if image.size == (self.size, self.size):  # resize and crop would return it as it is
+            return pil_to_uint8(image), True
         return self.transform(image), True
 
 
@@ -191,7 +194,10 @@ def preload(samples: Samples, size: int, interpolation: str = "bilinear", worker
 
     out = torch.empty(len(samples), samples.channels, size, size, dtype=torch.uint8)
     ok = torch.empty(len(samples), dtype=torch.bool)
-    loader = DataLoader(_Resized(samples, size, interpolation, skip_bad), batch_size=64,
+    # A worker's batch costs ~10 ms to hand over whatever its size: batches of ~16 MB decoded
+    # (Fashion-MNIST's 60,000 PNGs in 2 workers: 11.3 s in batches of 64, 4.2 s of 512).
+    batch = max(16, min(4096, PRELOAD_BATCH_BYTES // (samples.channels * size * size)))
+    loader = DataLoader(_Resized(samples, size, interpolation, skip_bad), batch_size=batch,
                         **loader_options(workers, persistent=False))
     start = 0
     for images, good in from_workers(loader):

@@ -12,6 +12,8 @@ A model declares (timm's models do all of this already):
 from __future__ import annotations
 
 import re
+from collections import defaultdict
+from collections.abc import Iterable
 from typing import Any
 
 from torch import nn
@@ -36,8 +38,6 @@ def stages(model: nn.Module) -> list[tuple[str, list[str]]]:
     """``[(stage name, [parameter names]), ...]`` from the input to the classifier, grouped by
     the model's coarse ``group_matcher``. A stage is named by its matcher key followed by what
     the expression captured (``layer`` + ``3``); the classifier's stage is ``head``."""
-    from timm.models import group_parameters  # timm's own grouping; a slow import, so here
-
     model = unwrap(model)
     if not hasattr(model, "group_matcher") or not hasattr(model, "get_classifier"):
         raise TypeError(f"{type(model).__name__} declares no group_matcher/get_classifier; a "
@@ -46,10 +46,48 @@ def stages(model: nn.Module) -> list[tuple[str, list[str]]]:
     matcher = model.group_matcher(coarse=True)
     head = classifier_name(model) + "."
     out = []
-    for names in group_parameters(model, matcher).values():
+    for names in group_parameters(model, matcher):
         name = "head" if names[0].startswith(head) else _stage_name(matcher, names[0])
         out.append((name, names))
     return out
+
+
+_MATCH_PREV_GROUP = 99999.0  # timm's MATCH_PREV_GROUP: an ordinal that joins the group before
+
+
+def group_parameters(model: nn.Module, matcher: Any) -> list[list[str]]:
+    """Parameter names grouped as ``timm.models.group_parameters(model, matcher)`` groups
+    them, in its order. A twin of timm's: importing timm costs every process 2.3 s (it loads
+    all of its models and torchvision), and a run of a built-in model needs nothing else of
+    it. tests/test_backbones.py checks the two agree on every built-in and several timm models."""
+    if isinstance(matcher, dict):
+        specs = []
+        for ordinal, spec in enumerate(matcher.values()):
+            if spec is not None:
+                pairs = spec if isinstance(spec, list | tuple) else [(spec, None)]
+                specs += [(re.compile(pattern), ordinal, suffix) for pattern, suffix in pairs]
+
+        def ordinals(name: str) -> tuple[float, ...]:
+            for pattern, ordinal, suffix in specs:
+                found = pattern.match(name)
+                if found:
+                    parts = ((ordinal,), found.groups(), suffix)
+                    return tuple(float(v) for part in parts if part for v in part if v is not None)
+            return (float("inf"),)  # unmatched (the classifier): the last group
+    else:
+        def ordinals(name: str) -> tuple[float, ...]:
+            found = matcher(name)
+            return tuple(found) if isinstance(found, Iterable) else (found,)
+
+    by_key: dict[tuple[float, ...], list[str]] = defaultdict(list)
+    for name, _ in model.named_parameters():
+        by_key[ordinals(name)].append(name)
+    groups: list[list[str]] = []
+    for key in sorted(by_key):
+        if not groups or key[-1] != _MATCH_PREV_GROUP:
+            groups.append([])
+        groups[-1].extend(by_key[key])
+    return groups
 
 
 def _stage_name(matcher: dict[str, Any], param: str) -> str:
