@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from finetune.cli import build_parser, main
 from finetune.runs import read_metrics
@@ -84,19 +85,29 @@ def test_python_dash_m_finetune():
     assert proc.returncode == 2 and "Did you mean 'resnet18'" in proc.stderr
 
 
-def test_a_resident_run_and_its_evaluation_start_without_the_slow_imports(tiny_args):
-    """A run on resident data, and evaluating it, import neither timm nor torchvision (1.4-2.3
-    s) nor inductor's compiler (2.3 s, which torch.compiler.cudagraph_mark_step_begin's first
-    call imports): every process of every command would pay for them before its first step."""
+def test_a_resident_run_and_its_evaluation_start_without_the_slow_imports(tiny_args, tmp_path):
+    """A run on resident data (IDX files, and a PNG folder at the run's size), and evaluating
+    it, import neither timm nor torchvision (1.4-2.3 s) nor inductor's compiler (2.3 s, which
+    torch.compiler.cudagraph_mark_step_begin's first call imports): every process of every
+    command would pay for them before its first step."""
+    folder = tmp_path / "pngs"
+    for split, k in [(s, k) for s in ("train", "test") for k in range(2)]:
+        (folder / split / f"c{k}").mkdir(parents=True)
+        for i in range(4):
+            Image.new("L", (16, 16), 60 * k + i).save(folder / split / f"c{k}" / f"{i}.png")
+    pngs = [*tiny_args[:-2], f"data.root={folder}", f"output_dir={tmp_path / 'png_run'}",
+            "train.batch_size=4", "train.checkpoint=false"]
     script = ("import sys\nfrom finetune.cli import main\n"
               f"main(['train', *{tiny_args!r}, 'train.epochs=1'])\n"
               f"main(['evaluate', {tiny_args[-2][len('output_dir='):]!r}])\n"
+              f"main(['train', *{pngs!r}, 'train.epochs=1'])\n"
               "slow = ('timm', 'torchvision', 'torch._inductor.compile_fx',\n"
               "        'torch._inductor.cudagraph_trees')\n"
               "print('loaded:', sorted({m for m in sys.modules if m.startswith(slow)}))\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "data resident" in proc.stdout + proc.stderr and "imagefolder:" in proc.stderr
     assert "loaded: []" in proc.stdout, proc.stdout[-2000:]
 
 

@@ -122,8 +122,8 @@ def test_preloaded_images_equal_the_per_image_transform_at_and_off_the_size(tmp_
     """Files already at the size skip resize and crop (both would return them as they are):
     the decoded pixels, channel order included, equal the transform's, as do those resized."""
     rng = np.random.default_rng(0)
-    for k, side in enumerate((12, 12, 12, 20)):
-        shape = (side, side + 3 * (side > 12)) + ((3,) if mode == "RGB" else ())
+    for k, (height, width) in enumerate([(12, 12), (12, 12), (12, 15), (20, 23)]):
+        shape = (height, width) + ((3,) if mode == "RGB" else ())
         image = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
         for split in ("train", "test"):
             (tmp_path / split / f"c{k}").mkdir(parents=True)

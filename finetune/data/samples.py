@@ -10,8 +10,10 @@ at a time resized and center-cropped, into the :class:`ImageData` of the device-
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -171,7 +173,12 @@ class _Resized(Dataset):
 
     def __init__(self, samples: Samples, size: int, interpolation: str, skip_bad: bool) -> None:
         self.samples, self.size, self.skip_bad = samples, size, skip_bad
-        self.transform = eval_transform(size, 1.0, interpolation)
+        self.interpolation = interpolation
+
+    @cached_property
+    def transform(self) -> Callable:
+        """Built at the first image not already at the size (it imports torchvision)."""
+        return eval_transform(self.size, 1.0, self.interpolation)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -195,8 +202,10 @@ def preload(samples: Samples, size: int, interpolation: str = "bilinear", worker
     out = torch.empty(len(samples), samples.channels, size, size, dtype=torch.uint8)
     ok = torch.empty(len(samples), dtype=torch.bool)
     # A worker's batch costs ~10 ms to hand over whatever its size: batches of ~16 MB decoded
-    # (Fashion-MNIST's 60,000 PNGs in 2 workers: 11.3 s in batches of 64, 4.2 s of 512).
-    batch = max(16, min(4096, PRELOAD_BATCH_BYTES // (samples.channels * size * size)))
+    # (Fashion-MNIST's 60,000 PNGs in 2 workers: 11.3 s in batches of 64, 4.2 s of 512), and at
+    # least 4 per worker, or one worker would decode most of a small split.
+    by_bytes = max(16, PRELOAD_BATCH_BYTES // (samples.channels * size * size))
+    batch = max(1, min(4096, by_bytes, math.ceil(len(samples) / (4 * max(1, workers)))))
     loader = DataLoader(_Resized(samples, size, interpolation, skip_bad), batch_size=batch,
                         **loader_options(workers, persistent=False))
     start = 0
