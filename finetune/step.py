@@ -67,9 +67,10 @@ class StepOptions:
 
 def mark_step_begin() -> None:
     """``torch.compiler.cudagraph_mark_step_begin()`` (a new step: the last one's outputs are
-    done with), only once CUDA graph trees exist. Its first call imports inductor, 3.4 s of a
-    CPU process's start, which a model that was never compiled does not need; before a
-    compiled model's first call there is no earlier output to release."""
+    done with), only once CUDA graph trees exist. Its first call imports inductor's compiler
+    (3.4 s of a CPU process's start with torch._dynamo), which a model that was never compiled
+    does not need; before a compiled model's first call there is no earlier output to release.
+    """
     if "torch._inductor.cudagraph_trees" in sys.modules:
         torch.compiler.cudagraph_mark_step_begin()
 

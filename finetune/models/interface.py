@@ -62,19 +62,13 @@ def group_parameters(model: nn.Module, matcher: Any) -> list[list[str]]:
     it. tests/test_backbones.py checks the two agree on every built-in and several timm models.
     A capture that matched nothing is left out of the ordinal, where timm's raises TypeError."""
     if isinstance(matcher, dict):
-        specs = []
-        for ordinal, spec in enumerate(matcher.values()):
-            if spec is not None:
-                pairs = spec if isinstance(spec, list | tuple) else [(spec, None)]
-                specs += [(re.compile(pattern), ordinal, suffix) for pattern, suffix in pairs]
+        specs = _specs(matcher)
 
         def ordinals(name: str) -> tuple[float, ...]:
-            for pattern, ordinal, suffix in specs:
-                found = pattern.match(name)
-                if found:
-                    parts = ((ordinal,), found.groups(), suffix)
-                    return tuple(float(v) for part in parts if part for v in part if v is not None)
-            return (float("inf"),)  # unmatched (the classifier): the last group
+            found = _match(specs, name)
+            if found is None:
+                return (float("inf"),)  # unmatched (the classifier): the last group
+            return tuple(float(v) for v in (found[1], *found[2]))
     else:
         def ordinals(name: str) -> tuple[float, ...]:
             found = matcher(name)
@@ -91,15 +85,33 @@ def group_parameters(model: nn.Module, matcher: Any) -> list[list[str]]:
     return groups
 
 
+Spec = tuple[str, int, re.Pattern, tuple | None]  # key, ordinal, expression, suffix
+
+
+def _specs(matcher: dict[str, Any]) -> list[Spec]:
+    """A dict matcher's ``(key, ordinal, expression, suffix)``s in order: a key holds one
+    expression, or a list of ``(expression, suffix)``; a None key still takes an ordinal."""
+    out = []
+    for ordinal, (key, spec) in enumerate(matcher.items()):
+        if spec is not None:
+            pairs = spec if isinstance(spec, list | tuple) else [(spec, None)]
+            out += [(key, ordinal, re.compile(pattern), suffix) for pattern, suffix in pairs]
+    return out
+
+
+def _match(specs: list[Spec], param: str) -> tuple[str, int, list] | None:
+    """The first spec matching ``param``: its key, ordinal, and the numbers it captured followed
+    by its suffix (captures that matched nothing left out); None when none matches."""
+    for key, ordinal, pattern, suffix in specs:
+        found = pattern.match(param)
+        if found:
+            return key, ordinal, [v for v in (*found.groups(), *(suffix or ())) if v is not None]
+    return None
+
+
 def _stage_name(matcher: dict[str, Any], param: str) -> str:
-    for key, spec in matcher.items():
-        specs = spec if isinstance(spec, list | tuple) else [(spec, None)]
-        for pattern, suffix in specs:
-            found = re.match(pattern, param)
-            if found:
-                return key + "".join(str(int(v)) for v in (*found.groups(), *(suffix or ()))
-                                     if v is not None)
-    return "head"
+    found = _match(_specs(matcher), param)
+    return "head" if found is None else found[0] + "".join(str(int(v)) for v in found[2])
 
 
 class FeaturesClassifier(nn.Module):
